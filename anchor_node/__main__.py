@@ -1,0 +1,3 @@
+from anchor_node.cli import main
+
+main()

@@ -1,0 +1,219 @@
+"""The anchor node daemon: a thin trio shell around the registrar and the data path.
+
+Start-up order puts everything that can fail on bad configuration first
+(sockets, lease store) and the kernel changes last (TUN, nftables), and an
+ExitStack undoes whatever was done, in reverse, on any exit: SIGTERM,
+Ctrl-C, an error. SIP arrives on the SIP port (REGISTER) and, for messages
+inside tunnels, as SIGNAL frames the data path hands over.
+"""
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import trio
+from sipmessage import Request, Response
+
+from anchor_node.config import AnchorConfig
+from anchor_node.datapath import AnchorDataPath
+from anchor_node.leases import LeaseStore, anchor_address
+from anchor_node.registrar import Addr, Registrar
+from nat.kernel import NatSetup
+from paft.table import Paft
+from signalling.message import serialize
+from tunnel.addr import format_hostport
+from tunnel.frames import FrameType, Signal, encode_frame
+from tunnel.sockets import open_tunnel_socket
+from upmt.control import JSON, bind_control_socket, serve_control
+from upmt.errors import SetupError
+from upmt.sipchannel import SipChannel
+from upmt.tun import open_tun
+
+log = logging.getLogger("upmt.anchor")
+TUN_OVERHEAD = 28
+TUN_MTU = 1500 - TUN_OVERHEAD
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+def run_anchor(config: AnchorConfig) -> None:
+    trio.run(AnchorNode(config).main)
+
+
+class AnchorNode:
+    def __init__(self, config: AnchorConfig) -> None:
+        self.config = config
+        self.paft: Paft[Addr] = Paft(max_entries=1_000_000)
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.sip_counters = {"sip_malformed_signal": 0}
+
+    async def main(self) -> None:
+        cfg = self.config
+        with contextlib.ExitStack() as stack:
+            sip_sock = self._udp_socket(cfg.sip_port, "SIP")
+            stack.callback(sip_sock.close)
+            tunnel_sock = self._udp_socket(cfg.tunnel_port, "tunnel")
+            stack.callback(tunnel_sock.close)
+            control_sock = bind_control_socket(cfg.control)
+            stack.callback(self._unlink_control)
+            stack.callback(control_sock.close)
+            cfg.state.parent.mkdir(parents=True, exist_ok=True)
+            leases = LeaseStore(cfg.state, cfg.pool)
+            stack.callback(leases.close)
+            self.registrar = Registrar(
+                leases, self.paft, default_expires=cfg.expires, min_expires=cfg.min_expires,
+                max_expires=cfg.max_expires, max_tunnels=cfg.max_tunnels_per_terminal)
+
+            tun = open_tun(cfg.tun_name, address=str(anchor_address(cfg.pool)),
+                           prefixlen=cfg.pool.prefixlen, mtu=TUN_MTU)
+            stack.callback(tun.close)
+            nat = NatSetup(str(cfg.pool), cfg.tun_name)
+            stack.callback(nat.remove)
+            nat.install()
+
+            token = trio.lowlevel.current_trio_token()
+            self.datapath = AnchorDataPath(
+                tun.fd, tunnel_sock, self.paft, self.lock,
+                on_control=lambda addr, data: self._hand_over(token, addr, data))
+            # The data path reads the registrar's tables directly.
+            self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
+            self.datapath.default_tunnel = self.registrar.default_tunnel
+            stack.callback(self.datapath.stop)
+            self.datapath.start()
+
+            trio_sip = trio.socket.from_stdlib_socket(sip_sock)
+            self.sip = SipChannel("sip", lambda d, a: sip_sock.sendto(d, a), self._on_sip)
+            self.tunnel_sip = SipChannel(
+                "tunnel-sip",
+                lambda d, a: tunnel_sock.sendto(encode_frame(Signal(d)), a),
+                self._on_tunnel_sip)
+            log.info("anchor node up: SIP %s:%d, tunnels %s:%d, pool %s, TUN %s, state %s",
+                     cfg.listen, cfg.sip_port, cfg.listen, cfg.tunnel_port, cfg.pool,
+                     cfg.tun_name, cfg.state)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._sip_receiver, trio_sip)
+                nursery.start_soon(self.sip.run)
+                nursery.start_soon(self.tunnel_sip.run)
+                nursery.start_soon(serve_control, control_sock, self._control)
+                nursery.start_soon(self._housekeeping)
+            log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
+
+    def _udp_socket(self, port: int, what: str) -> socket.socket:
+        try:
+            return open_tunnel_socket(interface=None, mark=None, bind=(self.config.listen, port))
+        except SetupError as exc:
+            raise SetupError(f"{what} port: {exc}") from None
+
+    def _unlink_control(self) -> None:
+        with contextlib.suppress(OSError):
+            self.config.control.unlink()
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: nothing to reload in this version")
+                    continue
+                log.info("%s received", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+    async def _sip_receiver(self, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, addr = await sock.recvfrom(65535)
+            except OSError:
+                continue
+            self.sip.feed(data, addr[:2])
+
+    def _hand_over(self, token: trio.lowlevel.TrioToken, addr: Addr, data: bytes) -> None:
+        """Called in the data-path thread: queue the frame for the trio thread."""
+        try:
+            token.run_sync_soon(self._control_frame, addr, data)
+        except trio.RunFinishedError:
+            pass
+
+    def _control_frame(self, addr: Addr, data: bytes) -> None:
+        if data[0] == FrameType.SIGNAL and len(data) > 1:
+            self.tunnel_sip.feed(data[1:], addr)
+        else:
+            self.sip_counters["sip_malformed_signal"] += 1
+
+    def _on_sip(self, request: Request, source: Addr) -> Response:
+        with self.lock:
+            return self.registrar.on_plain_message(request, source, trio.current_time())
+
+    def _on_tunnel_sip(self, request: Request, tunnel: Addr) -> Response:
+        with self.lock:
+            return self.registrar.on_tunnel_message(request, tunnel, trio.current_time())
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(HOUSEKEEPING_INTERVAL)
+            if self.datapath.crashed is not None:
+                raise SetupError(f"data path failed: {self.datapath.crashed!r}")
+            now = time.monotonic()
+            with self.lock:
+                self.registrar.expire(trio.current_time(), self._last_heard_trio(now),
+                                      self.config.tunnel_idle_timeout)
+                self.paft.expire(now, self.config.flow_idle_timeout)
+
+    def _last_heard_trio(self, now: float) -> dict[Addr, float]:
+        # The data path stamps time.monotonic(); the registrar runs on trio's clock.
+        offset = trio.current_time() - now
+        return {a: t + offset for a, t in list(self.datapath.last_heard.items())}
+
+    async def _control(self, request: JSON) -> JSON:
+        cmd = request["cmd"]
+        if cmd == "status":
+            return self.status()
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def status(self) -> JSON:
+        now = time.monotonic()
+        with self.lock:
+            terminals = self.registrar.terminals_json(trio.current_time())
+            flows = [self._flow_json(k, e, now) for k, e in self.paft]
+        counters: dict[str, Any] = dict(self.datapath.counters.snapshot())
+        stats = self.sip.layer.statistics()
+        counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
+        counters.update(self.sip_counters)
+        counters.update({f"registrar_{k}": v
+                         for k, v in vars_of(self.registrar.counters).items()})
+        return {
+            "ok": True,
+            "listen": self.config.listen,
+            "sip_port": self.config.sip_port,
+            "tunnel_port": self.config.tunnel_port,
+            "pool": str(self.config.pool),
+            "uptime_s": now - self.started,
+            "terminals": terminals,
+            "flows": flows,
+            "counters": counters,
+        }
+
+    @staticmethod
+    def _flow_json(key: Any, entry: Any, now: float) -> JSON:
+        flow = key.to_json()
+        return {
+            "proto": flow["proto"],
+            "vipa": flow["src"],
+            "sport": flow["sport"],
+            "dst": flow["dst"],
+            "dport": flow["dport"],
+            "tunnel_id": format_hostport(entry.tunnel),
+            "bytes": entry.bytes_up + entry.bytes_down,
+            "bytes_up": entry.bytes_up,
+            "bytes_down": entry.bytes_down,
+            "packets": entry.packets_up + entry.packets_down,
+            "idle_s": round(now - entry.last_seen, 1),
+        }
+
+
+def vars_of(obj: object) -> dict[str, int]:
+    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]

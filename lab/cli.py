@@ -1,0 +1,123 @@
+"""`upmt-lab`: the namespace testbed, and the demo that shows the overlay at work."""
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from lab.scenario import start_overlay
+from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_lab_privileges
+from upmt.cli import run_cli
+from upmt.errors import SetupError
+
+PROG = "upmt-lab"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Network-namespace lab: MH behind two NATs, internet, anchor node, correspondent host."""
+
+
+@cli.command()
+@click.option("--size-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Size of the file downloaded over HTTP.")
+@click.option("--keep-logs", is_flag=True, help="Keep the daemons' logs after tear-down.")
+def demo(size_mb: int, keep_logs: bool) -> None:
+    """Bring the lab up, use the overlay from unmodified programs, tear everything down."""
+    reason = have_lab_privileges()
+    if reason:
+        raise SetupError(f"the lab {reason}")
+    workdir = Path(tempfile.mkdtemp(prefix="upmt-lab-"))
+    lab = Lab(workdir)
+    step = _stepper()
+    try:
+        step(f"building the lab (namespaces {lab.prefix}*)")
+        lab.up()
+        blob = lab.start_servers(file_size=size_mb << 20)
+        step("starting anchor-node in 'an' and upmt-client in 'mh' (interfaces if0, if1)")
+        anchor, client = start_overlay(lab)
+        st = client.status()
+        click.echo(f"    VIPA {st['vipa']} on {st['tun']}, anchor {st['anchor']}")
+        for t in st["tunnels"]:
+            click.echo(f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
+                       f"RTT {t['rtt_ms']} ms")
+
+        step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
+        out = workdir / "download.bin"
+        started = time.monotonic()
+        lab.exec("mh", "curl", "-sS", "--fail", "-o", str(out),
+                 f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}", timeout=300)
+        elapsed = time.monotonic() - started
+        same = _sha256(out) == _sha256(blob)
+        click.echo(f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
+                   f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
+                   f"{'byte-exact' if same else 'CONTENT DIFFERS'}")
+
+        step(f"UDP request from port 2000 to the CH's echo server on port {UDP_ECHO_PORT}")
+        reply = lab.exec("mh", lab.python(), "-m", "lab.apps.udp_request", CH_ADDR,
+                         str(UDP_ECHO_PORT), "hello from an unmodified app", "--sport", "2000")
+        click.echo("    " + reply.stdout.strip().splitlines()[-1])
+        seen = [line for line in (workdir / "ch-udp-echo.log").read_text().splitlines()
+                if line.startswith("from ")]
+        click.echo(f"    the CH saw the request {seen[-1].split()[0]} {seen[-1].split()[1]} "
+                   f"(the anchor is {AN_ADDR}; the VIPA is {st['vipa']})")
+
+        step("the anchor's view (anchor-node status)")
+        status = lab.exec("an", lab.python(), "-m", "anchor_node", "status", "--control",
+                          str(anchor.control))
+        click.echo("\n".join("    " + line for line in status.stdout.splitlines()))
+        if not same:
+            raise SetupError("the download was not byte-exact")
+    finally:
+        step("tearing down")
+        lab.down()
+        if keep_logs:
+            click.echo(f"    logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    click.echo("done")
+
+
+@cli.command()
+def clean() -> None:
+    """Delete namespaces that a killed lab left behind (names upmtXXXXXX-*)."""
+    import re
+
+    from lab.netns import kill_namespace_processes, run
+
+    pattern = re.compile(r"^upmt[0-9a-f]{6}-[a-z0-9]+$")
+    names = [line.split()[0] for line in run(["ip", "netns", "list"]).stdout.splitlines()
+             if line.strip()]
+    gone = 0
+    for name in names:
+        if pattern.match(name):
+            kill_namespace_processes(name)
+            run(["ip", "netns", "del", name], check=False)
+            gone += 1
+    click.echo(json.dumps({"removed": gone}))
+
+
+def _stepper() -> "callable[[str], None]":  # type: ignore[valid-type]
+    counter = [0]
+
+    def step(text: str) -> None:
+        counter[0] += 1
+        click.echo(f"[{counter[0]}] {text}")
+
+    return step
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> None:
+    run_cli(cli, PROG)

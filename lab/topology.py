@@ -1,0 +1,328 @@
+"""The namespace testbed of DESIGN §8, built and torn down as one object.
+
+```
+           198.18.1.0/24           192.0.2.0/30
+ ┌──────┐ if0 ─── lan ┌──────┐ wan ─── n0 ┌──────┐ an ─── eth0 ┌────┐ 198.51.100.0/24
+ │  mh  │             │ nat0 │            │ inet │              │ an │
+ │      │ if1 ─── lan ┌──────┐ wan ─── n1 │      │ ch ─── eth0 ┌────┐ 203.0.113.0/24
+ └──────┘             │ nat1 │            │      │              │ ch │
+           198.18.2.0/24           192.0.2.4/30  h<i> ─ eth0: extra hosts on 192.0.2.8+4i/30
+```
+Every namespace name starts with a prefix unique to the run, links are
+created directly inside the namespaces (`ip -n A link add … peer … netns B`),
+so the caller's own network is never touched. The NAT namespaces masquerade
+towards the internet and count bytes per direction in named nftables
+counters, which tests read to tell which access network carried a flow.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from lab.netns import kill_namespace_processes, ns_exists, ns_popen, ns_run, run, stop_process
+from upmt.control import control_request
+
+AN_ADDR = "198.51.100.2"
+CH_ADDR = "203.0.113.2"
+HTTP_PORT = 80
+UDP_ECHO_PORT = 3000
+IPERF_PORT = 5201
+ACCESS = {  # MH interface → (MH address, NAT LAN address, NAT WAN address, internet-side address)
+    "if0": ("198.18.1.2", "198.18.1.1", "192.0.2.2", "192.0.2.1"),
+    "if1": ("198.18.2.2", "198.18.2.1", "192.0.2.6", "192.0.2.5"),
+}
+MH_ROLE = "mh"
+NAT_OF = {"if0": "nat0", "if1": "nat1"}
+
+
+def nat_ruleset(conntrack_note: str = "") -> str:
+    """The home-router NAT of an access network: masquerade and per-direction counters."""
+    return f"""\
+table inet labnat
+delete table inet labnat
+table inet labnat {{ {conntrack_note}
+    counter up {{ }}
+    counter down {{ }}
+    chain blackhole {{
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        jump blackhole
+        iifname "lan" oifname "wan" counter name up
+        iifname "wan" oifname "lan" counter name down
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "wan" masquerade
+    }}
+}}
+"""
+
+
+@dataclass
+class Daemon:
+    """A daemon the lab started, with its control socket and log."""
+
+    name: str
+    ns: str
+    control: Path
+    log: Path
+    argv: list[str]
+    popen: "subprocess.Popen[bytes] | None" = field(default=None, repr=False)
+
+    def status(self, timeout: float = 5.0) -> dict[str, object]:
+        return control_request(self.control, {"cmd": "status"}, timeout=timeout)
+
+    def request(self, req: dict[str, object], timeout: float = 10.0) -> dict[str, object]:
+        return control_request(self.control, req, timeout=timeout)
+
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace`; the exit code."""
+        if self.popen is None:
+            return None
+        return stop_process(self.popen, grace)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Lab:
+    """Build with `up()` (or `with Lab(...) as lab:`), always `down()`."""
+
+    def __init__(self, workdir: Path, *, prefix: str | None = None,
+                 conntrack_udp_timeout: int | None = None, extra_hosts: int = 0) -> None:
+        self.workdir = workdir
+        self.prefix = prefix or f"upmt{secrets.token_hex(3)}-"
+        self.conntrack_udp_timeout = conntrack_udp_timeout
+        self.extra_hosts = extra_hosts
+        self.daemons: list[Daemon] = []
+        self._servers: list[subprocess.Popen[bytes]] = []
+        self._created: list[str] = []
+
+    # -- names -------------------------------------------------------------
+    def ns(self, role: str) -> str:
+        return self.prefix + role
+
+    @property
+    def roles(self) -> list[str]:
+        return ["inet", "nat0", "nat1", MH_ROLE, "an", "ch"] + [
+            f"h{i}" for i in range(self.extra_hosts)
+        ]
+
+    @staticmethod
+    def extra_host_addr(i: int) -> tuple[str, str]:
+        """(host address, internet-side gateway) of extra host `i`."""
+        base = 8 + 4 * i
+        return f"192.0.2.{base + 2}", f"192.0.2.{base + 1}"
+
+    # -- life cycle --------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        self.up()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.down()
+
+    def up(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        for role in self.roles:
+            ns = self.ns(role)
+            run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            self.ip(role, "link", "set", "lo", "up")
+        self.sysctl("inet", "net.ipv4.ip_forward", "1")
+        # Access networks: MH ifX — NAT lan, NAT wan — internet nX.
+        for ifname, (mh_addr, lan_addr, wan_addr, inet_addr) in ACCESS.items():
+            nat = NAT_OF[ifname]
+            self._link(MH_ROLE, ifname, nat, "lan")
+            self._link(nat, "wan", "inet", "n" + ifname[-1])
+            self._addr(MH_ROLE, ifname, mh_addr, 24)
+            self._addr(nat, "lan", lan_addr, 24)
+            self._addr(nat, "wan", wan_addr, 30)
+            self._addr("inet", "n" + ifname[-1], inet_addr, 30)
+            self.ip(nat, "route", "add", "default", "via", inet_addr)
+            self.sysctl(nat, "net.ipv4.ip_forward", "1")
+            self.nft(nat, nat_ruleset())
+            if self.conntrack_udp_timeout is not None:
+                self.set_conntrack_udp_timeout(nat, self.conntrack_udp_timeout)
+        # Each access network gives the MH a default route, as DHCP would; the
+        # metric orders them, and a socket bound to an interface uses its own.
+        self.ip(MH_ROLE, "route", "add", "default", "via", ACCESS["if0"][1], "dev", "if0",
+                "metric", "100")
+        self.ip(MH_ROLE, "route", "add", "default", "via", ACCESS["if1"][1], "dev", "if1",
+                "metric", "200")
+        # Strict reverse-path filtering, as some distributions ship it.
+        self.sysctl(MH_ROLE, "net.ipv4.conf.all.rp_filter", "1")
+        self.sysctl(MH_ROLE, "net.ipv4.conf.default.rp_filter", "1")
+        for ifname in ACCESS:
+            self.sysctl(MH_ROLE, f"net.ipv4.conf.{ifname}.rp_filter", "1")
+        # Public side: anchor node and correspondent host.
+        for role, addr, gw in (("an", AN_ADDR, "198.51.100.1"), ("ch", CH_ADDR, "203.0.113.1")):
+            self._link(role, "eth0", "inet", role)
+            self._addr(role, "eth0", addr, 24)
+            self._addr("inet", role, gw, 24)
+            self.ip(role, "route", "add", "default", "via", gw)
+        for i in range(self.extra_hosts):
+            role = f"h{i}"
+            addr, gw = self.extra_host_addr(i)
+            self._link(role, "eth0", "inet", role)
+            self._addr(role, "eth0", addr, 30)
+            self._addr("inet", role, gw, 30)
+            self.ip(role, "route", "add", "default", "via", gw)
+
+    def down(self) -> None:
+        """Stop every daemon and server, delete every namespace; safe to repeat."""
+        for daemon in self.daemons:
+            try:
+                daemon.stop(grace=5.0)
+            except Exception:
+                daemon.kill()
+        for server in self._servers:
+            stop_process(server, grace=2.0)
+        self._servers.clear()
+        for role in reversed(self.roles):
+            ns = self.ns(role)
+            if ns_exists(ns):
+                kill_namespace_processes(ns)
+                run(["ip", "netns", "del", ns], check=False)
+
+    # -- kernel helpers ----------------------------------------------------
+    def ip(self, role: str, *args: str) -> str:
+        return run(["ip", "-n", self.ns(role), *args]).stdout
+
+    def exec(self, role: str, *cmd: str, check: bool = True, timeout: float = 120.0,
+             input: str | None = None) -> "subprocess.CompletedProcess[str]":
+        return ns_run(self.ns(role), cmd, check=check, timeout=timeout, input=input)
+
+    def sysctl(self, role: str, key: str, value: str) -> None:
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.exec(role, "sh", "-c", f"echo {value} > {path}")
+
+    def nft(self, role: str, script: str) -> None:
+        self.exec(role, "nft", "-f", "-", input=script)
+
+    def set_conntrack_udp_timeout(self, role: str, seconds: int) -> None:
+        # Conntrack's sysctls exist only once the module is in use in the namespace,
+        # which the masquerade rule above guarantees.
+        self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout", str(seconds))
+        self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout_stream", str(seconds))
+
+    def nat_counters(self, ifname: str) -> dict[str, int]:
+        """Bytes forwarded up and down by the NAT in front of `ifname`."""
+        out = self.exec(NAT_OF[ifname], "nft", "-j", "list", "counters", "table", "inet",
+                        "labnat").stdout
+        result: dict[str, int] = {}
+        for item in json.loads(out)["nftables"]:
+            counter = item.get("counter")
+            if counter:
+                result[counter["name"]] = int(counter["bytes"])
+        return result
+
+    def _link(self, a: str, a_if: str, b: str, b_if: str) -> None:
+        run(["ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth", "peer", "name", b_if,
+             "netns", self.ns(b)])
+        self.ip(a, "link", "set", a_if, "up")
+        self.ip(b, "link", "set", b_if, "up")
+
+    def _addr(self, role: str, ifname: str, addr: str, plen: int) -> None:
+        self.ip(role, "addr", "add", f"{addr}/{plen}", "dev", ifname)
+
+    # -- programs ----------------------------------------------------------
+    def python(self) -> str:
+        return sys.executable
+
+    def start(self, role: str, name: str, argv: list[str]) -> Daemon:
+        """Start an arbitrary long-running program in `role`'s namespace."""
+        log = self.workdir / f"{name}.log"
+        daemon = Daemon(name=name, ns=self.ns(role), control=self.workdir / f"{name}.sock",
+                        log=log, argv=argv)
+        daemon.popen = ns_popen(self.ns(role), argv, log, env=self._env())
+        self.daemons.append(daemon)
+        return daemon
+
+    def start_anchor(self, *args: str, name: str = "anchor") -> Daemon:
+        control = self.workdir / f"{name}.sock"
+        argv = [self.python(), "-m", "anchor_node", "run", "--listen", AN_ADDR,
+                "--state", str(self.workdir / f"{name}.sqlite"), "--control", str(control), *args]
+        return self.start("an", name, argv)
+
+    def start_client(self, *args: str, role: str = MH_ROLE, name: str = "client",
+                     terminal_id: str = "mh1", interfaces: tuple[str, ...] = ("if0", "if1"),
+                     anchor: str = AN_ADDR) -> Daemon:
+        control = self.workdir / f"{name}.sock"
+        argv = [self.python(), "-m", "upmt_client", "run", "--anchor", anchor,
+                "--terminal-id", terminal_id, "--control", str(control),
+                "--run-dir", str(self.workdir / f"{name}.run")]
+        for ifname in interfaces:
+            argv += ["--interface", ifname]
+        return self.start(role, name, argv + list(args))
+
+    def start_servers(self, file_size: int = 16 << 20) -> Path:
+        """HTTP (with a file of `file_size` random bytes), UDP echo and iperf3 on the CH."""
+        www = self.workdir / "www"
+        www.mkdir(exist_ok=True)
+        blob = www / "blob.bin"
+        if not blob.exists() or blob.stat().st_size != file_size:
+            with open(blob, "wb") as f:
+                remaining = file_size
+                while remaining:
+                    chunk = os.urandom(min(remaining, 1 << 20))
+                    f.write(chunk)
+                    remaining -= len(chunk)
+        specs = [
+            ("http", [self.python(), "-m", "http.server", str(HTTP_PORT), "--bind", CH_ADDR,
+                      "--directory", str(www)]),
+            ("udp-echo", [self.python(), "-m", "lab.apps.udp_echo", "--bind", CH_ADDR,
+                          "--port", str(UDP_ECHO_PORT)]),
+            ("iperf3", ["iperf3", "-s", "-B", CH_ADDR, "-p", str(IPERF_PORT)]),
+        ]
+        for name, argv in specs:
+            proc = ns_popen(self.ns("ch"), argv, self.workdir / f"ch-{name}.log",
+                            env=self._env())
+            self._servers.append(proc)
+        return blob
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+
+def have_lab_privileges() -> str | None:
+    """None when the lab can run here, else the reason it cannot."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, TUN, nftables)"
+    for tool in ("ip", "nft", "curl", "iperf3"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if not Path("/dev/net/tun").exists():
+        return "/dev/net/tun is missing"
+    return None

@@ -1,0 +1,1 @@
+"""The anchor node's NAPT and forwarding set-up in the kernel (nftables)."""

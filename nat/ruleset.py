@@ -1,0 +1,49 @@
+"""The anchor node's nftables ruleset, as text (pure).
+
+One table, `ip upmt`, holds everything the anchor installs: masquerade of
+the VIPA pool towards every interface but the anchor's TUN, and TCP MSS
+clamping to the route MTU so that tunnelled TCP never needs fragmentation.
+The text form is fed to libnftables (`nft -f -`), which applies the whole
+script in one transaction; `table ... ; delete table ...` first makes the
+replacement idempotent, also over a table a crashed run left behind.
+"""
+
+import ipaddress
+
+from upmt.errors import ConfigError
+
+TABLE_FAMILY = "ip"
+TABLE_NAME = "upmt"
+
+
+def anchor_ruleset(pool: str, tun_name: str) -> str:
+    """The script that (re)creates the anchor's table for `pool` behind `tun_name`."""
+    try:
+        network = ipaddress.IPv4Network(pool, strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"pool {pool!r} is not an IPv4 prefix: {exc}") from None
+    if not _is_ifname(tun_name):
+        raise ConfigError(f"{tun_name!r} is not an interface name")
+    return f"""\
+table {TABLE_FAMILY} {TABLE_NAME}
+delete table {TABLE_FAMILY} {TABLE_NAME}
+table {TABLE_FAMILY} {TABLE_NAME} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {network} oifname != "{tun_name}" counter masquerade
+    }}
+    chain forward {{
+        type filter hook forward priority mangle; policy accept;
+        tcp flags syn / syn,rst tcp option maxseg size set rt mtu
+    }}
+}}
+"""
+
+
+def delete_script() -> str:
+    """The script that removes the table whether it exists or not."""
+    return f"table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
+
+
+def _is_ifname(name: str) -> bool:
+    return 0 < len(name) < 16 and all(c.isalnum() or c in "-_." for c in name)

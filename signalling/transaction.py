@@ -1,0 +1,604 @@
+"""Non-INVITE SIP transactions over UDP (RFC 3261 §17.1.2, §17.2.2), sans-IO.
+
+Theory of operation. A transaction is a request, its retransmissions and its
+responses. Over UDP the client retransmits the request (Timer E: T1, doubling
+up to T2; T2 once a provisional arrived) until a final response arrives or
+Timer F (64·T1) gives up; after the final response it lingers T4 (Timer K) to
+absorb retransmitted responses. The server passes the request up once,
+absorbs retransmissions of it by re-sending its last response, and lingers
+64·T1 (Timer J) after the final response.
+
+Each state machine is one table `{state: {input: (next state, action)}}`:
+an input with no entry (a second final response from the TU, a timer of a
+terminated transaction) raises `TransactionStateError`, because it is a bug in
+the caller, not something to ignore. Inputs come from the network
+(responses, retransmitted requests), from the transaction user (responses to
+send) and from timers; time is always passed in as `now` (seconds, any
+monotonic origin), and timers are absolute times.
+
+`TransactionLayer` holds many transactions, matches datagrams to them
+(§17.1.3, §17.2.3), drops and counts what is malformed or stray, and is the
+only object a daemon drives: `receive_datagram`, `send_request`,
+`send_response`, `datagrams_to_send`, `get_timer`, `handle_timer`,
+`next_event`.
+
+INVITE is not implemented (UPMT uses REGISTER, MESSAGE and OPTIONS): INVITE
+and ACK requests are dropped and counted as unsupported.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Final, TypeAlias
+
+from sipmessage import Request, Response
+
+from upmt.errors import MalformedError, UpmtError
+
+from .events import (
+    Addr,
+    ClientKey,
+    Event,
+    RequestReceived,
+    ResponseReceived,
+    ServerKey,
+    TransactionTerminated,
+    TransactionTimedOut,
+)
+from .message import build_response, parse_message_untrusted, serialize, top_branch
+
+__all__ = [
+    "T1",
+    "T2",
+    "T4",
+    "ClientInput",
+    "ClientState",
+    "ClientTransaction",
+    "ServerInput",
+    "ServerState",
+    "ServerTransaction",
+    "TransactionLayer",
+    "TransactionStateError",
+    "TransactionStatistics",
+    "client_key_of",
+    "server_key_of",
+]
+
+T1: Final = 0.5  # RFC 3261 §17.1.1.1, table 4: RTT estimate
+T2: Final = 4.0  # RFC 3261 §17.1.2.2, table 4: maximum retransmit interval
+T4: Final = 5.0  # RFC 3261 §17.1.2.2, table 4: maximum time a message lives in the network
+# RFC 3261 §17.1.2.2 (Timer F) and §17.2.2 (Timer J): 64·T1 over UDP.
+TIMEOUT_FACTOR: Final = 64
+
+# Seconds a refused requester is asked to wait (RFC 3261 §20.33, Retry-After).
+OVERLOAD_RETRY_AFTER: Final = 5
+
+
+class TransactionStateError(UpmtError):
+    """An input that the transaction's state does not accept (a caller bug)."""
+
+
+def client_key_of(message: Request | Response) -> ClientKey:
+    """RFC 3261 §17.1.3: a response matches the client transaction of its branch and CSeq method.
+
+    `message` must come from `parse_message_untrusted` or the builders.
+    """
+    return ClientKey(top_branch(message), message.cseq.method)
+
+
+def server_key_of(request: Request) -> ServerKey:
+    """RFC 3261 §17.2.3: branch, sent-by (host compared case-insensitively) and method.
+
+    ACK would match INVITE's transaction; neither is handled here.
+    """
+    top = request.via[0]
+    return ServerKey(top_branch(request), top.host.lower(), top.port, request.method)
+
+
+# --- client -------------------------------------------------------------------
+
+
+class ClientState(Enum):
+    """RFC 3261 figure 6."""
+
+    TRYING = auto()
+    PROCEEDING = auto()
+    COMPLETED = auto()
+    TERMINATED = auto()
+
+
+class ClientInput(Enum):
+    PROVISIONAL = auto()  # a 1xx from the network
+    FINAL = auto()  # a 2xx..6xx from the network
+    TIMER_E = auto()  # retransmit the request
+    TIMER_F = auto()  # transaction timeout
+    TIMER_K = auto()  # end of the wait for retransmitted responses
+
+
+_ClientAction: TypeAlias = Callable[["ClientTransaction", Response | None, float], None]
+
+# When two timers are due in one `handle_timer` call, the one that ends the
+# transaction goes first, so a late wake-up does not retransmit after timeout.
+_CLIENT_TIMER_PRIORITY: Final = (ClientInput.TIMER_F, ClientInput.TIMER_K, ClientInput.TIMER_E)
+
+
+class ClientTransaction:
+    """One non-INVITE client transaction over UDP (RFC 3261 §17.1.2)."""
+
+    def __init__(
+        self,
+        request: Request,
+        data: bytes,
+        now: float,
+        t1: float = T1,
+        t2: float = T2,
+        t4: float = T4,
+    ) -> None:
+        if request.method in ("INVITE", "ACK"):
+            raise ValueError(f"{request.method} needs an INVITE transaction")
+        self.request: Final = request
+        self.key: Final = ClientKey(top_branch(request), request.method)
+        self.state = ClientState.TRYING
+        self.retransmissions = 0
+        self._data = data
+        self._t2 = t2
+        self._t4 = t4
+        self._interval = t1
+        self._timers: dict[ClientInput, float] = {
+            ClientInput.TIMER_E: now + t1,
+            ClientInput.TIMER_F: now + TIMEOUT_FACTOR * t1,
+        }
+        self._datagrams: list[bytes] = [data]
+        self._events: deque[Event] = deque()
+
+    # Inputs.
+
+    def receive_response(self, response: Response, now: float) -> None:
+        """A response routed to this transaction by the caller (see `client_key_of`)."""
+        kind = ClientInput.PROVISIONAL if response.code < 200 else ClientInput.FINAL
+        self._fire(kind, response, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at `now`; calling early is harmless."""
+        while self.state is not ClientState.TERMINATED:
+            due = [t for t in _CLIENT_TIMER_PRIORITY if self._timers.get(t, now + 1) <= now]
+            if not due:
+                return
+            del self._timers[due[0]]
+            self._fire(due[0], None, now)
+
+    # Outputs.
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The absolute time of the next timer, None once terminated."""
+        return min(self._timers.values(), default=None)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # The machine.
+
+    def _fire(self, kind: ClientInput, response: Response | None, now: float) -> None:
+        entry = _CLIENT_TRANSITIONS[self.state].get(kind)
+        if entry is None:
+            raise TransactionStateError(f"client transaction: {kind.name} in {self.state.name}")
+        next_state, action = entry
+        self.state = next_state
+        action(self, response, now)
+
+    def _pass_up(self, response: Response | None, now: float) -> None:
+        assert response is not None
+        self._events.append(ResponseReceived(self.key, response))
+
+    def _complete(self, response: Response | None, now: float) -> None:
+        # RFC 3261 §17.1.2.2: entering Completed stops E and F and starts K.
+        self._pass_up(response, now)
+        self._timers = {ClientInput.TIMER_K: now + self._t4}
+
+    def _retransmit(self, response: Response | None, now: float) -> None:
+        self._datagrams.append(self._data)
+        self.retransmissions += 1
+        if self.state is ClientState.PROCEEDING:
+            self._interval = self._t2
+        else:
+            self._interval = min(2 * self._interval, self._t2)
+        self._timers[ClientInput.TIMER_E] = now + self._interval
+
+    def _absorb(self, response: Response | None, now: float) -> None:
+        """A retransmitted response in Completed: the TU already has the final one."""
+
+    def _time_out(self, response: Response | None, now: float) -> None:
+        self._events.append(TransactionTimedOut(self.key))
+        self._terminate(response, now)
+
+    def _terminate(self, response: Response | None, now: float) -> None:
+        self._timers = {}
+        self._events.append(TransactionTerminated(self.key))
+
+
+_ClientTable: TypeAlias = dict[ClientState, dict[ClientInput, tuple[ClientState, _ClientAction]]]
+
+_CLIENT_TRANSITIONS: Final[_ClientTable] = {
+    ClientState.TRYING: {
+        ClientInput.PROVISIONAL: (ClientState.PROCEEDING, ClientTransaction._pass_up),
+        ClientInput.FINAL: (ClientState.COMPLETED, ClientTransaction._complete),
+        ClientInput.TIMER_E: (ClientState.TRYING, ClientTransaction._retransmit),
+        ClientInput.TIMER_F: (ClientState.TERMINATED, ClientTransaction._time_out),
+    },
+    ClientState.PROCEEDING: {
+        ClientInput.PROVISIONAL: (ClientState.PROCEEDING, ClientTransaction._pass_up),
+        ClientInput.FINAL: (ClientState.COMPLETED, ClientTransaction._complete),
+        ClientInput.TIMER_E: (ClientState.PROCEEDING, ClientTransaction._retransmit),
+        ClientInput.TIMER_F: (ClientState.TERMINATED, ClientTransaction._time_out),
+    },
+    ClientState.COMPLETED: {
+        ClientInput.PROVISIONAL: (ClientState.COMPLETED, ClientTransaction._absorb),
+        ClientInput.FINAL: (ClientState.COMPLETED, ClientTransaction._absorb),
+        ClientInput.TIMER_K: (ClientState.TERMINATED, ClientTransaction._terminate),
+    },
+    ClientState.TERMINATED: {},
+}
+
+
+# --- server -------------------------------------------------------------------
+
+
+class ServerState(Enum):
+    """RFC 3261 figure 8."""
+
+    TRYING = auto()
+    PROCEEDING = auto()
+    COMPLETED = auto()
+    TERMINATED = auto()
+
+
+class ServerInput(Enum):
+    REQUEST = auto()  # a retransmission of the request from the network
+    PROVISIONAL = auto()  # the TU sends a 1xx
+    FINAL = auto()  # the TU sends a 2xx..6xx
+    TIMER_J = auto()  # end of the wait for retransmitted requests
+    # Not in RFC 3261: a TU that never answers would otherwise keep the
+    # transaction (and its slot under the layer's cap) forever. After 64·T1 the
+    # client's Timer F has fired, so no answer could still be of use.
+    TIMER_ABANDON = auto()
+
+
+_SERVER_TIMER_PRIORITY: Final = (ServerInput.TIMER_J, ServerInput.TIMER_ABANDON)
+
+
+class ServerTransaction:
+    """One non-INVITE server transaction over UDP (RFC 3261 §17.2.2)."""
+
+    def __init__(self, request: Request, now: float, t1: float = T1) -> None:
+        if request.method in ("INVITE", "ACK"):
+            raise ValueError(f"{request.method} needs an INVITE transaction")
+        self.request: Final = request
+        self.key: Final = server_key_of(request)
+        self.state = ServerState.TRYING
+        self.final_sent = False
+        self._timeout = TIMEOUT_FACTOR * t1
+        self._last_response: bytes | None = None
+        self._timers: dict[ServerInput, float] = {ServerInput.TIMER_ABANDON: now + self._timeout}
+        self._datagrams: list[bytes] = []
+        self._events: deque[Event] = deque()
+
+    # Inputs.
+
+    def receive_request(self, request: Request, now: float) -> None:
+        """A retransmission of the request (the caller matched it, see `server_key_of`)."""
+        self._fire(ServerInput.REQUEST, None, now)
+
+    def send_response(self, response: Response, now: float) -> None:
+        """The TU's response; raises `TransactionStateError` after a final one."""
+        kind = ServerInput.PROVISIONAL if response.code < 200 else ServerInput.FINAL
+        self._fire(kind, response, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at `now`; calling early is harmless."""
+        while self.state is not ServerState.TERMINATED:
+            due = [t for t in _SERVER_TIMER_PRIORITY if self._timers.get(t, now + 1) <= now]
+            if not due:
+                return
+            del self._timers[due[0]]
+            self._fire(due[0], None, now)
+
+    # Outputs.
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def get_timer(self) -> float | None:
+        return min(self._timers.values(), default=None)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # The machine.
+
+    def _fire(self, kind: ServerInput, response: Response | None, now: float) -> None:
+        entry = _SERVER_TRANSITIONS[self.state].get(kind)
+        if entry is None:
+            raise TransactionStateError(f"server transaction: {kind.name} in {self.state.name}")
+        next_state, action = entry
+        # Serialize before changing state, so a response that cannot be sent
+        # (too large, header injection) leaves the transaction as it was.
+        data = serialize(response) if response is not None else None
+        self.state = next_state
+        action(self, data, now)
+
+    def _send(self, data: bytes | None, now: float) -> None:
+        assert data is not None
+        self._last_response = data
+        self._datagrams.append(data)
+
+    def _send_final(self, data: bytes | None, now: float) -> None:
+        # RFC 3261 §17.2.2: entering Completed starts Timer J.
+        self._send(data, now)
+        self.final_sent = True
+        self._timers = {ServerInput.TIMER_J: now + self._timeout}
+
+    def _absorb(self, data: bytes | None, now: float) -> None:
+        """A retransmission before any response: RFC 3261 §17.2.2 discards it."""
+
+    def _resend(self, data: bytes | None, now: float) -> None:
+        assert self._last_response is not None
+        self._datagrams.append(self._last_response)
+
+    def _terminate(self, data: bytes | None, now: float) -> None:
+        self._timers = {}
+        self._events.append(TransactionTerminated(self.key))
+
+
+_ServerAction: TypeAlias = Callable[["ServerTransaction", bytes | None, float], None]
+
+_ServerTable: TypeAlias = dict[ServerState, dict[ServerInput, tuple[ServerState, _ServerAction]]]
+
+_SERVER_TRANSITIONS: Final[_ServerTable] = {
+    ServerState.TRYING: {
+        ServerInput.REQUEST: (ServerState.TRYING, ServerTransaction._absorb),
+        ServerInput.PROVISIONAL: (ServerState.PROCEEDING, ServerTransaction._send),
+        ServerInput.FINAL: (ServerState.COMPLETED, ServerTransaction._send_final),
+        ServerInput.TIMER_ABANDON: (ServerState.TERMINATED, ServerTransaction._terminate),
+    },
+    ServerState.PROCEEDING: {
+        ServerInput.REQUEST: (ServerState.PROCEEDING, ServerTransaction._resend),
+        ServerInput.PROVISIONAL: (ServerState.PROCEEDING, ServerTransaction._send),
+        ServerInput.FINAL: (ServerState.COMPLETED, ServerTransaction._send_final),
+        ServerInput.TIMER_ABANDON: (ServerState.TERMINATED, ServerTransaction._terminate),
+    },
+    ServerState.COMPLETED: {
+        ServerInput.REQUEST: (ServerState.COMPLETED, ServerTransaction._resend),
+        ServerInput.TIMER_J: (ServerState.TERMINATED, ServerTransaction._terminate),
+    },
+    ServerState.TERMINATED: {},
+}
+
+
+# --- the layer ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionStatistics:
+    """Counters since the layer was created; `active_*` are current sizes."""
+
+    received: int  # datagrams given to receive_datagram
+    malformed: int  # dropped: did not parse
+    stray_responses: int  # dropped: no client transaction matches
+    retransmissions_absorbed: int  # requests matched to an existing server transaction
+    retransmissions_sent: int  # client requests re-sent by Timer E
+    refused: int  # new requests over the cap (answered 503 unless disabled)
+    unsupported: int  # dropped: INVITE or ACK
+    responses_dropped: int  # send_response for a transaction already gone
+    timeouts: int  # client transactions ended by Timer F
+    abandoned: int  # server transactions the TU never answered
+    active_client: int
+    active_server: int
+
+
+@dataclass(slots=True)
+class _Client:
+    txn: ClientTransaction
+    addr: Addr
+
+
+@dataclass(slots=True)
+class _Server:
+    txn: ServerTransaction
+    addr: Addr
+
+
+class TransactionLayer:
+    """All transactions of one SIP endpoint over UDP; the object a daemon drives.
+
+    Nothing from the network raises: malformed datagrams, stray responses and
+    requests over `max_transactions` are counted (see `statistics`) and
+    dropped; a refused request is answered `503 Service Unavailable` with
+    `Retry-After` when `answer_overload` is true, statelessly, so the refusal
+    itself costs no state.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_transactions: int = 1000,
+        answer_overload: bool = True,
+        t1: float = T1,
+        t2: float = T2,
+        t4: float = T4,
+    ) -> None:
+        if max_transactions < 1:
+            raise ValueError("max_transactions must be at least 1")
+        self._max = max_transactions
+        self._answer_overload = answer_overload
+        self._t1, self._t2, self._t4 = t1, t2, t4
+        self._clients: dict[ClientKey, _Client] = {}
+        self._servers: dict[ServerKey, _Server] = {}
+        self._datagrams: list[tuple[bytes, Addr]] = []
+        self._events: deque[Event] = deque()
+        self._received = 0
+        self._malformed = 0
+        self._stray = 0
+        self._absorbed = 0
+        self._retransmitted = 0
+        self._refused = 0
+        self._unsupported = 0
+        self._responses_dropped = 0
+        self._timeouts = 0
+        self._abandoned = 0
+
+    # Network input.
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Feed one received datagram; never raises for any content of `data`."""
+        self._received += 1
+        try:
+            message = parse_message_untrusted(data)
+        except MalformedError:
+            self._malformed += 1
+            return
+        if isinstance(message, Response):
+            self._receive_response(message, now)
+        else:
+            self._receive_request(message, addr, now)
+
+    def _receive_response(self, response: Response, now: float) -> None:
+        client = self._clients.get(client_key_of(response))
+        if client is None:
+            self._stray += 1
+            return
+        client.txn.receive_response(response, now)
+        self._pump_client(client)
+
+    def _receive_request(self, request: Request, addr: Addr, now: float) -> None:
+        if request.method in ("INVITE", "ACK"):
+            self._unsupported += 1
+            return
+        key = server_key_of(request)
+        server = self._servers.get(key)
+        if server is not None:
+            self._absorbed += 1
+            server.txn.receive_request(request, now)
+            self._pump_server(server)
+            return
+        if len(self._servers) >= self._max:
+            self._refused += 1
+            if self._answer_overload:
+                refusal = build_response(
+                    request, 503, headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))]
+                )
+                self._datagrams.append((serialize(refusal), addr))
+            return
+        server = _Server(ServerTransaction(request, now, self._t1), addr)
+        self._servers[key] = server
+        self._events.append(RequestReceived(key, request, addr))
+
+    # Transaction-user input.
+
+    def send_request(self, request: Request, addr: Addr, now: float) -> ClientKey:
+        """Start a client transaction; its events carry the returned key.
+
+        Raises `ValueError` if a transaction with the same branch and method is
+        still active (every request needs a fresh branch, `new_branch`).
+        """
+        key = client_key_of(request)
+        if key in self._clients:
+            raise ValueError(f"a transaction with branch {key.branch} is active")
+        txn = ClientTransaction(request, serialize(request), now, self._t1, self._t2, self._t4)
+        client = _Client(txn, addr)
+        self._clients[key] = client
+        self._pump_client(client)
+        return key
+
+    def send_response(self, key: ServerKey, response: Response, now: float) -> None:
+        """Answer the request of `key` (from `RequestReceived`).
+
+        If the transaction is gone (abandoned after 64·T1) the response is
+        counted and dropped: the requester has given up by then. A second final
+        response raises `TransactionStateError`.
+        """
+        server = self._servers.get(key)
+        if server is None:
+            self._responses_dropped += 1
+            return
+        server.txn.send_response(response, now)
+        self._pump_server(server)
+
+    # Timers.
+
+    def get_timer(self) -> float | None:
+        """The absolute time of the earliest timer of any transaction."""
+        # A linear scan: at most `max_transactions` plus the daemon's own
+        # requests, and signalling is far from the data path.
+        timers = [c.txn.get_timer() for c in self._clients.values()]
+        timers += [s.txn.get_timer() for s in self._servers.values()]
+        return min((t for t in timers if t is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        for client in list(self._clients.values()):
+            timer = client.txn.get_timer()
+            if timer is not None and timer <= now:
+                client.txn.handle_timer(now)
+                self._pump_client(client, retransmission=True)
+        for server in list(self._servers.values()):
+            timer = server.txn.get_timer()
+            if timer is not None and timer <= now:
+                server.txn.handle_timer(now)
+                self._pump_server(server)
+
+    # Outputs.
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def next_event(self) -> Event | None:
+        """RequestReceived, ResponseReceived or TransactionTimedOut; None when drained."""
+        return self._events.popleft() if self._events else None
+
+    def statistics(self) -> TransactionStatistics:
+        return TransactionStatistics(
+            received=self._received,
+            malformed=self._malformed,
+            stray_responses=self._stray,
+            retransmissions_absorbed=self._absorbed,
+            retransmissions_sent=self._retransmitted,
+            refused=self._refused,
+            unsupported=self._unsupported,
+            responses_dropped=self._responses_dropped,
+            timeouts=self._timeouts,
+            abandoned=self._abandoned,
+            active_client=len(self._clients),
+            active_server=len(self._servers),
+        )
+
+    def _pump_client(self, client: _Client, *, retransmission: bool = False) -> None:
+        datagrams = client.txn.datagrams_to_send()
+        if retransmission:
+            self._retransmitted += len(datagrams)
+        self._datagrams.extend((data, client.addr) for data in datagrams)
+        while (event := client.txn.next_event()) is not None:
+            if isinstance(event, TransactionTerminated):
+                del self._clients[client.txn.key]
+                continue
+            if isinstance(event, TransactionTimedOut):
+                self._timeouts += 1
+            self._events.append(event)
+
+    def _pump_server(self, server: _Server) -> None:
+        # Responses, also re-sent ones, go to the address the request first came
+        # from: answering a spoofed retransmission's source would let anyone who
+        # guesses a branch redirect or reflect the response.
+        self._datagrams.extend((data, server.addr) for data in server.txn.datagrams_to_send())
+        while (event := server.txn.next_event()) is not None:
+            if isinstance(event, TransactionTerminated):
+                if not server.txn.final_sent:
+                    self._abandoned += 1
+                del self._servers[server.txn.key]

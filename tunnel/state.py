@@ -1,0 +1,325 @@
+"""Tunnel identity and liveness, sans-IO: time comes in, probes and verdicts go out.
+
+Theory of operation. The MH sends a PROBE on every tunnel each ``interval``
+seconds; the AN answers each with a PROBE-ACK. A probe that has not been
+answered by the time the next one is sent counts as a miss; ``dead_after``
+consecutive misses make the tunnel DEAD, so a silent path is noticed after
+about ``dead_after * interval`` seconds. Any valid ack — even a late one, for a
+probe that was already counted as missed — proves the path works: it resets
+the misses and brings a DEAD tunnel back UP.
+
+An ack is valid only if it names this tunnel, a sequence number still in the
+window of the last ``window`` probes, and echoes that probe's timestamp.
+Sequence numbers are u32 and wrap; they are matched by equality within the
+window, never compared by size, so the wrap needs no special case. Duplicate
+acks find their probe already gone and are counted as stale, which keeps a
+replayed ack from producing a second RTT sample.
+
+The RTT is smoothed as in RFC 6298 §2 (alpha = 1/8, beta = 1/4). Each probe carries
+its own sequence number and timestamp, so there is no retransmission
+ambiguity and Karn's rule has nothing to exclude.
+
+The daemon owns the clocks: ``now`` (seconds, the event loop's clock) drives
+scheduling, ``now_ns`` (a monotonic nanosecond clock) goes into the probe and
+measures the RTT.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final
+
+from tunnel.frames import Probe, ProbeAck
+
+__all__ = [
+    "LivenessEvent",
+    "ProbeScheduler",
+    "ProbeStatistics",
+    "TunnelInfo",
+    "TunnelState",
+]
+
+_SEQ_MOD: Final = 1 << 32
+_TIMESTAMP_MOD: Final = 1 << 64
+_TUNNEL_ID_MAX: Final = 0xFFFF_FFFF
+
+# RFC 6298 §2.3.
+_ALPHA: Final = 1 / 8
+_BETA: Final = 1 / 4
+
+
+class TunnelState(Enum):
+    """Liveness of one tunnel, as the MH sees it."""
+
+    SETTING_UP = "setting-up"  # probing, no ack yet
+    UP = "up"  # acks are coming back
+    DEAD = "dead"  # ``dead_after`` probes in a row went unanswered
+
+
+class LivenessEvent(Enum):
+    """Inputs of the tunnel state machine."""
+
+    ACKED = "acked"  # a valid PROBE-ACK arrived
+    SILENT = "silent"  # the miss counter reached ``dead_after``
+
+
+# The whole state machine. SILENT fires only when the miss counter crosses the
+# limit, so DEAD never sees it; an input with no entry is a bug, not a no-op.
+_TRANSITIONS: Final[dict[TunnelState, dict[LivenessEvent, TunnelState]]] = {
+    TunnelState.SETTING_UP: {
+        LivenessEvent.ACKED: TunnelState.UP,
+        LivenessEvent.SILENT: TunnelState.DEAD,
+    },
+    TunnelState.UP: {
+        LivenessEvent.ACKED: TunnelState.UP,
+        LivenessEvent.SILENT: TunnelState.DEAD,
+    },
+    TunnelState.DEAD: {
+        LivenessEvent.ACKED: TunnelState.UP,
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeStatistics:
+    """A snapshot of one scheduler's counters and estimates."""
+
+    tunnel_id: int
+    state: TunnelState
+    probes_sent: int
+    acks_received: int
+    stale_acks: int
+    consecutive_misses: int
+    last_heard: float | None
+    srtt: float | None
+    rttvar: float | None
+    latest_rtt: float | None
+    min_rtt: float | None
+    observed: tuple[str, int] | None
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    sent_at: float
+    timestamp_ns: int
+
+
+class ProbeScheduler:
+    """Keepalive and liveness for one tunnel (see the module docstring)."""
+
+    def __init__(
+        self,
+        tunnel_id: int,
+        *,
+        interval: float,
+        dead_after: int,
+        window: int = 16,
+        initial_seq: int = 0,
+    ) -> None:
+        if not 0 <= tunnel_id <= _TUNNEL_ID_MAX:
+            raise ValueError(f"tunnel_id {tunnel_id} is not a u32")
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, not {interval}")
+        if dead_after < 1:
+            raise ValueError(f"dead_after must be at least 1, not {dead_after}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        if not 0 <= initial_seq < _SEQ_MOD:
+            raise ValueError(f"initial_seq {initial_seq} is not a u32")
+        self.tunnel_id: Final = tunnel_id
+        self.interval: Final = interval
+        self.dead_after: Final = dead_after
+        self._window = window
+        self._next_seq = initial_seq
+        # seq -> when it was sent; insertion order is send order, so the
+        # oldest entry is evicted first and wraparound does not matter.
+        self._outstanding: OrderedDict[int, _Outstanding] = OrderedDict()
+        self._last_seq: int | None = None
+        self._last_acked = False
+        self._last_sent_at: float | None = None
+        self._state = TunnelState.SETTING_UP
+        self._probes_sent = 0
+        self._acks_received = 0
+        self._stale_acks = 0
+        self._misses = 0
+        self._last_heard: float | None = None
+        self._srtt: float | None = None
+        self._rttvar: float | None = None
+        self._latest_rtt: float | None = None
+        self._min_rtt: float | None = None
+        self._observed: tuple[str, int] | None = None
+
+    def _fire(self, event: LivenessEvent) -> None:
+        self._state = _TRANSITIONS[self._state][event]
+
+    def next_probe_at(self) -> float | None:
+        """When the next probe is due; None before the first one (due at once)."""
+        if self._last_sent_at is None:
+            return None
+        return self._last_sent_at + self.interval
+
+    def make_probe(self, now: float, now_ns: int) -> Probe:
+        """Create the next probe and remember it as outstanding.
+
+        If the previous probe is still unanswered it becomes a miss here: the
+        probe interval is the deadline for its ack.
+        """
+        if self._last_seq is not None and not self._last_acked:
+            self._misses += 1
+            if self._misses == self.dead_after:
+                self._fire(LivenessEvent.SILENT)
+        seq = self._next_seq
+        self._next_seq = (seq + 1) % _SEQ_MOD
+        timestamp_ns = now_ns % _TIMESTAMP_MOD  # u64 on the wire
+        # A u32 sequence cannot repeat within a window far smaller than 2**32,
+        # but a re-used key would silently keep the old entry's position.
+        self._outstanding.pop(seq, None)
+        self._outstanding[seq] = _Outstanding(now, timestamp_ns)
+        while len(self._outstanding) > self._window:
+            self._outstanding.popitem(last=False)
+        self._last_seq = seq
+        self._last_acked = False
+        self._last_sent_at = now
+        self._probes_sent += 1
+        return Probe(self.tunnel_id, seq, timestamp_ns, 0)
+
+    def on_ack(self, ack: ProbeAck, now: float, now_ns: int) -> float | None:
+        """Account for a PROBE-ACK; returns the RTT in seconds, or None if ignored.
+
+        Ignored (and counted as stale): another tunnel's id, a sequence number
+        outside the window or already acknowledged, a timestamp that does not
+        echo the probe's.
+        """
+        if ack.tunnel_id != self.tunnel_id:
+            self._stale_acks += 1
+            return None
+        sent = self._outstanding.get(ack.seq)
+        if sent is None or sent.timestamp_ns != ack.timestamp_ns:
+            self._stale_acks += 1
+            return None
+        del self._outstanding[ack.seq]
+        # now_ns is from the same monotonic clock as the timestamp; the clamp
+        # only guards against a caller mixing clocks.
+        rtt = max(0, now_ns % _TIMESTAMP_MOD - sent.timestamp_ns) / 1e9
+        self._update_rtt(rtt)
+        if ack.seq == self._last_seq:
+            self._last_acked = True
+        self._acks_received += 1
+        self._misses = 0
+        self._last_heard = now
+        self._observed = ack.observed
+        self._fire(LivenessEvent.ACKED)
+        return rtt
+
+    def _update_rtt(self, rtt: float) -> None:
+        self._latest_rtt = rtt
+        self._min_rtt = rtt if self._min_rtt is None else min(self._min_rtt, rtt)
+        if self._srtt is None or self._rttvar is None:
+            # RFC 6298 §2.2: the first measurement.
+            self._srtt = rtt
+            self._rttvar = rtt / 2
+        else:
+            # RFC 6298 §2.3: RTTVAR first, with the old SRTT.
+            self._rttvar = (1 - _BETA) * self._rttvar + _BETA * abs(self._srtt - rtt)
+            self._srtt = (1 - _ALPHA) * self._srtt + _ALPHA * rtt
+
+    @property
+    def state(self) -> TunnelState:
+        return self._state
+
+    @property
+    def dead(self) -> bool:
+        return self._state is TunnelState.DEAD
+
+    @property
+    def rtt(self) -> float | None:
+        """Smoothed RTT (SRTT) in seconds, None until the first ack."""
+        return self._srtt
+
+    @property
+    def rttvar(self) -> float | None:
+        return self._rttvar
+
+    @property
+    def last_heard(self) -> float | None:
+        """``now`` of the last valid ack."""
+        return self._last_heard
+
+    @property
+    def consecutive_misses(self) -> int:
+        return self._misses
+
+    @property
+    def observed(self) -> tuple[str, int] | None:
+        """The tunnel's source address as the AN last saw it (its TID)."""
+        return self._observed
+
+    def statistics(self) -> ProbeStatistics:
+        return ProbeStatistics(
+            tunnel_id=self.tunnel_id,
+            state=self._state,
+            probes_sent=self._probes_sent,
+            acks_received=self._acks_received,
+            stale_acks=self._stale_acks,
+            consecutive_misses=self._misses,
+            last_heard=self._last_heard,
+            srtt=self._srtt,
+            rttvar=self._rttvar,
+            latest_rtt=self._latest_rtt,
+            min_rtt=self._min_rtt,
+            observed=self._observed,
+        )
+
+
+@dataclass(slots=True)
+class TunnelInfo:
+    """What the MH knows about one tunnel: identity plus the latest liveness.
+
+    ``local`` is the socket's own address (None until bound); ``remote`` the
+    AN's; ``observed`` the address the AN sees, i.e. the TID after NATs.
+    """
+
+    tunnel_id: int
+    interface: str
+    local: tuple[str, int] | None
+    remote: tuple[str, int]
+    state: TunnelState = TunnelState.SETTING_UP
+    observed: tuple[str, int] | None = None
+    last_heard: float | None = None
+    rtt: float | None = None
+    probes_sent: int = 0
+    acks_received: int = 0
+    consecutive_misses: int = 0
+
+    def refresh(self, scheduler: ProbeScheduler) -> None:
+        """Copy the liveness fields from the tunnel's scheduler."""
+        if scheduler.tunnel_id != self.tunnel_id:
+            raise ValueError(
+                f"scheduler of tunnel {scheduler.tunnel_id} used for tunnel {self.tunnel_id}"
+            )
+        stats = scheduler.statistics()
+        self.state = stats.state
+        self.observed = stats.observed
+        self.last_heard = stats.last_heard
+        self.rtt = stats.srtt
+        self.probes_sent = stats.probes_sent
+        self.acks_received = stats.acks_received
+        self.consecutive_misses = stats.consecutive_misses
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready view for status output."""
+        return {
+            "tunnel_id": self.tunnel_id,
+            "interface": self.interface,
+            "local": list(self.local) if self.local is not None else None,
+            "remote": list(self.remote),
+            "state": self.state.value,
+            "observed": list(self.observed) if self.observed is not None else None,
+            "last_heard": self.last_heard,
+            "rtt": self.rtt,
+            "probes_sent": self.probes_sent,
+            "acks_received": self.acks_received,
+            "consecutive_misses": self.consecutive_misses,
+        }

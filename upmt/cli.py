@@ -1,0 +1,84 @@
+"""What both command lines share: one-line errors, exit codes, logging, status printing."""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from upmt.control import control_request
+from upmt.errors import UpmtError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def fail(prog: str, message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_cli(group: click.Group, prog: str) -> None:
+    """Run a click group so that every error is one line on stderr and a non-zero exit."""
+    try:
+        group.main(prog_name=prog, standalone_mode=False)
+    except click.exceptions.Abort:
+        fail(prog, "aborted")
+    except click.exceptions.NoArgsUsage as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:
+        hint = f" (see '{prog} --help')"
+        fail(prog, exc.format_message().replace("\n", " ") + hint, EXIT_USAGE)
+    except click.ClickException as exc:
+        fail(prog, exc.format_message().replace("\n", " "))
+    except UpmtError as exc:
+        fail(prog, str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except OSError as exc:
+        fail(prog, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def query(control: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """Ask the daemon; a refusal becomes an UpmtError (one line, exit 1)."""
+    answer = control_request(control, request)
+    if not answer.get("ok", False):
+        raise UpmtError(str(answer.get("error", "the daemon refused the request")))
+    return answer
+
+
+def print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain left-aligned text table."""
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def flow_rows(flows: list[dict[str, Any]], tunnel_key: str) -> list[list[str]]:
+    return [
+        [str(f["proto"]), f"{f['vipa']}:{f['sport']}", f"{f['dst']}:{f['dport']}",
+         str(f.get(tunnel_key, "")), str(f.get("bytes", 0)), str(f.get("app") or "")]
+        for f in flows
+    ]

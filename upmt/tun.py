@@ -1,0 +1,88 @@
+"""The TUN device both daemons forward through.
+
+Created with python-pytun (IFF_TUN | IFF_NO_PI, not persistent, so the kernel
+removes it when the daemon's fd closes, even after `kill -9`), configured
+with pyroute2: IPv6 off before the link comes up (no router solicitations or
+MLD reports in the data path), a long transmit queue (the default 500 drops
+bursts), the MTU, one address, link up. The data path reads and writes the
+raw fd with os.read/os.write in non-blocking drain loops.
+"""
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from upmt.errors import SetupError
+
+TUN_PATH = Path("/dev/net/tun")
+TX_QUEUE_LEN = 10_000
+
+
+@dataclass
+class TunDevice:
+    name: str
+    fd: int
+    ifindex: int
+    _dev: object
+
+    def close(self) -> None:
+        """Close the fd: the kernel deletes the device with its routes."""
+        if self.fd >= 0:
+            try:
+                self._dev.close()  # type: ignore[attr-defined]
+            except Exception:
+                pass
+            self.fd = -1
+
+
+def open_tun(name: str, *, address: str, prefixlen: int, mtu: int) -> TunDevice:
+    """Create and configure TUN `name`; SetupError with one line if the kernel refuses."""
+    if not TUN_PATH.exists():
+        raise SetupError(f"{TUN_PATH} is missing: load the tun module or pass the device in")
+    import pytun  # imported here so that pure modules and CLIs load without it
+
+    try:
+        dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    except pytun.Error as exc:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code in (errno.EPERM, errno.EACCES):
+            raise SetupError(f"cannot create TUN {name}: needs CAP_NET_ADMIN") from None
+        if code == errno.EBUSY:
+            raise SetupError(f"cannot create TUN {name}: the name is in use") from None
+        raise SetupError(f"cannot create TUN {name}: {exc}") from None
+    fd = dev.fileno()
+    try:
+        _disable_ipv6(name)
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=name)[0]
+            ipr.link("set", index=idx, mtu=mtu, txqlen=TX_QUEUE_LEN)
+            ipr.addr("replace", index=idx, address=address, prefixlen=prefixlen)
+            ipr.link("set", index=idx, state="up")
+    except Exception as exc:
+        dev.close()
+        raise SetupError(f"cannot configure TUN {name}: {exc}") from None
+    os.set_blocking(fd, False)
+    return TunDevice(name=name, fd=fd, ifindex=idx, _dev=dev)
+
+
+def _disable_ipv6(name: str) -> None:
+    path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+    try:
+        path.write_text("1\n")
+    except OSError:
+        pass  # no IPv6 in this kernel or namespace: nothing to silence
+
+
+def delete_link_if_exists(name: str) -> bool:
+    """Remove a leftover device of that name (e.g. made persistent by someone else)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return False
+        ipr.link("del", index=found[0])
+        return True

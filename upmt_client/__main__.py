@@ -1,0 +1,3 @@
+from upmt_client.cli import main
+
+main()
