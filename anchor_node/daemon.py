@@ -71,7 +71,8 @@ class AnchorNode:
             tun = open_tun(cfg.tun_name, address=str(anchor_address(cfg.pool)),
                            prefixlen=cfg.pool.prefixlen, mtu=TUN_MTU)
             stack.callback(tun.close)
-            nat = NatSetup(str(cfg.pool), cfg.tun_name)
+            nat = NatSetup(str(cfg.pool), cfg.tun_name,
+                           record=cfg.state.with_name(cfg.state.name + ".kernel.json"))
             stack.callback(nat.remove)
             nat.install()
 

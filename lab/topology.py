@@ -115,7 +115,6 @@ class Lab:
         self.extra_hosts = extra_hosts
         self.daemons: list[Daemon] = []
         self._servers: list[subprocess.Popen[bytes]] = []
-        self._created: list[str] = []
 
     # -- names -------------------------------------------------------------
     def ns(self, role: str) -> str:
@@ -154,7 +153,10 @@ class Lab:
         for role in self.roles:
             ns = self.ns(role)
             run(["ip", "netns", "add", ns])
-            self._created.append(ns)
+            # The lab is IPv4; without IPv6, no link-local addresses appear late
+            # (after DAD) to blur what tests compare before and after.
+            self.sysctl(role, "net.ipv6.conf.all.disable_ipv6", "1")
+            self.sysctl(role, "net.ipv6.conf.default.disable_ipv6", "1")
             self.ip(role, "link", "set", "lo", "up")
         self.sysctl("inet", "net.ipv4.ip_forward", "1")
         # Access networks: MH ifX — NAT lan, NAT wan — internet nX.

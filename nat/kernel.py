@@ -5,6 +5,8 @@ script atomically; forwarding is a sysctl of the current network namespace.
 Everything here acts on the namespace the daemon runs in, never elsewhere.
 """
 
+import contextlib
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -42,10 +44,15 @@ def list_table() -> str | None:
 
 @dataclass
 class NatSetup:
-    """What `install` changed, so that `remove` can put it back."""
+    """What `install` changed, so that `remove` can put it back.
+
+    The forwarding setting found before is also written to `record`, so that
+    a start after a crash restores the original, not the crashed run's "1".
+    """
 
     pool: str
     tun_name: str
+    record: Path
     previous_forwarding: str | None = None
     installed: bool = False
 
@@ -53,7 +60,8 @@ class NatSetup:
         """Forwarding on, table `upmt` replaced atomically."""
         script = anchor_ruleset(self.pool, self.tun_name)
         try:
-            self.previous_forwarding = IP_FORWARD.read_text().strip()
+            self.previous_forwarding = self._recorded() or IP_FORWARD.read_text().strip()
+            self.record.write_text(json.dumps({"ip_forward": self.previous_forwarding}))
             IP_FORWARD.write_text("1\n")
         except OSError as exc:
             raise SetupError(f"cannot enable IPv4 forwarding: {exc.strerror}") from None
@@ -74,6 +82,13 @@ class NatSetup:
             self.installed = False
         self._restore_forwarding()
 
+    def _recorded(self) -> str | None:
+        try:
+            value = json.loads(self.record.read_text())["ip_forward"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return value if value in ("0", "1") else None
+
     def _restore_forwarding(self) -> None:
         if self.previous_forwarding is not None:
             try:
@@ -81,6 +96,8 @@ class NatSetup:
             except OSError:
                 pass
             self.previous_forwarding = None
+        with contextlib.suppress(OSError):
+            self.record.unlink()
 
 
 def remove_leftover_table() -> None:

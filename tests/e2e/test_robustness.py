@@ -1,0 +1,97 @@
+"""A real SIP peer, bad input, and clean-up: the anchor and the client as deployed."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lab.scenario import start_overlay, wait_until
+from lab.topology import AN_ADDR, Lab
+from tests.e2e.helpers import udp_request
+
+pytestmark = pytest.mark.e2e
+SIPP_SCENARIO = Path(__file__).parent / "sipp" / "register.xml"
+
+
+@pytest.mark.lab(extra_hosts=1)
+def test_sipp_register_gets_200_with_vipaddr(lab: Lab) -> None:
+    if shutil.which("sipp") is None:
+        pytest.fail("sipp (Debian sip-tester) is not installed; ./run installs it")
+    anchor = lab.start_anchor()
+    wait_until(anchor.status, 20, "anchor up", (anchor,))
+    local_ip = lab.extra_host_addr(0)[0]
+    log = lab.workdir / "sipp.log"
+    proc = lab.exec("h0", "sipp", "-sf", str(SIPP_SCENARIO), "-m", "1", "-i", local_ip,
+                    "-p", "5070", "-timeout", "15", "-timeout_error", "-nostdin",
+                    "-trace_logs", "-log_file", str(log), f"{AN_ADDR}:5060",
+                    check=False, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "VIPA 100.64." in log.read_text()
+    assert "sipp-terminal" in {t["terminal_id"] for t in anchor.status()["terminals"]}
+
+
+@pytest.mark.lab(extra_hosts=1)
+def test_random_datagrams_are_dropped_and_counted(lab: Lab) -> None:
+    lab.start_servers(file_size=1 << 20)
+    anchor, _client = start_overlay(lab)
+    before = anchor.status()["counters"]
+    proc = lab.exec("h0", lab.python(), "-m", "lab.apps.flood", AN_ADDR, "5060", "1800",
+                    "--count", "5000", "--sources", "64", timeout=300)
+    assert proc.stdout.startswith("sent ")
+    wait_until(lambda: anchor.status()["counters"]["sip_malformed"] > before["sip_malformed"],
+               20, "SIP drops counted", (anchor,))
+    after = anchor.status()["counters"]
+    assert anchor.running()
+    assert after["sip_malformed"] > 1000
+    frame_drops = ("malformed_frames", "unknown_tunnel", "sip_malformed_signal")
+    assert sum(after[k] for k in frame_drops) > sum(before[k] for k in frame_drops) + 1000
+    # The legitimate terminal keeps working.
+    assert udp_request(lab, "still here") == ["still here"]
+
+
+def _installed(lab: Lab) -> dict[str, str]:
+    """What the daemons may install, as the kernels of their namespaces list it."""
+    return {
+        "mh_links": lab.exec("mh", "ip", "-o", "link", "show").stdout,
+        "mh_rules": lab.exec("mh", "ip", "rule", "show").stdout,
+        "mh_table": lab.exec("mh", "ip", "route", "show", "table", "all").stdout,
+        "mh_rp_if0": lab.exec("mh", "cat", "/proc/sys/net/ipv4/conf/if0/rp_filter").stdout,
+        "an_links": lab.exec("an", "ip", "-o", "link", "show").stdout,
+        "an_tables": lab.exec("an", "nft", "list", "tables").stdout,
+        "an_routes": lab.exec("an", "ip", "route", "show", "table", "all").stdout,
+        "an_forward": lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout,
+    }
+
+
+def test_daemons_remove_everything_they_installed(lab: Lab) -> None:
+    pristine = _installed(lab)
+    anchor, client = start_overlay(lab)
+    running = _installed(lab)
+    assert "upmt0" in running["mh_links"] and "upmt-an" in running["an_links"]
+    assert "lookup 7570" in running["mh_rules"]
+    assert "suppress_prefixlength 0" in running["mh_rules"]
+    assert "table ip upmt" in running["an_tables"]
+    assert running["mh_rp_if0"].strip() == "2"
+    assert client.stop() == 0
+    assert anchor.stop() == 0
+    assert _installed(lab) == pristine
+
+
+def test_restart_after_kill_9_cleans_up_leftovers(lab: Lab) -> None:
+    pristine = _installed(lab)
+    anchor, client = start_overlay(lab)
+    client.kill()
+    anchor.kill()
+    left = _installed(lab)
+    # The kernel removed the TUNs with their fds; rules and the nft table remain.
+    assert "lookup 7570" in left["mh_rules"] and "table ip upmt" in left["an_tables"]
+    anchor, client = start_overlay(lab)
+    again = _installed(lab)
+    assert again["mh_rules"].count("lookup 7570") == 1
+    assert again["mh_rules"].count("suppress_prefixlength") == 1
+    assert again["an_tables"].count("table ip upmt") == 1
+    assert client.stop() == 0
+    assert anchor.stop() == 0
+    after = _installed(lab)
+    # rp_filter was loosened by the killed run and is put back from its record.
+    assert after == pristine
