@@ -18,35 +18,82 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--listen", default="0.0.0.0", show_default=True,
-              help="Address for the SIP and tunnel sockets.")
+@click.option(
+    "--listen", default="0.0.0.0", show_default=True, help="Address for the SIP and tunnel sockets."
+)
 @click.option("--sip-port", type=click.IntRange(1, 65535), default=5060, show_default=True)
 @click.option("--tunnel-port", type=click.IntRange(1, 65535), default=1800, show_default=True)
-@click.option("--pool", default="100.64.0.0/10", show_default=True,
-              help="VIPA pool; the anchor keeps its first address.")
-@click.option("--state", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_STATE,
-              show_default=True, help="SQLite file keeping the VIPA leases.")
-@click.option("--control", type=click.Path(dir_okay=False, path_type=Path),
-              default=DEFAULT_CONTROL, show_default=True, help="Control socket.")
+@click.option(
+    "--pool",
+    default="100.64.0.0/10",
+    show_default=True,
+    help="VIPA pool; the anchor keeps its first address.",
+)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="SQLite file keeping the VIPA leases.",
+)
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONTROL,
+    show_default=True,
+    help="Control socket.",
+)
 @click.option("--tun-name", default="upmt-an", show_default=True)
-@click.option("--expires", type=click.IntRange(30, 86400), default=600, show_default=True,
-              help="Registration lifetime granted when the client asks for none (s).")
-@click.option("--flow-idle-timeout", type=click.FloatRange(1, None), default=300.0,
-              show_default=True, help="Forget a flow silent this long (s).")
-@click.option("--tunnel-idle-timeout", type=click.FloatRange(5, None), default=180.0,
-              show_default=True, help="Forget a tunnel silent this long (s).")
+@click.option(
+    "--expires",
+    type=click.IntRange(30, 86400),
+    default=600,
+    show_default=True,
+    help="Registration lifetime granted when the client asks for none (s).",
+)
+@click.option(
+    "--flow-idle-timeout",
+    type=click.FloatRange(1, None),
+    default=300.0,
+    show_default=True,
+    help="Forget a flow silent this long (s).",
+)
+@click.option(
+    "--tunnel-idle-timeout",
+    type=click.FloatRange(5, None),
+    default=180.0,
+    show_default=True,
+    help="Forget a tunnel silent this long (s).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def run(listen: str, sip_port: int, tunnel_port: int, pool: str, state: Path, control: Path,
-        tun_name: str, expires: int, flow_idle_timeout: float, tunnel_idle_timeout: float,
-        log_level: str) -> None:
+def run(
+    listen: str,
+    sip_port: int,
+    tunnel_port: int,
+    pool: str,
+    state: Path,
+    control: Path,
+    tun_name: str,
+    expires: int,
+    flow_idle_timeout: float,
+    tunnel_idle_timeout: float,
+    log_level: str,
+) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
     from anchor_node.config import AnchorConfig
     from anchor_node.daemon import run_anchor
 
     config = AnchorConfig.build(
-        listen=listen, sip_port=sip_port, tunnel_port=tunnel_port, pool=pool, state=state,
-        control=control, tun_name=tun_name, expires=expires,
-        flow_idle_timeout=flow_idle_timeout, tunnel_idle_timeout=tunnel_idle_timeout,
+        listen=listen,
+        sip_port=sip_port,
+        tunnel_port=tunnel_port,
+        pool=pool,
+        state=state,
+        control=control,
+        tun_name=tun_name,
+        expires=expires,
+        flow_idle_timeout=flow_idle_timeout,
+        tunnel_idle_timeout=tunnel_idle_timeout,
     )
     setup_logging(log_level)
     run_anchor(config)
@@ -54,8 +101,12 @@ def run(listen: str, sip_port: int, tunnel_port: int, pool: str, state: Path, co
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--control", type=click.Path(dir_okay=False, path_type=Path),
-              default=DEFAULT_CONTROL, show_default=True)
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONTROL,
+    show_default=True,
+)
 def status(as_json: bool, control: Path) -> None:
     """Terminals, tunnels, flows and drop counters of a running anchor node."""
     answer = query(control, {"cmd": "status"})
@@ -67,15 +118,23 @@ def status(as_json: bool, control: Path) -> None:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    out = [f"anchor {st['listen']}  sip :{st['sip_port']}  tunnels :{st['tunnel_port']}  "
-           f"pool {st['pool']}  uptime {st['uptime_s']:.0f} s"]
+    out = [
+        f"anchor {st['listen']}  sip :{st['sip_port']}  tunnels :{st['tunnel_port']}  "
+        f"pool {st['pool']}  uptime {st['uptime_s']:.0f} s"
+    ]
     rows = []
     for t in st["terminals"]:
         tunnels = ", ".join(f"{x['tunnel_id']} ({x['interface']})" for x in t["tunnels"]) or "-"
         rows.append([t["terminal_id"], t["vipa"], f"{t['expires_in_s']:.0f}", tunnels])
     out += ["", "terminals:", table(rows, ["TERMINAL", "VIPA", "EXPIRES", "TUNNELS"])]
-    out += ["", "flows:", table(flow_rows(st["flows"], "tunnel_id"),
-                                ["PROTO", "VIPA:PORT", "DST:PORT", "TUNNEL", "BYTES", "APP"])]
+    out += [
+        "",
+        "flows:",
+        table(
+            flow_rows(st["flows"], "tunnel_id"),
+            ["PROTO", "VIPA:PORT", "DST:PORT", "TUNNEL", "BYTES", "APP"],
+        ),
+    ]
     counters = "  ".join(f"{k}={v}" for k, v in sorted(st["counters"].items()) if v)
     out += ["", "counters: " + (counters or "all zero")]
     return "\n".join(out)

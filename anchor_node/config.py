@@ -25,9 +25,20 @@ class AnchorConfig:
     max_tunnels_per_terminal: int = 8
 
     @classmethod
-    def build(cls, *, listen: str, sip_port: int, tunnel_port: int, pool: str, state: Path,
-              control: Path, tun_name: str, expires: int, flow_idle_timeout: float,
-              tunnel_idle_timeout: float) -> "AnchorConfig":
+    def build(
+        cls,
+        *,
+        listen: str,
+        sip_port: int,
+        tunnel_port: int,
+        pool: str,
+        state: Path,
+        control: Path,
+        tun_name: str,
+        expires: int,
+        flow_idle_timeout: float,
+        tunnel_idle_timeout: float,
+    ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
         except ValueError:
@@ -37,7 +48,14 @@ class AnchorConfig:
         if not (0 < len(tun_name) < 16) or "/" in tun_name or " " in tun_name:
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
         return cls(
-            listen=listen, sip_port=sip_port, tunnel_port=tunnel_port, pool=parse_pool(pool),
-            state=state, control=control, tun_name=tun_name, expires=expires,
-            flow_idle_timeout=flow_idle_timeout, tunnel_idle_timeout=tunnel_idle_timeout,
+            listen=listen,
+            sip_port=sip_port,
+            tunnel_port=tunnel_port,
+            pool=parse_pool(pool),
+            state=state,
+            control=control,
+            tun_name=tun_name,
+            expires=expires,
+            flow_idle_timeout=flow_idle_timeout,
+            tunnel_idle_timeout=tunnel_idle_timeout,
         )

@@ -24,7 +24,6 @@ from anchor_node.leases import LeaseStore, anchor_address
 from anchor_node.registrar import Addr, Registrar
 from nat.kernel import NatSetup
 from paft.table import Paft
-from signalling.message import serialize
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
@@ -65,21 +64,37 @@ class AnchorNode:
             leases = LeaseStore(cfg.state, cfg.pool)
             stack.callback(leases.close)
             self.registrar = Registrar(
-                leases, self.paft, default_expires=cfg.expires, min_expires=cfg.min_expires,
-                max_expires=cfg.max_expires, max_tunnels=cfg.max_tunnels_per_terminal)
+                leases,
+                self.paft,
+                default_expires=cfg.expires,
+                min_expires=cfg.min_expires,
+                max_expires=cfg.max_expires,
+                max_tunnels=cfg.max_tunnels_per_terminal,
+            )
 
-            tun = open_tun(cfg.tun_name, address=str(anchor_address(cfg.pool)),
-                           prefixlen=cfg.pool.prefixlen, mtu=TUN_MTU)
+            tun = open_tun(
+                cfg.tun_name,
+                address=str(anchor_address(cfg.pool)),
+                prefixlen=cfg.pool.prefixlen,
+                mtu=TUN_MTU,
+            )
             stack.callback(tun.close)
-            nat = NatSetup(str(cfg.pool), cfg.tun_name,
-                           record=cfg.state.with_name(cfg.state.name + ".kernel.json"))
+            nat = NatSetup(
+                str(cfg.pool),
+                cfg.tun_name,
+                record=cfg.state.with_name(cfg.state.name + ".kernel.json"),
+            )
             stack.callback(nat.remove)
             nat.install()
 
             token = trio.lowlevel.current_trio_token()
             self.datapath = AnchorDataPath(
-                tun.fd, tunnel_sock, self.paft, self.lock,
-                on_control=lambda addr, data: self._hand_over(token, addr, data))
+                tun.fd,
+                tunnel_sock,
+                self.paft,
+                self.lock,
+                on_control=lambda addr, data: self._hand_over(token, addr, data),
+            )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
             self.datapath.default_tunnel = self.registrar.default_tunnel
@@ -91,10 +106,18 @@ class AnchorNode:
             self.tunnel_sip = SipChannel(
                 "tunnel-sip",
                 lambda d, a: tunnel_sock.sendto(encode_frame(Signal(d)), a),
-                self._on_tunnel_sip)
-            log.info("anchor node up: SIP %s:%d, tunnels %s:%d, pool %s, TUN %s, state %s",
-                     cfg.listen, cfg.sip_port, cfg.listen, cfg.tunnel_port, cfg.pool,
-                     cfg.tun_name, cfg.state)
+                self._on_tunnel_sip,
+            )
+            log.info(
+                "anchor node up: SIP %s:%d, tunnels %s:%d, pool %s, TUN %s, state %s",
+                cfg.listen,
+                cfg.sip_port,
+                cfg.listen,
+                cfg.tunnel_port,
+                cfg.pool,
+                cfg.tun_name,
+                cfg.state,
+            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._sip_receiver, trio_sip)
@@ -134,10 +157,8 @@ class AnchorNode:
 
     def _hand_over(self, token: trio.lowlevel.TrioToken, addr: Addr, data: bytes) -> None:
         """Called in the data-path thread: queue the frame for the trio thread."""
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._control_frame, addr, data)
-        except trio.RunFinishedError:
-            pass
 
     def _control_frame(self, addr: Addr, data: bytes) -> None:
         if data[0] == FrameType.SIGNAL and len(data) > 1:
@@ -160,8 +181,9 @@ class AnchorNode:
                 raise SetupError(f"data path failed: {self.datapath.crashed!r}")
             now = time.monotonic()
             with self.lock:
-                self.registrar.expire(trio.current_time(), self._last_heard_trio(now),
-                                      self.config.tunnel_idle_timeout)
+                self.registrar.expire(
+                    trio.current_time(), self._last_heard_trio(now), self.config.tunnel_idle_timeout
+                )
                 self.paft.expire(now, self.config.flow_idle_timeout)
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
@@ -184,8 +206,7 @@ class AnchorNode:
         stats = self.sip.layer.statistics()
         counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
         counters.update(self.sip_counters)
-        counters.update({f"registrar_{k}": v
-                         for k, v in vars_of(self.registrar.counters).items()})
+        counters.update({f"registrar_{k}": v for k, v in vars_of(self.registrar.counters).items()})
         return {
             "ok": True,
             "listen": self.config.listen,

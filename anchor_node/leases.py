@@ -62,8 +62,9 @@ class LeaseStore:
             return None
         return str(ipaddress.IPv4Address(row[0]))
 
-    def acquire(self, terminal_id: str, now: float,
-                in_use: Callable[[str], bool] = lambda _tid: False) -> str:
+    def acquire(
+        self, terminal_id: str, now: float, in_use: Callable[[str], bool] = lambda _tid: False
+    ) -> str:
         """The terminal's VIPA, allocating one on first association."""
         current = self.lookup(terminal_id)
         if current is not None:
@@ -111,8 +112,11 @@ class LeaseStore:
         return self._first if row is None else None
 
     def _reclaim(self, in_use: Callable[[str], bool]) -> int:
+        # Only leases inside the pool: a stale one from an older pool has an
+        # address this pool cannot hand out.
         for tid, vipa in self._db.execute(
-            "SELECT terminal_id, vipa FROM leases ORDER BY last_seen"
+            "SELECT terminal_id, vipa FROM leases WHERE vipa BETWEEN ? AND ? ORDER BY last_seen",
+            (self._first, self._last),
         ).fetchall():
             if not in_use(tid):
                 self._db.execute("DELETE FROM leases WHERE terminal_id = ?", (tid,))

@@ -78,9 +78,16 @@ class RegistrarCounters:
 
 
 class Registrar:
-    def __init__(self, leases: LeaseStore, paft: Paft[Addr], *, default_expires: int = 600,
-                 min_expires: int = 30, max_expires: int = 86400,
-                 max_tunnels: int = 8) -> None:
+    def __init__(
+        self,
+        leases: LeaseStore,
+        paft: Paft[Addr],
+        *,
+        default_expires: int = 600,
+        min_expires: int = 30,
+        max_expires: int = 86400,
+        max_tunnels: int = 8,
+    ) -> None:
         self.leases = leases
         self.paft = paft
         self.default_expires = default_expires
@@ -108,8 +115,13 @@ class Registrar:
             vipa = self.leases.lookup(info.terminal_id) or "0.0.0.0"
             return build_register_ok(request, vipa=vipa, expires=0, to_tag=new_tag())
         if expires < self.min_expires:
-            response = build_response(request, 423, "Interval Too Brief", to_tag=new_tag(),
-                                      headers=[("Min-Expires", str(self.min_expires))])
+            response = build_response(
+                request,
+                423,
+                "Interval Too Brief",
+                to_tag=new_tag(),
+                headers=[("Min-Expires", str(self.min_expires))],
+            )
             self.counters.rejected += 1
             return response
         expires = min(expires, self.max_expires)
@@ -121,12 +133,17 @@ class Registrar:
         if terminal is None or terminal.vipa != vipa:
             if terminal is not None:
                 self._unregister(info.terminal_id)
-            terminal = Terminal(info.terminal_id, vipa, socket.inet_aton(vipa), now + expires,
-                                source)
+            terminal = Terminal(
+                info.terminal_id, vipa, socket.inet_aton(vipa), now + expires, source
+            )
             self.terminals[info.terminal_id] = terminal
             self.by_vipa[terminal.vipa_packed] = terminal
-            log.info("terminal %s associated from %s: VIPA %s", info.terminal_id,
-                     format_hostport(source), vipa)
+            log.info(
+                "terminal %s associated from %s: VIPA %s",
+                info.terminal_id,
+                format_hostport(source),
+                vipa,
+            )
         terminal.expires_at = now + expires
         terminal.registered_from = source
         self.counters.registers += 1
@@ -172,8 +189,9 @@ class Registrar:
             return build_response(request, 200, to_tag=new_tag())
         return self._reject(request, 405, f"{request.method} not allowed")
 
-    def _tunnel_setup(self, request: Request, body: TunnelSetupRequest, tunnel: Addr,
-                      now: float) -> Response:
+    def _tunnel_setup(
+        self, request: Request, body: TunnelSetupRequest, tunnel: Addr, now: float
+    ) -> Response:
         terminal = self.terminals.get(body.terminal_id)
         if terminal is None or terminal.expires_at <= now:
             return self._reject(request, 403, "terminal not associated")
@@ -187,16 +205,21 @@ class Registrar:
             if len(terminal.tunnels) >= self.max_tunnels:
                 self._expire_oldest_tunnel(terminal)
             terminal.tunnels[tunnel] = TunnelRecord(tunnel, body.interface, now)
-            log.info("tunnel %s up for %s (%s)", format_hostport(tunnel), terminal.terminal_id,
-                     body.interface)
+            log.info(
+                "tunnel %s up for %s (%s)",
+                format_hostport(tunnel),
+                terminal.terminal_id,
+                body.interface,
+            )
         else:
             terminal.tunnels[tunnel].interface = body.interface
         self._tunnel_owner[tunnel] = terminal
         self.tunnel_vipa[tunnel] = terminal.vipa_packed
         self.default_tunnel.setdefault(terminal.vipa_packed, tunnel)
         self.counters.tunnel_setups += 1
-        answer = TunnelSetupResponse(tunnel_id=format_hostport(tunnel),
-                                     observed=format_hostport(tunnel))
+        answer = TunnelSetupResponse(
+            tunnel_id=format_hostport(tunnel), observed=format_hostport(tunnel)
+        )
         return self._json_ok(request, encode_body(answer))
 
     def _handover(self, request: Request, body: HandoverRequest, tunnel: Addr) -> Response:
@@ -251,7 +274,10 @@ class Registrar:
             dst_prefix = dst_net.prefixlen
         return FlowSelector(
             proto=None if match.proto is None else proto_number(match.proto),
-            src=terminal.vipa_packed, sport=match.sport, dst=dst, dst_prefix=dst_prefix,
+            src=terminal.vipa_packed,
+            sport=match.sport,
+            dst=dst,
+            dst_prefix=dst_prefix,
             dport=match.dport,
         )
 
@@ -267,8 +293,12 @@ class Registrar:
                 heard = last_heard.get(addr, record.created)
                 if now - max(heard, record.created) > tunnel_idle:
                     self.counters.expired_tunnels += 1
-                    log.info("tunnel %s of %s silent for %.0f s: removed", record.tunnel_id,
-                             terminal.terminal_id, now - heard)
+                    log.info(
+                        "tunnel %s of %s silent for %.0f s: removed",
+                        record.tunnel_id,
+                        terminal.terminal_id,
+                        now - heard,
+                    )
                     self._drop_tunnel(terminal, addr)
 
     def _expire_oldest_tunnel(self, terminal: Terminal) -> None:
@@ -304,9 +334,12 @@ class Registrar:
                 "expires_in_s": max(0.0, t.expires_at - now),
                 "registered_from": format_hostport(t.registered_from),
                 "tunnels": [
-                    {"tunnel_id": r.tunnel_id, "address": format_hostport(r.address),
-                     "interface": r.interface,
-                     "default": self.default_tunnel.get(t.vipa_packed) == r.address}
+                    {
+                        "tunnel_id": r.tunnel_id,
+                        "address": format_hostport(r.address),
+                        "interface": r.interface,
+                        "default": self.default_tunnel.get(t.vipa_packed) == r.address,
+                    }
                     for r in t.tunnels.values()
                 ],
             }

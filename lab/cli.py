@@ -5,6 +5,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -23,8 +24,13 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--size-mb", type=click.IntRange(1, 1024), default=16, show_default=True,
-              help="Size of the file downloaded over HTTP.")
+@click.option(
+    "--size-mb",
+    type=click.IntRange(1, 1024),
+    default=16,
+    show_default=True,
+    help="Size of the file downloaded over HTTP.",
+)
 @click.option("--keep-logs", is_flag=True, help="Keep the daemons' logs after tear-down.")
 def demo(size_mb: int, keep_logs: bool) -> None:
     """Bring the lab up, use the overlay from unmodified programs, tear everything down."""
@@ -43,32 +49,59 @@ def demo(size_mb: int, keep_logs: bool) -> None:
         st = client.status()
         click.echo(f"    VIPA {st['vipa']} on {st['tun']}, anchor {st['anchor']}")
         for t in st["tunnels"]:
-            click.echo(f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
-                       f"RTT {t['rtt_ms']} ms")
+            click.echo(
+                f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
+                f"RTT {t['rtt_ms']} ms"
+            )
 
         step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
         out = workdir / "download.bin"
         started = time.monotonic()
-        lab.exec("mh", "curl", "-sS", "--fail", "-o", str(out),
-                 f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}", timeout=300)
+        lab.exec(
+            "mh",
+            "curl",
+            "-sS",
+            "--fail",
+            "-o",
+            str(out),
+            f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
+            timeout=300,
+        )
         elapsed = time.monotonic() - started
         same = _sha256(out) == _sha256(blob)
-        click.echo(f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
-                   f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
-                   f"{'byte-exact' if same else 'CONTENT DIFFERS'}")
+        click.echo(
+            f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
+            f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
+            f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
+        )
 
         step(f"UDP request from port 2000 to the CH's echo server on port {UDP_ECHO_PORT}")
-        reply = lab.exec("mh", lab.python(), "-m", "lab.apps.udp_request", CH_ADDR,
-                         str(UDP_ECHO_PORT), "hello from an unmodified app", "--sport", "2000")
+        reply = lab.exec(
+            "mh",
+            lab.python(),
+            "-m",
+            "lab.apps.udp_request",
+            CH_ADDR,
+            str(UDP_ECHO_PORT),
+            "hello from an unmodified app",
+            "--sport",
+            "2000",
+        )
         click.echo("    " + reply.stdout.strip().splitlines()[-1])
-        seen = [line for line in (workdir / "ch-udp-echo.log").read_text().splitlines()
-                if line.startswith("from ")]
-        click.echo(f"    the CH saw the request {seen[-1].split()[0]} {seen[-1].split()[1]} "
-                   f"(the anchor is {AN_ADDR}; the VIPA is {st['vipa']})")
+        seen = [
+            line
+            for line in (workdir / "ch-udp-echo.log").read_text().splitlines()
+            if line.startswith("from ")
+        ]
+        click.echo(
+            f"    the CH saw the request {seen[-1].split()[0]} {seen[-1].split()[1]} "
+            f"(the anchor is {AN_ADDR}; the VIPA is {st['vipa']})"
+        )
 
         step("the anchor's view (anchor-node status)")
-        status = lab.exec("an", lab.python(), "-m", "anchor_node", "status", "--control",
-                          str(anchor.control))
+        status = lab.exec(
+            "an", lab.python(), "-m", "anchor_node", "status", "--control", str(anchor.control)
+        )
         click.echo("\n".join("    " + line for line in status.stdout.splitlines()))
         if not same:
             raise SetupError("the download was not byte-exact")
@@ -90,8 +123,9 @@ def clean() -> None:
     from lab.netns import kill_namespace_processes, run
 
     pattern = re.compile(r"^upmt[0-9a-f]{6}-[a-z0-9]+$")
-    names = [line.split()[0] for line in run(["ip", "netns", "list"]).stdout.splitlines()
-             if line.strip()]
+    names = [
+        line.split()[0] for line in run(["ip", "netns", "list"]).stdout.splitlines() if line.strip()
+    ]
     gone = 0
     for name in names:
         if pattern.match(name):
@@ -101,7 +135,7 @@ def clean() -> None:
     click.echo(json.dumps({"removed": gone}))
 
 
-def _stepper() -> "callable[[str], None]":  # type: ignore[valid-type]
+def _stepper() -> Callable[[str], None]:
     counter = [0]
 
     def step(text: str) -> None:

@@ -4,6 +4,7 @@ Everything the lab does to the kernel goes through `ip -n NS` or
 `ip netns exec NS`, so nothing is ever created in the caller's namespace.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 from upmt.errors import SetupError
 
 
-def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60.0,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str], *, check: bool = True, timeout: float = 60.0, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command, raising SetupError with its first error line on failure."""
     try:
         proc = subprocess.run(
@@ -29,20 +31,30 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60.0,
     return proc
 
 
-def ns_run(ns: str, cmd: Sequence[str], *, check: bool = True, timeout: float = 60.0,
-           input: str | None = None) -> subprocess.CompletedProcess[str]:
+def ns_run(
+    ns: str,
+    cmd: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 60.0,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `cmd` inside namespace `ns`."""
     return run(["ip", "netns", "exec", ns, *cmd], check=check, timeout=timeout, input=input)
 
 
-def ns_popen(ns: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None
-             ) -> subprocess.Popen[bytes]:
+def ns_popen(
+    ns: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Start `cmd` in the background inside `ns`, output to `log`."""
     with open(log, "ab") as out:
         return subprocess.Popen(
             ["ip", "netns", "exec", ns, *cmd],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
 
 
@@ -81,10 +93,8 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int | Non
 
 
 def _kill(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _alive(pid: int) -> bool:

@@ -12,8 +12,9 @@ class LabTimeout(UpmtError):
     """Something the lab waited for did not happen in time."""
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               daemons: tuple[Daemon, ...] = ()) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, daemons: tuple[Daemon, ...] = ()
+) -> Any:
     """Poll `predicate` until it returns something truthy; LabTimeout with logs otherwise."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,9 +42,14 @@ def tunnels_up(client: Daemon, count: int) -> Callable[[], dict[str, Any] | None
     return check
 
 
-def start_overlay(lab: Lab, *, client_args: tuple[str, ...] = (),
-                  anchor_args: tuple[str, ...] = (), tunnels: int = 2,
-                  timeout: float = 30.0) -> tuple[Daemon, Daemon]:
+def start_overlay(
+    lab: Lab,
+    *,
+    client_args: tuple[str, ...] = (),
+    anchor_args: tuple[str, ...] = (),
+    tunnels: int = 2,
+    timeout: float = 30.0,
+) -> tuple[Daemon, Daemon]:
     """Anchor and client started, the client's tunnels up; (anchor, client)."""
     anchor = lab.start_anchor(*anchor_args)
     wait_until(anchor.status, timeout, "the anchor's control socket", (anchor,))

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from lab.netns import kill_namespace_processes, ns_exists, ns_popen, ns_run, run, stop_process
 from upmt.control import control_request
@@ -76,10 +77,10 @@ class Daemon:
     argv: list[str]
     popen: "subprocess.Popen[bytes] | None" = field(default=None, repr=False)
 
-    def status(self, timeout: float = 5.0) -> dict[str, object]:
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
         return control_request(self.control, {"cmd": "status"}, timeout=timeout)
 
-    def request(self, req: dict[str, object], timeout: float = 10.0) -> dict[str, object]:
+    def request(self, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         return control_request(self.control, req, timeout=timeout)
 
     def running(self) -> bool:
@@ -107,8 +108,14 @@ class Daemon:
 class Lab:
     """Build with `up()` (or `with Lab(...) as lab:`), always `down()`."""
 
-    def __init__(self, workdir: Path, *, prefix: str | None = None,
-                 conntrack_udp_timeout: int | None = None, extra_hosts: int = 0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        prefix: str | None = None,
+        conntrack_udp_timeout: int | None = None,
+        extra_hosts: int = 0,
+    ) -> None:
         self.workdir = workdir
         self.prefix = prefix or f"upmt{secrets.token_hex(3)}-"
         self.conntrack_udp_timeout = conntrack_udp_timeout
@@ -137,8 +144,12 @@ class Lab:
         self.up()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.down()
 
     def up(self) -> None:
@@ -175,10 +186,30 @@ class Lab:
                 self.set_conntrack_udp_timeout(nat, self.conntrack_udp_timeout)
         # Each access network gives the MH a default route, as DHCP would; the
         # metric orders them, and a socket bound to an interface uses its own.
-        self.ip(MH_ROLE, "route", "add", "default", "via", ACCESS["if0"][1], "dev", "if0",
-                "metric", "100")
-        self.ip(MH_ROLE, "route", "add", "default", "via", ACCESS["if1"][1], "dev", "if1",
-                "metric", "200")
+        self.ip(
+            MH_ROLE,
+            "route",
+            "add",
+            "default",
+            "via",
+            ACCESS["if0"][1],
+            "dev",
+            "if0",
+            "metric",
+            "100",
+        )
+        self.ip(
+            MH_ROLE,
+            "route",
+            "add",
+            "default",
+            "via",
+            ACCESS["if1"][1],
+            "dev",
+            "if1",
+            "metric",
+            "200",
+        )
         # Strict reverse-path filtering, as some distributions ship it.
         self.sysctl(MH_ROLE, "net.ipv4.conf.all.rp_filter", "1")
         self.sysctl(MH_ROLE, "net.ipv4.conf.default.rp_filter", "1")
@@ -218,8 +249,14 @@ class Lab:
     def ip(self, role: str, *args: str) -> str:
         return run(["ip", "-n", self.ns(role), *args]).stdout
 
-    def exec(self, role: str, *cmd: str, check: bool = True, timeout: float = 120.0,
-             input: str | None = None) -> "subprocess.CompletedProcess[str]":
+    def exec(
+        self,
+        role: str,
+        *cmd: str,
+        check: bool = True,
+        timeout: float = 120.0,
+        input: str | None = None,
+    ) -> "subprocess.CompletedProcess[str]":
         return ns_run(self.ns(role), cmd, check=check, timeout=timeout, input=input)
 
     def sysctl(self, role: str, key: str, value: str) -> None:
@@ -237,8 +274,9 @@ class Lab:
 
     def nat_counters(self, ifname: str) -> dict[str, int]:
         """Bytes forwarded up and down by the NAT in front of `ifname`."""
-        out = self.exec(NAT_OF[ifname], "nft", "-j", "list", "counters", "table", "inet",
-                        "labnat").stdout
+        out = self.exec(
+            NAT_OF[ifname], "nft", "-j", "list", "counters", "table", "inet", "labnat"
+        ).stdout
         result: dict[str, int] = {}
         for item in json.loads(out)["nftables"]:
             counter = item.get("counter")
@@ -247,8 +285,23 @@ class Lab:
         return result
 
     def _link(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        run(["ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth", "peer", "name", b_if,
-             "netns", self.ns(b)])
+        run(
+            [
+                "ip",
+                "-n",
+                self.ns(a),
+                "link",
+                "add",
+                a_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "netns",
+                self.ns(b),
+            ]
+        )
         self.ip(a, "link", "set", a_if, "up")
         self.ip(b, "link", "set", b_if, "up")
 
@@ -262,25 +315,54 @@ class Lab:
     def start(self, role: str, name: str, argv: list[str]) -> Daemon:
         """Start an arbitrary long-running program in `role`'s namespace."""
         log = self.workdir / f"{name}.log"
-        daemon = Daemon(name=name, ns=self.ns(role), control=self.workdir / f"{name}.sock",
-                        log=log, argv=argv)
+        daemon = Daemon(
+            name=name, ns=self.ns(role), control=self.workdir / f"{name}.sock", log=log, argv=argv
+        )
         daemon.popen = ns_popen(self.ns(role), argv, log, env=self._env())
         self.daemons.append(daemon)
         return daemon
 
     def start_anchor(self, *args: str, name: str = "anchor") -> Daemon:
         control = self.workdir / f"{name}.sock"
-        argv = [self.python(), "-m", "anchor_node", "run", "--listen", AN_ADDR,
-                "--state", str(self.workdir / f"{name}.sqlite"), "--control", str(control), *args]
+        argv = [
+            self.python(),
+            "-m",
+            "anchor_node",
+            "run",
+            "--listen",
+            AN_ADDR,
+            "--state",
+            str(self.workdir / f"{name}.sqlite"),
+            "--control",
+            str(control),
+            *args,
+        ]
         return self.start("an", name, argv)
 
-    def start_client(self, *args: str, role: str = MH_ROLE, name: str = "client",
-                     terminal_id: str = "mh1", interfaces: tuple[str, ...] = ("if0", "if1"),
-                     anchor: str = AN_ADDR) -> Daemon:
+    def start_client(
+        self,
+        *args: str,
+        role: str = MH_ROLE,
+        name: str = "client",
+        terminal_id: str = "mh1",
+        interfaces: tuple[str, ...] = ("if0", "if1"),
+        anchor: str = AN_ADDR,
+    ) -> Daemon:
         control = self.workdir / f"{name}.sock"
-        argv = [self.python(), "-m", "upmt_client", "run", "--anchor", anchor,
-                "--terminal-id", terminal_id, "--control", str(control),
-                "--run-dir", str(self.workdir / f"{name}.run")]
+        argv = [
+            self.python(),
+            "-m",
+            "upmt_client",
+            "run",
+            "--anchor",
+            anchor,
+            "--terminal-id",
+            terminal_id,
+            "--control",
+            str(control),
+            "--run-dir",
+            str(self.workdir / f"{name}.run"),
+        ]
         for ifname in interfaces:
             argv += ["--interface", ifname]
         return self.start(role, name, argv + list(args))
@@ -298,15 +380,35 @@ class Lab:
                     f.write(chunk)
                     remaining -= len(chunk)
         specs = [
-            ("http", [self.python(), "-m", "http.server", str(HTTP_PORT), "--bind", CH_ADDR,
-                      "--directory", str(www)]),
-            ("udp-echo", [self.python(), "-m", "lab.apps.udp_echo", "--bind", CH_ADDR,
-                          "--port", str(UDP_ECHO_PORT)]),
+            (
+                "http",
+                [
+                    self.python(),
+                    "-m",
+                    "http.server",
+                    str(HTTP_PORT),
+                    "--bind",
+                    CH_ADDR,
+                    "--directory",
+                    str(www),
+                ],
+            ),
+            (
+                "udp-echo",
+                [
+                    self.python(),
+                    "-m",
+                    "lab.apps.udp_echo",
+                    "--bind",
+                    CH_ADDR,
+                    "--port",
+                    str(UDP_ECHO_PORT),
+                ],
+            ),
             ("iperf3", ["iperf3", "-s", "-B", CH_ADDR, "-p", str(IPERF_PORT)]),
         ]
         for name, argv in specs:
-            proc = ns_popen(self.ns("ch"), argv, self.workdir / f"ch-{name}.log",
-                            env=self._env())
+            proc = ns_popen(self.ns("ch"), argv, self.workdir / f"ch-{name}.log", env=self._env())
             self._servers.append(proc)
         return blob
 

@@ -29,7 +29,7 @@ def _nft(args: list[str], script: str | None = None) -> str:
     except OSError as exc:
         raise SetupError(f"cannot run nft: {exc}") from None
     if proc.returncode != 0:
-        first = (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[0]
+        first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
         raise SetupError(f"nft refused the ruleset: {first}")
     return proc.stdout
 
@@ -62,7 +62,9 @@ class NatSetup:
         try:
             self.previous_forwarding = self._recorded() or IP_FORWARD.read_text().strip()
             self.record.write_text(json.dumps({"ip_forward": self.previous_forwarding}))
-            IP_FORWARD.write_text("1\n")
+            # In a container /proc/sys may be read-only, with forwarding set by the runtime.
+            if IP_FORWARD.read_text().strip() != "1":
+                IP_FORWARD.write_text("1\n")
         except OSError as exc:
             raise SetupError(f"cannot enable IPv4 forwarding: {exc.strerror}") from None
         try:
@@ -75,10 +77,8 @@ class NatSetup:
     def remove(self) -> None:
         """Delete the table and restore forwarding; safe to call twice."""
         if self.installed:
-            try:
+            with contextlib.suppress(SetupError):
                 _nft(["-f", "-"], delete_script())
-            except SetupError:
-                pass
             self.installed = False
         self._restore_forwarding()
 
@@ -91,18 +91,9 @@ class NatSetup:
 
     def _restore_forwarding(self) -> None:
         if self.previous_forwarding is not None:
-            try:
+            with contextlib.suppress(OSError):
                 IP_FORWARD.write_text(self.previous_forwarding + "\n")
-            except OSError:
-                pass
             self.previous_forwarding = None
         with contextlib.suppress(OSError):
             self.record.unlink()
 
-
-def remove_leftover_table() -> None:
-    """Delete a table a crashed run may have left (no error if there is none)."""
-    try:
-        _nft(["-f", "-"], delete_script())
-    except SetupError:
-        pass

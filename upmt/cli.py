@@ -26,9 +26,6 @@ def run_cli(group: click.Group, prog: str) -> None:
         group.main(prog_name=prog, standalone_mode=False)
     except click.exceptions.Abort:
         fail(prog, "aborted")
-    except click.exceptions.NoArgsUsage as exc:
-        click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
-        sys.exit(EXIT_USAGE)
     except click.UsageError as exc:
         hint = f" (see '{prog} --help')"
         fail(prog, exc.format_message().replace("\n", " ") + hint, EXIT_USAGE)
@@ -78,7 +75,13 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def flow_rows(flows: list[dict[str, Any]], tunnel_key: str) -> list[list[str]]:
     return [
-        [str(f["proto"]), f"{f['vipa']}:{f['sport']}", f"{f['dst']}:{f['dport']}",
-         str(f.get(tunnel_key, "")), str(f.get("bytes", 0)), str(f.get("app") or "")]
+        [
+            str(f["proto"]),
+            f"{f['vipa']}:{f['sport']}",
+            f"{f['dst']}:{f['dport']}",
+            str(f.get(tunnel_key, "")),
+            str(f.get("bytes", 0)),
+            str(f.get("app") or ""),
+        ]
         for f in flows
     ]

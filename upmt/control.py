@@ -5,6 +5,7 @@ owner can drive the daemon. `serve_control` is the trio side; the CLIs use
 the small blocking `control_request`.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -84,10 +85,8 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
                 answer = await handler(request)
             except UpmtError as exc:
                 answer = {"ok": False, "error": str(exc)}
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(_encode(answer))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
 
 def control_request(path: Path | str, request: JSON, timeout: float = 10.0) -> JSON:

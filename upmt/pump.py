@@ -7,6 +7,7 @@ behind packets. Each drain function empties its fd until `BlockingIOError`
 and unregistering fds is safe from any thread (epoll_ctl is).
 """
 
+import contextlib
 import os
 import select
 import threading
@@ -30,10 +31,8 @@ class Pump:
         self._epoll.register(fd, select.EPOLLIN)
 
     def remove(self, fd: int) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
         self._drains.pop(fd, None)
 
     def start(self) -> None:
@@ -46,18 +45,14 @@ class Pump:
     def stop(self) -> None:
         """Wake the thread, wait for it, release the epoll fd and the wake pipe."""
         self._stopping = True
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        except OSError:
-            pass
         if self._thread.is_alive():
             self._thread.join(5)
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def _run(self) -> None:
         poll = self._epoll.poll

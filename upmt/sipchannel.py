@@ -7,6 +7,7 @@ received are answered synchronously by `on_request` (the protocol cores are
 sync); requests sent are awaited with `request`.
 """
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class SipChannel:
     def __init__(
         self,
         name: str,
-        send: Callable[[bytes, Addr], None],
+        send: Callable[[bytes, Addr], object],
         on_request: Callable[[Request, Addr], Response | None] | None = None,
         *,
         layer: TransactionLayer | None = None,
@@ -93,17 +94,13 @@ class SipChannel:
             elif isinstance(event, ResponseReceived):
                 waiter = self._waiters.get(event.key)
                 if waiter is not None:
-                    try:
+                    with contextlib.suppress(trio.WouldBlock):
                         waiter.send_nowait(event.response)
-                    except trio.WouldBlock:
-                        pass
             elif isinstance(event, TransactionTimedOut):
                 waiter = self._waiters.get(event.key)
                 if waiter is not None:
-                    try:
+                    with contextlib.suppress(trio.WouldBlock):
                         waiter.send_nowait(None)
-                    except trio.WouldBlock:
-                        pass
         for data, addr in self.layer.datagrams_to_send():
             try:
                 self._send(data, addr)

@@ -26,20 +26,43 @@ class ClientConfig:
     flow_idle_timeout: float = 300.0
 
     @classmethod
-    def build(cls, *, anchor: str, sip_port: int, tunnel_port: int, terminal_id: str,
-              interfaces: tuple[str, ...], control: Path, run_dir: Path, tun_name: str,
-              probe_interval: float, dead_after: int, expires: int) -> "ClientConfig":
+    def build(
+        cls,
+        *,
+        anchor: str,
+        sip_port: int,
+        tunnel_port: int,
+        terminal_id: str,
+        interfaces: tuple[str, ...],
+        control: Path,
+        run_dir: Path,
+        tun_name: str,
+        probe_interval: float,
+        dead_after: int,
+        expires: int,
+    ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
         if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
             raise ConfigError(f"--anchor {anchor!r}: give the anchor's IPv4 address")
         if not (0 < len(terminal_id) <= 64) or set(terminal_id) - TERMINAL_ID_CHARS:
             raise ConfigError(
-                f"--terminal-id {terminal_id!r}: 1-64 characters of letters, digits, '.', '_', '-'")
+                f"--terminal-id {terminal_id!r}: 1-64 characters of letters, digits, '.', '_', '-'"
+            )
         if not (0 < len(tun_name) < 16) or "/" in tun_name:
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
         if len(set(interfaces)) != len(interfaces):
             raise ConfigError("--interface given twice for the same interface")
-        return cls(anchor=host, sip_port=port, tunnel_port=tunnel_port, terminal_id=terminal_id,
-                   interfaces=interfaces, control=control, run_dir=run_dir, tun_name=tun_name,
-                   probe_interval=probe_interval, dead_after=dead_after, expires=expires)
+        return cls(
+            anchor=host,
+            sip_port=port,
+            tunnel_port=tunnel_port,
+            terminal_id=terminal_id,
+            interfaces=interfaces,
+            control=control,
+            run_dir=run_dir,
+            tun_name=tun_name,
+            probe_interval=probe_interval,
+            dead_after=dead_after,
+            expires=expires,
+        )

@@ -147,12 +147,21 @@ class ClientDaemon:
                 routing.install(self.tun.ifindex, vipa, names)
                 token = trio.lowlevel.current_trio_token()
                 self.datapath = ClientDataPath(
-                    self.tun.fd, self.paft, self.lock, self._choose_tunnel,
-                    lambda ifname, data: self._hand_over(token, ifname, data))
+                    self.tun.fd,
+                    self.paft,
+                    self.lock,
+                    self._choose_tunnel,
+                    lambda ifname, data: self._hand_over(token, ifname, data),
+                )
                 stack.callback(self.datapath.stop)
                 self.datapath.start()
-                log.info("VIPA %s on %s (MTU %d), anchor %s", vipa, cfg.tun_name, mtu,
-                         format_hostport(self.anchor_sip))
+                log.info(
+                    "VIPA %s on %s (MTU %d), anchor %s",
+                    vipa,
+                    cfg.tun_name,
+                    mtu,
+                    format_hostport(self.anchor_sip),
+                )
                 for access in accesses:
                     nursery.start_soon(self._tunnel_task, access)
                 nursery.start_soon(self._refresh_task)
@@ -191,7 +200,8 @@ class ClientDaemon:
                     continue
                 if response.code != 200:
                     raise AnchorRefused(
-                        f"anchor refused association: {response.code} {response.phrase}")
+                        f"anchor refused association: {response.code} {response.phrase}"
+                    )
                 try:
                     vipa, expires = parse_register_ok_untrusted(response)
                 except MalformedError as exc:
@@ -202,10 +212,17 @@ class ClientDaemon:
                 reg.vipa = vipa
                 reg.expires = max(expires, 1)
                 reg.registered_at = trio.current_time()
-                log.info("registered as %s via %s: VIPA %s, expires %d s",
-                         self.config.terminal_id, access.name, vipa, expires)
+                log.info(
+                    "registered as %s via %s: VIPA %s, expires %d s",
+                    self.config.terminal_id,
+                    access.name,
+                    vipa,
+                    expires,
+                )
                 return vipa
-            message = f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({last_error})"
+            message = (
+                f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({last_error})"
+            )
             if initial:
                 raise SetupError(message)
             raise TransactionFailed(message)
@@ -216,11 +233,18 @@ class ClientDaemon:
         try:
             reg.cseq += 1
             request = build_register(
-                an_host=self.config.anchor, an_port=self.config.sip_port,
-                terminal_id=self.config.terminal_id, local_host=access.address,
-                local_port=sock.getsockname()[1], call_id=reg.call_id, cseq=reg.cseq,
-                from_tag=reg.from_tag, branch=new_branch(), expires=self.config.expires,
-                vipa=reg.vipa)
+                an_host=self.config.anchor,
+                an_port=self.config.sip_port,
+                terminal_id=self.config.terminal_id,
+                local_host=access.address,
+                local_port=sock.getsockname()[1],
+                call_id=reg.call_id,
+                cseq=reg.cseq,
+                from_tag=reg.from_tag,
+                branch=new_branch(),
+                expires=self.config.expires,
+                vipa=reg.vipa,
+            )
             channel = SipChannel(f"register-{access.name}", lambda d, a: sock.sendto(d, a))
             tsock = trio.socket.from_stdlib_socket(sock)
             async with trio.open_nursery() as nursery:
@@ -231,7 +255,8 @@ class ClientDaemon:
                         return await channel.request(request, self.anchor_sip)
                 except trio.TooSlowError:
                     raise TransactionFailed(
-                        f"no answer within {self.config.register_timeout:g} s") from None
+                        f"no answer within {self.config.register_timeout:g} s"
+                    ) from None
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
@@ -274,8 +299,7 @@ class ClientDaemon:
         with IPRoute() as ipr:
             ipr.addr("replace", index=self.tun.ifindex, address=new, prefixlen=32)
             ipr.addr("del", index=self.tun.ifindex, address=old, prefixlen=32)
-            ipr.route("replace", dst="0.0.0.0/0", oif=self.tun.ifindex, prefsrc=new,
-                      table=TABLE)
+            ipr.route("replace", dst="0.0.0.0/0", oif=self.tun.ifindex, prefsrc=new, table=TABLE)
         with self.lock:
             self.paft.entries.clear()
 
@@ -288,8 +312,9 @@ class ClientDaemon:
             log.error("no tunnel on %s: %s", access.name, exc)
             return
         number = len(self.tunnels) + 1
-        channel = SipChannel(f"tunnel-{access.name}",
-                             lambda d, _a: sock.send(encode_frame(Signal(d))))
+        channel = SipChannel(
+            f"tunnel-{access.name}", lambda d, _a: sock.send(encode_frame(Signal(d)))
+        )
         tunnel = ClientTunnel(access, sock, channel, number)
         self.tunnels[access.name] = tunnel
         assert self.datapath is not None
@@ -309,8 +334,11 @@ class ClientDaemon:
     async def _setup(self, tunnel: ClientTunnel) -> bool:
         reg = self.registration
         assert reg.vipa is not None
-        body = encode_body(TunnelSetupRequest(terminal_id=self.config.terminal_id,
-                                              vipa=reg.vipa, interface=tunnel.name))
+        body = encode_body(
+            TunnelSetupRequest(
+                terminal_id=self.config.terminal_id, vipa=reg.vipa, interface=tunnel.name
+            )
+        )
         request = self._message(tunnel, body)
         try:
             with trio.fail_after(SETUP_TIMEOUT):
@@ -319,14 +347,14 @@ class ClientDaemon:
             log.info("tunnel on %s: no answer to set-up", tunnel.name)
             return False
         if response.code == 403:
-            log.warning("tunnel on %s refused (%s): registering again", tunnel.name,
-                        response.phrase)
+            log.warning(
+                "tunnel on %s refused (%s): registering again", tunnel.name, response.phrase
+            )
             with contextlib.suppress(TransactionFailed):
                 await self._associate(self._preferred_accesses())
             return False
         if response.code != 200:
-            log.warning("tunnel on %s refused: %d %s", tunnel.name, response.code,
-                        response.phrase)
+            log.warning("tunnel on %s refused: %d %s", tunnel.name, response.code, response.phrase)
             return False
         try:
             answer = decode_body_untrusted(response.body)
@@ -338,12 +366,14 @@ class ClientDaemon:
         tunnel.tunnel_id = answer.tunnel_id
         tunnel.observed = answer.observed
         tunnel.setups += 1
-        tunnel.scheduler = ProbeScheduler(tunnel.number, interval=self.config.probe_interval,
-                                          dead_after=self.config.dead_after)
+        tunnel.scheduler = ProbeScheduler(
+            tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
+        )
         tunnel.phase = TunnelPhase.UP
         self._update_active()
-        log.info("tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name,
-                 answer.observed)
+        log.info(
+            "tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name, answer.observed
+        )
         return True
 
     def _message(self, tunnel: ClientTunnel, body: bytes) -> Any:
@@ -352,9 +382,19 @@ class ClientDaemon:
         aor = f"sip:{self.config.terminal_id}@{self.config.anchor}"
         reg.cseq += 1
         return build_request(
-            "MESSAGE", f"sip:{self.config.anchor}", via_host=local[0], via_port=local[1],
-            branch=new_branch(), from_uri=aor, from_tag=new_tag(), to_uri=aor,
-            call_id=new_call_id(), cseq=reg.cseq, body=body, content_type=JSON_TYPE)
+            "MESSAGE",
+            f"sip:{self.config.anchor}",
+            via_host=local[0],
+            via_port=local[1],
+            branch=new_branch(),
+            from_uri=aor,
+            from_tag=new_tag(),
+            to_uri=aor,
+            call_id=new_call_id(),
+            cseq=reg.cseq,
+            body=body,
+            content_type=JSON_TYPE,
+        )
 
     async def _probe_until_dead(self, tunnel: ClientTunnel) -> None:
         scheduler = tunnel.scheduler
@@ -375,32 +415,43 @@ class ClientDaemon:
             return
         target = self.active[0]
         with self.lock:
-            moved = self.paft.move(FlowSelector(), target,
-                                   only=lambda _k, e: e.tunnel == tunnel.name and e.movable)
+            moved = self.paft.move(
+                FlowSelector(), target, only=lambda _k, e: e.tunnel == tunnel.name and e.movable
+            )
         if moved:
             self.failovers += 1
-            log.info("moved %d flows from %s to %s (%s)", len(moved), tunnel.name, target,
-                     reason)
+            log.info("moved %d flows from %s to %s (%s)", len(moved), tunnel.name, target, reason)
             trio.lowlevel.spawn_system_task(self._announce, self.tunnels[target], moved)
 
     async def _announce(self, tunnel: ClientTunnel, flows: list[FiveTuple]) -> None:
         """Tell the anchor, on the new tunnel, which flows now travel on it."""
         moves = tuple(
-            FlowMove(match=StructuredMatch(proto=proto_name(k.proto), src=None, sport=k.sport,
-                                           dst=_text(k.dst), dport=k.dport), tunnel_id=None)
-            for k in flows)
+            FlowMove(
+                match=StructuredMatch(
+                    proto=proto_name(k.proto),
+                    src=None,
+                    sport=k.sport,
+                    dst=_text(k.dst),
+                    dport=k.dport,
+                ),
+                tunnel_id=None,
+            )
+            for k in flows
+        )
         request = self._message(tunnel, encode_body(HandoverRequest(flows=moves)))
         try:
             with trio.fail_after(SETUP_TIMEOUT):
                 response = await tunnel.sip.request(request, self.anchor_tunnel)
-            log.info("anchor moved flows to %s: %d %s", tunnel.name, response.code,
-                     response.phrase)
+            log.info("anchor moved flows to %s: %d %s", tunnel.name, response.code, response.phrase)
         except (trio.TooSlowError, TransactionFailed):
             log.warning("no answer to HandoverRequest on %s", tunnel.name)
 
     def _update_active(self) -> None:
-        self.active = [n for n in self.interface_order
-                       if n in self.tunnels and self.tunnels[n].phase is TunnelPhase.UP]
+        self.active = [
+            n
+            for n in self.interface_order
+            if n in self.tunnels and self.tunnels[n].phase is TunnelPhase.UP
+        ]
 
     def _choose_tunnel(self, key: FiveTuple) -> str | None:
         """Called by the data path for a new flow: the first live tunnel."""
@@ -409,10 +460,8 @@ class ClientDaemon:
 
     # -- frames from the data path -----------------------------------------------
     def _hand_over(self, token: trio.lowlevel.TrioToken, ifname: str, data: bytes) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(self._control_frame, ifname, data)
-        except trio.RunFinishedError:
-            pass
 
     def _control_frame(self, ifname: str, data: bytes) -> None:
         tunnel = self.tunnels.get(ifname)
@@ -455,30 +504,40 @@ class ClientDaemon:
                 continue
             sched = t.scheduler
             rtt = sched.rtt if sched is not None else None
-            tunnels.append({
-                "tunnel_id": t.tunnel_id,
-                "interface": name,
-                "state": t.phase.value,
-                "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
-                "observed": t.observed,
-                "local": format_hostport(t.sock.getsockname()),
-                "probes_sent": sched.statistics().probes_sent if sched else 0,
-                "acks_received": sched.statistics().acks_received if sched else 0,
-                "misses": sched.consecutive_misses if sched else 0,
-            })
+            tunnels.append(
+                {
+                    "tunnel_id": t.tunnel_id,
+                    "interface": name,
+                    "state": t.phase.value,
+                    "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+                    "observed": t.observed,
+                    "local": format_hostport(t.sock.getsockname()),
+                    "probes_sent": sched.statistics().probes_sent if sched else 0,
+                    "acks_received": sched.statistics().acks_received if sched else 0,
+                    "misses": sched.consecutive_misses if sched else 0,
+                }
+            )
         tid_of = {t.name: t.tunnel_id for t in self.tunnels.values()}
         with self.lock:
             pairs = list(self.paft)
         flows = []
         for key, entry in pairs:
             flow = key.to_json()
-            flows.append({
-                "proto": flow["proto"], "vipa": flow["src"], "sport": flow["sport"],
-                "dst": flow["dst"], "dport": flow["dport"],
-                "tunnel_id": tid_of.get(entry.tunnel), "interface": entry.tunnel,
-                "app": entry.app, "bytes": entry.bytes_up + entry.bytes_down,
-                "bytes_up": entry.bytes_up, "bytes_down": entry.bytes_down,
-            })
+            flows.append(
+                {
+                    "proto": flow["proto"],
+                    "vipa": flow["src"],
+                    "sport": flow["sport"],
+                    "dst": flow["dst"],
+                    "dport": flow["dport"],
+                    "tunnel_id": tid_of.get(entry.tunnel),
+                    "interface": entry.tunnel,
+                    "app": entry.app,
+                    "bytes": entry.bytes_up + entry.bytes_down,
+                    "bytes_up": entry.bytes_up,
+                    "bytes_down": entry.bytes_down,
+                }
+            )
         counters: dict[str, int] = {}
         if self.datapath is not None:
             counters.update(self.datapath.counters.snapshot())

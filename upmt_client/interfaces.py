@@ -70,7 +70,12 @@ def usable(names: list[str]) -> list[Access]:
             addrs = ipr.get_addr(index=found[0], family=socket.AF_INET)
             if not addrs:
                 continue
-            result.append(Access(name=name, index=found[0],
-                                 address=_attr(addrs[0], "IFA_ADDRESS"),
-                                 mtu=int(_attr(link, "IFLA_MTU"))))
+            result.append(
+                Access(
+                    name=name,
+                    index=found[0],
+                    address=_attr(addrs[0], "IFA_ADDRESS"),
+                    mtu=int(_attr(link, "IFLA_MTU")),
+                )
+            )
     return result

@@ -13,6 +13,7 @@ What was changed is written to a state file first, so that a start after
 `kill -9` can undo it before installing anew.
 """
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -65,11 +66,16 @@ class PolicyRouting:
         self._record()
         try:
             with IPRoute() as ipr:
-                ipr.route("replace", dst="0.0.0.0/0", oif=tun_index, prefsrc=vipa,
-                          table=self.table)
+                ipr.route("replace", dst="0.0.0.0/0", oif=tun_index, prefsrc=vipa, table=self.table)
                 ipr.rule("add", table=254, priority=PRIO_SUPPRESS, suppress_prefixlen=0)
-                ipr.rule("add", table=self.table, priority=PRIO_TUNNEL, fwmark=self.mark,
-                         fwmask=0xFFFFFFFF, flags=FIB_RULE_INVERT)
+                ipr.rule(
+                    "add",
+                    table=self.table,
+                    priority=PRIO_TUNNEL,
+                    fwmark=self.mark,
+                    fwmask=0xFFFFFFFF,
+                    flags=FIB_RULE_INVERT,
+                )
         except Exception as exc:
             raise SetupError(f"cannot install policy routing: {exc}") from None
         self.installed = True
@@ -106,10 +112,8 @@ class PolicyRouting:
                         found = True
                     except Exception as exc:
                         log.warning("cannot delete rule %s: %s", prio, exc)
-            try:
+            with contextlib.suppress(Exception):
                 ipr.flush_routes(table=self.table)
-            except Exception:
-                pass
         return found
 
     def _restore_rp_filter(self) -> None:
@@ -125,7 +129,5 @@ class PolicyRouting:
         self.state_file.write_text(json.dumps({"rp_filter": self.rp_saved}))
 
     def _forget(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
-        except FileNotFoundError:
-            pass

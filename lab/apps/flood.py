@@ -17,7 +17,7 @@ SEEDS = [
     b"Content-Length: 0\r\n\r\n",
     b"\x01MESSAGE sip:a SIP/2.0\r\nVia: SIP/2.0/UDP h:1;branch=z9hG4bKy\r\nFrom: <sip:x@a>;tag=1"
     b"\r\nTo: <sip:x@a>\r\nCall-ID: c2\r\nCSeq: 1 MESSAGE\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 30\r\n\r\n{\"mType\": \"HandoverRequest\"}",
+    b'Content-Length: 30\r\n\r\n{"mType": "HandoverRequest"}',
     b"\x02" + bytes(18),
     b"\x03" + bytes(25),
     b"\x45\x00\x00\x1c" + bytes(24),
@@ -37,7 +37,7 @@ def datagram(rng: random.Random) -> bytes:
         elif op < 0.7:
             data[pos:pos] = rng.randbytes(rng.randint(1, 16))
         else:
-            del data[pos:pos + rng.randint(1, 16)]
+            del data[pos : pos + rng.randint(1, 16)]
     return bytes(data)
 
 

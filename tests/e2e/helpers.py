@@ -18,19 +18,48 @@ def sha256(path: Path) -> str:
 def download(lab: Lab, blob: Path, role: str = "mh", *extra: str) -> Path:
     """curl the CH's file from `role`; returns where it was written."""
     out = lab.workdir / f"download-{role}.bin"
-    lab.exec(role, "curl", "-sS", "--fail", "-o", str(out), *extra,
-             f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}", timeout=300)
+    lab.exec(
+        role,
+        "curl",
+        "-sS",
+        "--fail",
+        "-o",
+        str(out),
+        *extra,
+        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
+        timeout=300,
+    )
     return out
 
 
-def udp_request(lab: Lab, message: str, *, role: str = "mh", sport: int = 2000,
-                expect: int = 1, timeout: float = 5.0) -> list[str]:
+def udp_request(
+    lab: Lab,
+    message: str,
+    *,
+    role: str = "mh",
+    sport: int = 2000,
+    expect: int = 1,
+    timeout: float = 5.0,
+) -> list[str]:
     """Replies (text) to one datagram sent by an unmodified program on `role`."""
-    proc = lab.exec(role, lab.python(), "-m", "lab.apps.udp_request", CH_ADDR,
-                    str(UDP_ECHO_PORT), message, "--sport", str(sport), "--expect",
-                    str(expect), "--timeout", str(timeout), check=False,
-                    timeout=timeout * expect + 30)
-    return [line[len("reply "):] for line in proc.stdout.splitlines() if line.startswith("reply ")]
+    proc = lab.exec(
+        role,
+        lab.python(),
+        "-m",
+        "lab.apps.udp_request",
+        CH_ADDR,
+        str(UDP_ECHO_PORT),
+        message,
+        "--sport",
+        str(sport),
+        "--expect",
+        str(expect),
+        "--timeout",
+        str(timeout),
+        check=False,
+        timeout=timeout * expect + 30,
+    )
+    return [line[len("reply ") :] for line in proc.stdout.splitlines() if line.startswith("reply ")]
 
 
 def ch_seen_sources(lab: Lab) -> list[str]:
@@ -40,9 +69,10 @@ def ch_seen_sources(lab: Lab) -> list[str]:
 
 
 def flow(status: dict[str, Any], proto: str, sport: int, dport: int) -> dict[str, Any] | None:
-    for f in status["flows"]:
-        if f["proto"] == proto and f["sport"] == sport and f["dport"] == dport:
-            return f
+    found: dict[str, Any]
+    for found in status["flows"]:
+        if found["proto"] == proto and found["sport"] == sport and found["dport"] == dport:
+            return found
     return None
 
 

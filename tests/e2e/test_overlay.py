@@ -67,17 +67,17 @@ def test_without_keepalive_the_nat_pinhole_closes(lab: Lab) -> None:
 
 
 @pytest.mark.lab(extra_hosts=1)
-def test_vipas_are_distinct_and_sticky_across_reregistration_and_anchor_restart(
-        lab: Lab) -> None:
+def test_vipas_are_distinct_and_sticky_across_reregistration_and_anchor_restart(lab: Lab) -> None:
     lab.start_servers(file_size=1 << 20)
     anchor, client = start_overlay(lab)
-    second = lab.start_client(role="h0", name="client2", terminal_id="mh2",
-                              interfaces=("eth0",))
+    second = lab.start_client(role="h0", name="client2", terminal_id="mh2", interfaces=("eth0",))
     wait_until(tunnels_up(second, 1), 30, "second client up", (anchor, second))
     vipa1, vipa2 = client.status()["vipa"], second.status()["vipa"]
     assert vipa1 != vipa2
     assert {t["terminal_id"]: t["vipa"] for t in anchor.status()["terminals"]} == {
-        "mh1": vipa1, "mh2": vipa2}
+        "mh1": vipa1,
+        "mh2": vipa2,
+    }
 
     # The client re-registers from scratch: same VIPA.
     assert client.stop() == 0
@@ -90,8 +90,12 @@ def test_vipas_are_distinct_and_sticky_across_reregistration_and_anchor_restart(
     assert anchor.stop() == 0
     anchor = lab.start_anchor(name="anchor")
     wait_until(anchor.status, 20, "anchor up again", (anchor,))
-    wait_until(lambda: {t["terminal_id"] for t in anchor.status()["terminals"]} >= {"mh1"},
-               40, "client re-associated", (anchor, client))
+    wait_until(
+        lambda: {t["terminal_id"] for t in anchor.status()["terminals"]} >= {"mh1"},
+        40,
+        "client re-associated",
+        (anchor, client),
+    )
     wait_until(tunnels_up(client, 2), 40, "tunnels up again", (anchor, client))
     assert client.status()["vipa"] == vipa1
     assert udp_request(lab, "after restart") == ["after restart"]

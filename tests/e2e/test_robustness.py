@@ -21,10 +21,28 @@ def test_sipp_register_gets_200_with_vipaddr(lab: Lab) -> None:
     wait_until(anchor.status, 20, "anchor up", (anchor,))
     local_ip = lab.extra_host_addr(0)[0]
     log = lab.workdir / "sipp.log"
-    proc = lab.exec("h0", "sipp", "-sf", str(SIPP_SCENARIO), "-m", "1", "-i", local_ip,
-                    "-p", "5070", "-timeout", "15", "-timeout_error", "-nostdin",
-                    "-trace_logs", "-log_file", str(log), f"{AN_ADDR}:5060",
-                    check=False, timeout=60)
+    proc = lab.exec(
+        "h0",
+        "sipp",
+        "-sf",
+        str(SIPP_SCENARIO),
+        "-m",
+        "1",
+        "-i",
+        local_ip,
+        "-p",
+        "5070",
+        "-timeout",
+        "15",
+        "-timeout_error",
+        "-nostdin",
+        "-trace_logs",
+        "-log_file",
+        str(log),
+        f"{AN_ADDR}:5060",
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "VIPA 100.64." in log.read_text()
     assert "sipp-terminal" in {t["terminal_id"] for t in anchor.status()["terminals"]}
@@ -35,11 +53,27 @@ def test_random_datagrams_are_dropped_and_counted(lab: Lab) -> None:
     lab.start_servers(file_size=1 << 20)
     anchor, _client = start_overlay(lab)
     before = anchor.status()["counters"]
-    proc = lab.exec("h0", lab.python(), "-m", "lab.apps.flood", AN_ADDR, "5060", "1800",
-                    "--count", "5000", "--sources", "64", timeout=300)
+    proc = lab.exec(
+        "h0",
+        lab.python(),
+        "-m",
+        "lab.apps.flood",
+        AN_ADDR,
+        "5060",
+        "1800",
+        "--count",
+        "5000",
+        "--sources",
+        "64",
+        timeout=300,
+    )
     assert proc.stdout.startswith("sent ")
-    wait_until(lambda: anchor.status()["counters"]["sip_malformed"] > before["sip_malformed"],
-               20, "SIP drops counted", (anchor,))
+    wait_until(
+        lambda: anchor.status()["counters"]["sip_malformed"] > before["sip_malformed"],
+        20,
+        "SIP drops counted",
+        (anchor,),
+    )
     after = anchor.status()["counters"]
     assert anchor.running()
     assert after["sip_malformed"] > 1000

@@ -146,10 +146,14 @@ BAD_CASES = {
     "bad Request-URI": _replace(b"sip:an.example SIP", b"http://an.example SIP"),
     "header without colon": _replace(b"Content-Type: application/json", b"Content-Type"),
     "bad header name": _replace(b"Content-Type:", b"Content Type:"),
-    "continuation first": _replace(b"\r\nVia: SIP/2.0/UDP 192.0.2.7", b"\r\n Via: SIP/2.0/UDP 1.2.3.4"),
+    "continuation first": _replace(
+        b"\r\nVia: SIP/2.0/UDP 192.0.2.7", b"\r\n Via: SIP/2.0/UDP 1.2.3.4"
+    ),
     "NUL in header": _replace(b"c1@192", b"c1\x00@192"),
     "bare LF in header": _replace(b"c1@192", b"c1\n@192"),
-    "bad Max-Forwards": _replace(b"CSeq: 2 MESSAGE\r\n", b"CSeq: 2 MESSAGE\r\nMax-Forwards: 256\r\n"),
+    "bad Max-Forwards": _replace(
+        b"CSeq: 2 MESSAGE\r\n", b"CSeq: 2 MESSAGE\r\nMax-Forwards: 256\r\n"
+    ),
     "Via port out of range": _replace(b"192.0.2.7:5060", b"192.0.2.7:65536"),
     "empty": b"",
     "only CRLFs": b"\r\n\r\n\r\n\r\n",

@@ -37,7 +37,9 @@ def wire_response(response: Response) -> Response:
     return parsed
 
 
-def register(vipa: str | None = None, an_port: int = 5060, an_host: str = "198.51.100.1") -> Request:
+def register(
+    vipa: str | None = None, an_port: int = 5060, an_host: str = "198.51.100.1"
+) -> Request:
     return build_register(
         an_host=an_host,
         an_port=an_port,
@@ -186,9 +188,13 @@ def test_registration_client_floor_and_removal() -> None:
         an_host="an.example", an_port=5060, terminal_id="mh-1", local_host="::1", local_port=5070
     )
     request = wire_request(client.next_register())
-    client.handle_ok(wire_response(build_register_ok(request, vipa="100.64.0.2", expires=1, to_tag="t")), 0.0)
+    client.handle_ok(
+        wire_response(build_register_ok(request, vipa="100.64.0.2", expires=1, to_tag="t")), 0.0
+    )
     assert client.refresh_at == 1.0
-    client.handle_ok(wire_response(build_register_ok(request, vipa="100.64.0.2", expires=0, to_tag="t")), 5.0)
+    client.handle_ok(
+        wire_response(build_register_ok(request, vipa="100.64.0.2", expires=0, to_tag="t")), 5.0
+    )
     assert client.refresh_at is None
     assert not client.is_due(1e9)
 
