@@ -28,7 +28,8 @@ from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import SetupError
+from upmt.errors import SetupError, unwrap_errors
+from upmt.handoff import ControlHandoff
 from upmt.sipchannel import SipChannel
 from upmt.tun import open_tun
 
@@ -39,7 +40,8 @@ HOUSEKEEPING_INTERVAL = 1.0
 
 
 def run_anchor(config: AnchorConfig) -> None:
-    trio.run(AnchorNode(config).main)
+    with unwrap_errors():
+        trio.run(AnchorNode(config).main)
 
 
 class AnchorNode:
@@ -87,13 +89,9 @@ class AnchorNode:
             stack.callback(nat.remove)
             nat.install()
 
-            token = trio.lowlevel.current_trio_token()
+            self.handoff = ControlHandoff[Addr](self._control_frame)
             self.datapath = AnchorDataPath(
-                tun.fd,
-                tunnel_sock,
-                self.paft,
-                self.lock,
-                on_control=lambda addr, data: self._hand_over(token, addr, data),
+                tun.fd, tunnel_sock, self.paft, self.lock, on_control=self.handoff
             )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
@@ -155,11 +153,6 @@ class AnchorNode:
                 continue
             self.sip.feed(data, addr[:2])
 
-    def _hand_over(self, token: trio.lowlevel.TrioToken, addr: Addr, data: bytes) -> None:
-        """Called in the data-path thread: queue the frame for the trio thread."""
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self._control_frame, addr, data)
-
     def _control_frame(self, addr: Addr, data: bytes) -> None:
         if data[0] == FrameType.SIGNAL and len(data) > 1:
             self.tunnel_sip.feed(data[1:], addr)
@@ -206,6 +199,7 @@ class AnchorNode:
         stats = self.sip.layer.statistics()
         counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
         counters.update(self.sip_counters)
+        counters["control_queue_dropped"] = self.handoff.dropped
         counters.update({f"registrar_{k}": v for k, v in vars_of(self.registrar.counters).items()})
         return {
             "ok": True,

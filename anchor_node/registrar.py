@@ -314,6 +314,17 @@ class Registrar:
                 self.default_tunnel[terminal.vipa_packed] = next(iter(terminal.tunnels))
             else:
                 self.default_tunnel.pop(terminal.vipa_packed, None)
+        # Flows learnt on the tunnel must not keep pointing at its address: it
+        # is dead, or (NAT reuse) about to belong to another terminal. The
+        # terminal's flows follow its default tunnel; anything else is forgotten.
+        fallback = self.default_tunnel.get(terminal.vipa_packed)
+        if fallback is not None:
+            self.paft.move(
+                FlowSelector(src=terminal.vipa_packed),
+                fallback,
+                only=lambda _key, entry: entry.tunnel == addr,
+            )
+        self.paft.remove_tunnel(addr)
 
     # -- answers -------------------------------------------------------------
     def _reject(self, request: Request, code: int, reason: str) -> Response:

@@ -15,8 +15,20 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def iperf3_tcp(lab: Lab, seconds: int, streams: int = 1, role: str = "mh") -> dict[str, float]:
     """Run iperf3 from `role` to the CH; received Mbit/s and retransmits."""
-    proc = lab.exec(role, "iperf3", "-c", CH_ADDR, "-p", str(IPERF_PORT), "-t", str(seconds),
-                    "-P", str(streams), "-J", timeout=seconds + 60)
+    proc = lab.exec(
+        role,
+        "iperf3",
+        "-c",
+        CH_ADDR,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        str(seconds),
+        "-P",
+        str(streams),
+        "-J",
+        timeout=seconds + 60,
+    )
     result = json.loads(proc.stdout)
     end = result["end"]
     return {
@@ -37,8 +49,11 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     results = {
         "benchmark": name,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
         **results,
     }
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -31,11 +31,15 @@ def main() -> int:
         direct = [iperf3_tcp(lab, args.seconds) for _ in range(args.repeat)]
         anchor, client = start_overlay(lab)
         assert anchor.popen is not None and client.popen is not None
-        cpu_before = {d.name: cpu_seconds(d.popen.pid) for d in (anchor, client)
-                      if d.popen is not None}
+        cpu_before = {
+            d.name: cpu_seconds(d.popen.pid) for d in (anchor, client) if d.popen is not None
+        }
         overlay = [iperf3_tcp(lab, args.seconds) for _ in range(args.repeat)]
-        cpu = {d.name: cpu_seconds(d.popen.pid) - cpu_before[d.name] for d in (anchor, client)
-               if d.popen is not None}
+        cpu = {
+            d.name: cpu_seconds(d.popen.pid) - cpu_before[d.name]
+            for d in (anchor, client)
+            if d.popen is not None
+        }
         counters = {"anchor": anchor.status()["counters"], "client": client.status()["counters"]}
     best_direct = max(r["mbit_s"] for r in direct)
     best_overlay = max(r["mbit_s"] for r in overlay)

@@ -96,4 +96,3 @@ class NatSetup:
             self.previous_forwarding = None
         with contextlib.suppress(OSError):
             self.record.unlink()
-

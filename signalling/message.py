@@ -37,6 +37,7 @@ __all__ = [
     "REASON_PHRASES",
     "build_request",
     "build_response",
+    "checked",
     "new_branch",
     "new_call_id",
     "new_tag",
@@ -44,6 +45,7 @@ __all__ = [
     "reason_phrase",
     "serialize",
     "top_branch",
+    "uri_host",
 ]
 
 # A SIP datagram larger than this is refused unread. RFC 3261 §18.1.1 asks for

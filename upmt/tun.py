@@ -8,6 +8,7 @@ bursts), the MTU, one address, link up. The data path reads and writes the
 raw fd with os.read/os.write in non-blocking drain loops.
 """
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
@@ -29,10 +30,8 @@ class TunDevice:
     def close(self) -> None:
         """Close the fd: the kernel deletes the device with its routes."""
         if self.fd >= 0:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._dev.close()  # type: ignore[attr-defined]
-            except Exception:
-                pass
             self.fd = -1
 
 
@@ -70,10 +69,9 @@ def open_tun(name: str, *, address: str, prefixlen: int, mtu: int) -> TunDevice:
 
 def _disable_ipv6(name: str) -> None:
     path = Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
-    try:
+    # Without IPv6 in this kernel or namespace there is nothing to silence.
+    with contextlib.suppress(OSError):
         path.write_text("1\n")
-    except OSError:
-        pass  # no IPv6 in this kernel or namespace: nothing to silence
 
 
 def delete_link_if_exists(name: str) -> bool:

@@ -69,6 +69,13 @@ def cli() -> None:
     show_default=True,
     help="Registration lifetime to ask for (s); refreshed at half of it.",
 )
+@click.option(
+    "--register-timeout",
+    type=click.FloatRange(0.5, 120),
+    default=8.0,
+    show_default=True,
+    help="Seconds to wait for the anchor's answer to REGISTER on one interface.",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
     anchor: str,
@@ -82,6 +89,7 @@ def run(
     probe_interval: float,
     dead_after: int,
     expires: int,
+    register_timeout: float,
     log_level: str,
 ) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
@@ -102,6 +110,7 @@ def run(
         probe_interval=probe_interval,
         dead_after=dead_after,
         expires=expires,
+        register_timeout=register_timeout,
     )
     setup_logging(log_level)
     run_client(config)

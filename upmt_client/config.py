@@ -40,6 +40,7 @@ class ClientConfig:
         probe_interval: float,
         dead_after: int,
         expires: int,
+        register_timeout: float = 8.0,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -49,7 +50,7 @@ class ClientConfig:
             raise ConfigError(
                 f"--terminal-id {terminal_id!r}: 1-64 characters of letters, digits, '.', '_', '-'"
             )
-        if not (0 < len(tun_name) < 16) or "/" in tun_name:
+        if not _is_ifname(tun_name):
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
         if len(set(interfaces)) != len(interfaces):
             raise ConfigError("--interface given twice for the same interface")
@@ -65,4 +66,14 @@ class ClientConfig:
             probe_interval=probe_interval,
             dead_after=dead_after,
             expires=expires,
+            register_timeout=register_timeout,
         )
+
+
+def _is_ifname(name: str) -> bool:
+    """What the kernel accepts as an interface name (dev_valid_name)."""
+    return (
+        0 < len(name.encode()) < 16
+        and name not in (".", "..")
+        and not any(c in "/:" or c.isspace() for c in name)
+    )

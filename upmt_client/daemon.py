@@ -23,10 +23,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import trio
-from sipmessage import Response
+from sipmessage import Request, Response
 
 from paft.flow import FiveTuple, proto_name
 from paft.table import FlowSelector, Paft
@@ -46,7 +45,8 @@ from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, e
 from tunnel.sockets import open_tunnel_socket
 from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import MalformedError, SetupError
+from upmt.errors import MalformedError, SetupError, unwrap_errors
+from upmt.handoff import ControlHandoff
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt.tun import TunDevice, open_tun
 from upmt_client.config import ClientConfig
@@ -100,7 +100,8 @@ class Registration:
 
 
 def run_client(config: ClientConfig) -> None:
-    trio.run(ClientDaemon(config).main)
+    with unwrap_errors():
+        trio.run(ClientDaemon(config).main)
 
 
 class ClientDaemon:
@@ -116,6 +117,7 @@ class ClientDaemon:
         self._register_lock = trio.Lock()
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
+        self.handoff: ControlHandoff[str] | None = None
         self.started = time.monotonic()
         self.failovers = 0
 
@@ -136,6 +138,7 @@ class ClientDaemon:
             stack.callback(control_sock.close)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(serve_control, control_sock, self._control)
                 accesses = usable(names)
                 if not accesses:
                     raise SetupError(f"none of {', '.join(names)} is up with an IPv4 address")
@@ -145,13 +148,13 @@ class ClientDaemon:
                 stack.callback(self.tun.close)
                 stack.callback(routing.remove)
                 routing.install(self.tun.ifindex, vipa, names)
-                token = trio.lowlevel.current_trio_token()
+                self.handoff = ControlHandoff[str](self._control_frame)
                 self.datapath = ClientDataPath(
                     self.tun.fd,
                     self.paft,
                     self.lock,
                     self._choose_tunnel,
-                    lambda ifname, data: self._hand_over(token, ifname, data),
+                    self.handoff,
                 )
                 stack.callback(self.datapath.stop)
                 self.datapath.start()
@@ -165,7 +168,6 @@ class ClientDaemon:
                 for access in accesses:
                     nursery.start_soon(self._tunnel_task, access)
                 nursery.start_soon(self._refresh_task)
-                nursery.start_soon(serve_control, control_sock, self._control)
                 nursery.start_soon(self._housekeeping)
             log.info("client stopping: removing %s, rules and routes", cfg.tun_name)
         for tunnel in self.tunnels.values():
@@ -197,6 +199,9 @@ class ClientDaemon:
                 except (TransactionFailed, SetupError) as exc:
                     last_error = f"{access.name}: {exc}"
                     log.warning("REGISTER via %s failed: %s", access.name, exc)
+                    continue
+                if response.code >= 500:
+                    last_error = f"{access.name}: {response.code} {response.phrase}"
                     continue
                 if response.code != 200:
                     raise AnchorRefused(
@@ -230,7 +235,7 @@ class ClientDaemon:
     async def _register_via(self, access: Access) -> Response:
         reg = self.registration
         sock = open_tunnel_socket(interface=access.name, mark=FWMARK, rcvbuf=None, sndbuf=None)
-        try:
+        with sock:
             reg.cseq += 1
             request = build_register(
                 an_host=self.config.anchor,
@@ -250,18 +255,12 @@ class ClientDaemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(channel.run)
                 nursery.start_soon(self._receive_into, tsock, channel)
-                try:
-                    with trio.fail_after(self.config.register_timeout):
-                        return await channel.request(request, self.anchor_sip)
-                except trio.TooSlowError:
-                    raise TransactionFailed(
-                        f"no answer within {self.config.register_timeout:g} s"
-                    ) from None
-                finally:
+                with trio.move_on_after(self.config.register_timeout):
+                    response = await channel.request(request, self.anchor_sip)
                     nursery.cancel_scope.cancel()
-        finally:
-            sock.close()
-        raise AssertionError("unreachable")
+                    return response
+                nursery.cancel_scope.cancel()
+        raise TransactionFailed(f"no answer within {self.config.register_timeout:g} s")
 
     @staticmethod
     async def _receive_into(sock: trio.socket.SocketType, channel: SipChannel) -> None:
@@ -376,11 +375,10 @@ class ClientDaemon:
         )
         return True
 
-    def _message(self, tunnel: ClientTunnel, body: bytes) -> Any:
-        reg = self.registration
+    def _message(self, tunnel: ClientTunnel, body: bytes) -> Request:
+        """A MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
         local = tunnel.sock.getsockname()
         aor = f"sip:{self.config.terminal_id}@{self.config.anchor}"
-        reg.cseq += 1
         return build_request(
             "MESSAGE",
             f"sip:{self.config.anchor}",
@@ -391,7 +389,7 @@ class ClientDaemon:
             from_tag=new_tag(),
             to_uri=aor,
             call_id=new_call_id(),
-            cseq=reg.cseq,
+            cseq=1,
             body=body,
             content_type=JSON_TYPE,
         )
@@ -459,10 +457,6 @@ class ClientDaemon:
         return active[0] if active else None
 
     # -- frames from the data path -----------------------------------------------
-    def _hand_over(self, token: trio.lowlevel.TrioToken, ifname: str, data: bytes) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(self._control_frame, ifname, data)
-
     def _control_frame(self, ifname: str, data: bytes) -> None:
         tunnel = self.tunnels.get(ifname)
         if tunnel is None:
@@ -542,6 +536,7 @@ class ClientDaemon:
         if self.datapath is not None:
             counters.update(self.datapath.counters.snapshot())
         counters["failovers"] = self.failovers
+        counters["control_queue_dropped"] = self.handoff.dropped if self.handoff else 0
         return {
             "ok": True,
             "terminal_id": self.config.terminal_id,

@@ -118,10 +118,9 @@ class PolicyRouting:
 
     def _restore_rp_filter(self) -> None:
         for ifname, value in self.rp_saved.items():
-            try:
+            # An interface that is gone has nothing left to restore.
+            with contextlib.suppress(OSError):
                 _rp_path(ifname).write_text(value + "\n")
-            except OSError:
-                pass  # the interface is gone: nothing left to restore
         self.rp_saved = {}
 
     def _record(self) -> None:

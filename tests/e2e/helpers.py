@@ -68,12 +68,13 @@ def ch_seen_sources(lab: Lab) -> list[str]:
     return [line.split()[1] for line in log.splitlines() if line.startswith("from ")]
 
 
-def flow(status: dict[str, Any], proto: str, sport: int, dport: int) -> dict[str, Any] | None:
+def flow(status: dict[str, Any], proto: str, sport: int, dport: int) -> dict[str, Any]:
+    """The flow with these ports in a status answer; fails the test if there is none."""
     found: dict[str, Any]
     for found in status["flows"]:
         if found["proto"] == proto and found["sport"] == sport and found["dport"] == dport:
             return found
-    return None
+    raise AssertionError(f"no {proto} flow {sport}->{dport} in {status['flows']}")
 
 
 def tunnel_of(status: dict[str, Any], interface: str) -> dict[str, Any]:

@@ -26,9 +26,7 @@ def test_http_download_and_udp_echo_through_the_anchor(lab: Lab) -> None:
     assert source.split(":")[0] == AN_ADDR
     # The paper's §VI example: the AN's flow table has the flow on the tunnel it came on.
     client_flow = flow(client.status(), "udp", 2000, 3000)
-    assert client_flow is not None
     an_flow = flow(anchor.status(), "udp", 2000, 3000)
-    assert an_flow is not None
     assert an_flow["vipa"] == vipa and an_flow["dst"] == "203.0.113.2"
     assert an_flow["tunnel_id"] == client_flow["tunnel_id"]
     assert an_flow["tunnel_id"] == tunnel_of(st, client_flow["interface"])["observed"]
@@ -100,3 +98,37 @@ def test_vipas_are_distinct_and_sticky_across_reregistration_and_anchor_restart(
     assert client.status()["vipa"] == vipa1
     assert udp_request(lab, "after restart") == ["after restart"]
     assert second.status()["vipa"] == vipa2
+
+
+def test_registration_is_refreshed_before_it_expires(lab: Lab) -> None:
+    anchor, _client = start_overlay(lab, client_args=("--expires", "30"))
+    terminal = anchor.status()["terminals"][0]
+    assert terminal["expires_in_s"] <= 30
+    # Refreshed at half the lifetime: after 20 s the registration is younger than 15 s.
+    wait_until(
+        lambda: anchor.status()["counters"]["registrar_registers"] >= 2,
+        25,
+        "a refresh REGISTER",
+        (anchor,),
+    )
+    terminal = anchor.status()["terminals"][0]
+    assert terminal["expires_in_s"] > 25
+    assert len(terminal["tunnels"]) == 2
+
+
+def test_flow_moves_to_the_surviving_tunnel_when_its_interface_dies(lab: Lab) -> None:
+    lab.start_servers(file_size=1 << 20)
+    anchor, client = start_overlay(lab)
+    assert udp_request(lab, "before") == ["before"]
+    assert flow(anchor.status(), "udp", 2000, 3000)["tunnel_id"].startswith("192.0.2.2:")
+    lab.ip("mh", "link", "set", "if0", "down")
+    wait_until(
+        lambda: tunnel_of(client.status(), "if0")["state"] == "dead",
+        15,
+        "if0's tunnel declared dead",
+        (client,),
+    )
+    assert udp_request(lab, "after") == ["after"]
+    assert flow(client.status(), "udp", 2000, 3000)["interface"] == "if1"
+    assert flow(anchor.status(), "udp", 2000, 3000)["tunnel_id"].startswith("192.0.2.6:")
+    assert client.status()["counters"]["failovers"] >= 1

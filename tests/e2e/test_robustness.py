@@ -129,3 +129,16 @@ def test_restart_after_kill_9_cleans_up_leftovers(lab: Lab) -> None:
     after = _installed(lab)
     # rp_filter was loosened by the killed run and is put back from its record.
     assert after == pristine
+
+
+def test_client_without_an_anchor_exits_with_one_line_and_leaves_nothing(lab: Lab) -> None:
+    pristine = _installed(lab)
+    client = lab.start_client("--register-timeout", "1", anchor="198.51.100.99")
+    assert client.popen is not None
+    code = client.popen.wait(30)
+    assert code != 0
+    log = client.log.read_text()
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if line.startswith("upmt-client: error:")]
+    assert len(errors) == 1 and "cannot reach the anchor" in errors[0], log
+    assert _installed(lab) == pristine

@@ -1,0 +1,82 @@
+"""The anchor's nftables script text: pool as a prefix, masquerade, MSS clamp, idempotence."""
+
+from __future__ import annotations
+
+import pytest
+
+from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script
+from upmt.errors import ConfigError
+
+
+def test_starts_with_idempotent_replace() -> None:
+    """The script creates then deletes the table first, so a leftover table never fails it."""
+    lines = anchor_ruleset("100.64.0.0/10", "upmt-an").splitlines()
+    assert lines[0] == "table ip upmt"
+    assert lines[1] == "delete table ip upmt"
+    assert lines[2].startswith("table ip upmt {")
+    assert (TABLE_FAMILY, TABLE_NAME) == ("ip", "upmt")
+
+
+def test_pool_written_as_prefix_not_mask() -> None:
+    """The /10 pool appears as `100.64.0.0/10`, never as a (mis-encoded) netmask."""
+    script = anchor_ruleset("100.64.0.0/10", "upmt-an")
+    assert "ip saddr 100.64.0.0/10 " in script
+    assert "255." not in script
+
+
+@pytest.mark.parametrize("pool", ["10.0.0.0/8", "192.168.77.0/24", "100.64.0.0/10"])
+def test_masquerade_pool_except_tun(pool: str) -> None:
+    """One masquerade rule for the pool towards every interface but the anchor's TUN."""
+    script = anchor_ruleset(pool, "upmt-an")
+    rules = [line.strip() for line in script.splitlines() if "masquerade" in line]
+    assert rules == [f'ip saddr {pool} oifname != "upmt-an" counter masquerade']
+    assert "type nat hook postrouting priority srcnat;" in script
+
+
+def test_mss_clamp_to_route_mtu() -> None:
+    """TCP SYNs get their MSS clamped to the route MTU in the forward hook."""
+    script = anchor_ruleset("100.64.0.0/10", "upmt-an")
+    assert "tcp flags syn / syn,rst tcp option maxseg size set rt mtu" in script
+    assert "type filter hook forward" in script
+
+
+def test_braces_balanced() -> None:
+    """The script's blocks are closed."""
+    script = anchor_ruleset("100.64.0.0/10", "tun-x")
+    assert script.count("{") == script.count("}") == 3
+    assert script.endswith("}\n")
+
+
+def test_other_tun_name() -> None:
+    """The TUN name given is the one excluded."""
+    assert 'oifname != "an0"' in anchor_ruleset("10.0.0.0/8", "an0")
+
+
+@pytest.mark.parametrize(
+    "pool",
+    ["foo", "10.0.0.1/8", "2001:db8::/32", "", "100.64.0.0/33", "100.64.0.0/10; flush ruleset"],
+)
+def test_bad_pool(pool: str) -> None:
+    """Anything but an IPv4 prefix without host bits: ConfigError."""
+    with pytest.raises(ConfigError, match="pool"):
+        anchor_ruleset(pool, "upmt-an")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "x" * 16, 'a"b', "a b", "a/b", "a;b", "up\nmt", "a}b"],
+)
+def test_bad_interface_name(name: str) -> None:
+    """A name that is not a kernel interface name (or would break the script): ConfigError."""
+    with pytest.raises(ConfigError):
+        anchor_ruleset("100.64.0.0/10", name)
+
+
+def test_longest_interface_name_accepted() -> None:
+    """Fifteen characters is the kernel's limit and is accepted."""
+    assert 'oifname != "abcdefghijklmno"' in anchor_ruleset("10.0.0.0/8", "abcdefghijklmno")
+
+
+def test_delete_script() -> None:
+    """The delete script works whether the table exists or not."""
+    assert delete_script() == "table ip upmt\ndelete table ip upmt\n"
