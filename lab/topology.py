@@ -33,6 +33,7 @@ AN_ADDR = "198.51.100.2"
 CH_ADDR = "203.0.113.2"
 HTTP_PORT = 80
 UDP_ECHO_PORT = 3000
+CBR_PORT = 3001
 IPERF_PORT = 5201
 ACCESS = {  # MH interface → (MH address, NAT LAN address, NAT WAN address, internet-side address)
     "if0": ("198.18.1.2", "198.18.1.1", "192.0.2.2", "192.0.2.1"),
@@ -272,6 +273,27 @@ class Lab:
         self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout", str(seconds))
         self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout_stream", str(seconds))
 
+    def blackhole(self, ifname: str, on: bool = True) -> None:
+        """Drop everything the NAT in front of `ifname` forwards ("Wi-Fi without Internet")."""
+        chain = ["inet", "labnat", "blackhole"]
+        if on:
+            self.exec(NAT_OF[ifname], "nft", "add", "rule", *chain, "drop")
+        else:
+            self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
+
+    def app_command(self, name: str) -> str:
+        """A python interpreter that the kernel will call `name` (its comm).
+
+        Lab programs run through it look like distinct applications to the
+        client's classifier, as curl and rsync would.
+        """
+        bindir = self.workdir / "bin"
+        bindir.mkdir(exist_ok=True)
+        link = bindir / name
+        if not link.exists():
+            link.symlink_to(os.path.realpath(sys.executable))
+        return str(link)
+
     def nat_counters(self, ifname: str) -> dict[str, int]:
         """Bytes forwarded up and down by the NAT in front of `ifname`."""
         out = self.exec(
@@ -406,6 +428,19 @@ class Lab:
                 ],
             ),
             ("iperf3", ["iperf3", "-s", "-B", CH_ADDR, "-p", str(IPERF_PORT)]),
+            (
+                "cbr",
+                [
+                    self.python(),
+                    "-m",
+                    "lab.apps.cbr",
+                    "serve",
+                    "--bind",
+                    CH_ADDR,
+                    "--port",
+                    str(CBR_PORT),
+                ],
+            ),
         ]
         for name, argv in specs:
             proc = ns_popen(self.ns("ch"), argv, self.workdir / f"ch-{name}.log", env=self._env())

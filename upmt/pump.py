@@ -4,7 +4,9 @@ The data path runs here, outside the trio control plane, so that a burst of
 packets never waits behind signalling and the control plane never waits
 behind packets. Each drain function empties its fd until `BlockingIOError`
 (DESIGN §9): one wakeup moves as many packets as are queued. Registering
-and unregistering fds is safe from any thread (epoll_ctl is).
+and unregistering fds is safe from any thread (epoll_ctl is). An optional
+`tick` runs after every wakeup and at least every `tick_interval` seconds,
+for work with deadlines (flows held while their owner is looked up).
 """
 
 import contextlib
@@ -17,7 +19,11 @@ Drain = Callable[[], None]
 
 
 class Pump:
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, *, tick: Drain | None = None, tick_interval: float = 1.0
+    ) -> None:
+        self._tick = tick
+        self._tick_interval = tick_interval
         self._epoll = select.epoll()
         self._drains: dict[int, Drain] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -57,12 +63,16 @@ class Pump:
     def _run(self) -> None:
         poll = self._epoll.poll
         drains = self._drains
+        tick = self._tick
+        interval = self._tick_interval
         try:
             while not self._stopping:
-                for fd, _events in poll(1.0):
+                for fd, _events in poll(interval):
                     drain = drains.get(fd)
                     if drain is not None:
                         drain()
+                if tick is not None:
+                    tick()
         except BaseException as exc:  # surfaced by the control plane's health check
             if not self._stopping:
                 self.crashed = exc

@@ -1,4 +1,4 @@
-"""`upmt-client`: run the mobility client, or ask a running one for its state."""
+"""`upmt-client`: run the mobility client, steer applications, inspect it."""
 
 from pathlib import Path
 from typing import Any
@@ -10,6 +10,15 @@ from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_lo
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
 DEFAULT_RUN_DIR = Path("/run/upmt/client")
+
+control_option = click.option(
+    "--control",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONTROL,
+    show_default=True,
+    help="The running client's control socket.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,12 +43,12 @@ def cli() -> None:
     "with a default route].",
 )
 @click.option(
-    "--control",
+    "--policy",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-    help="Control socket.",
+    default=None,
+    help="Per-application policy (TOML); reloaded on SIGHUP and 'policy reload'.",
 )
+@control_option
 @click.option(
     "--run-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -51,16 +60,23 @@ def cli() -> None:
 @click.option(
     "--probe-interval",
     type=click.FloatRange(0.05, 60),
-    default=1.0,
+    default=0.5,
     show_default=True,
     help="Seconds between probes (keepalive) on each tunnel.",
 )
 @click.option(
     "--dead-after",
     type=click.IntRange(1, 100),
-    default=3,
+    default=4,
     show_default=True,
     help="Unanswered probes in a row that make a tunnel dead.",
+)
+@click.option(
+    "--hold-down",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds a preferred interface must stay up before flows return to it.",
 )
 @click.option(
     "--expires",
@@ -83,11 +99,13 @@ def run(
     tunnel_port: int,
     terminal_id: str | None,
     interfaces: tuple[str, ...],
+    policy: Path | None,
     control: Path,
     run_dir: Path,
     tun_name: str,
     probe_interval: float,
     dead_after: int,
+    hold_down: float,
     expires: int,
     register_timeout: float,
     log_level: str,
@@ -97,6 +115,7 @@ def run(
 
     from upmt_client.config import ClientConfig
     from upmt_client.daemon import run_client
+    from upmt_client.policy import load_policy
 
     config = ClientConfig.build(
         anchor=anchor,
@@ -111,21 +130,20 @@ def run(
         dead_after=dead_after,
         expires=expires,
         register_timeout=register_timeout,
+        policy=policy,
+        hold_down=hold_down,
     )
+    if policy is not None:
+        load_policy(policy, fallback_interfaces=interfaces)  # a bad file stops us here
     setup_logging(log_level)
     run_client(config)
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--control",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-)
+@json_option
+@control_option
 def status(as_json: bool, control: Path) -> None:
-    """VIPA, anchor, tunnels and flows of the running client."""
+    """VIPA, anchor, tunnels, flows and recent handovers of the running client."""
     answer = query(control, {"cmd": "status"})
     answer.pop("ok", None)
     if as_json:
@@ -134,10 +152,104 @@ def status(as_json: bool, control: Path) -> None:
     click.echo(format_status(answer))
 
 
+@cli.command()
+@json_option
+@control_option
+def flows(as_json: bool, control: Path) -> None:
+    """Every flow with its application, interface and bytes."""
+    answer = query(control, {"cmd": "flows"})
+    if as_json:
+        print_json(answer["flows"])
+        return
+    rows = [
+        [
+            str(f["id"]),
+            str(f["app"] or "-"),
+            f["proto"],
+            f"{f['vipa']}:{f['sport']}",
+            f"{f['dst']}:{f['dport']}",
+            f["interface"],
+            str(f["bytes"]),
+        ]
+        for f in answer["flows"]
+    ]
+    click.echo(table(rows, ["ID", "APP", "PROTO", "VIPA:PORT", "DST:PORT", "INTERFACE", "BYTES"]))
+
+
+@cli.command()
+@json_option
+@control_option
+def apps(as_json: bool, control: Path) -> None:
+    """Applications with their flows and interfaces."""
+    answer = query(control, {"cmd": "apps"})
+    if as_json:
+        print_json(answer["apps"])
+        return
+    rows = [
+        [
+            a["app"],
+            ",".join(map(str, a["pids"])) or "-",
+            str(len(a["flows"])),
+            ",".join(a["interfaces"]),
+            str(a["bytes"]),
+        ]
+        for a in answer["apps"]
+    ]
+    click.echo(table(rows, ["APP", "PIDS", "FLOWS", "INTERFACES", "BYTES"]))
+
+
+@cli.command()
+@click.argument("app", required=False)
+@click.option(
+    "--flow", "flow_id", type=int, default=None, help="Move only this flow (see 'flows')."
+)
+@click.option("--to", "target", required=True, help="Interface to move to.")
+@json_option
+@control_option
+def handover(
+    app: str | None, flow_id: int | None, target: str, as_json: bool, control: Path
+) -> None:
+    """Move APP's flows (process name or executable; globs allowed) to an interface.
+
+    Future flows of APP follow it there. With --flow, only that flow moves.
+    """
+    if (app is None) == (flow_id is None):
+        raise click.UsageError("give either APP or --flow ID")
+    request: dict[str, Any] = {"cmd": "handover", "to": target}
+    if flow_id is not None:
+        request["flow"] = flow_id
+    else:
+        request["app"] = app
+    answer = query(control, request)
+    if as_json:
+        answer.pop("ok", None)
+        print_json(answer)
+        return
+    click.echo(
+        f"moved {answer['moved']} of {answer['flows']} flows to {answer['to']}; "
+        f"anchor: {answer['anchor']}"
+        + (f" in {answer['anchor_ms']:.1f} ms" if answer["anchor_ms"] is not None else "")
+    )
+
+
+@cli.group()
+def policy() -> None:
+    """The per-application policy of the running client."""
+
+
+@policy.command("reload")
+@control_option
+def policy_reload(control: Path) -> None:
+    """Read the policy file again (a bad file is refused; the old policy stays)."""
+    answer = query(control, {"cmd": "policy-reload"})
+    click.echo(f"policy reloaded from {answer['policy']['source']}")
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = [
         f"terminal {st['terminal_id']}  VIPA {st['vipa']} on {st['tun']}  "
-        f"anchor {st['anchor']}  registration {st['registration_expires_in_s']:.0f} s"
+        f"anchor {st['anchor']}  registration {st['registration_expires_in_s']:.0f} s  "
+        f"policy {st['policy']}"
     ]
     rows = [
         [
@@ -158,6 +270,24 @@ def format_status(st: dict[str, Any]) -> str:
             ["PROTO", "VIPA:PORT", "DST:PORT", "INTERFACE", "BYTES", "APP"],
         ),
     ]
+    if st["handovers"]:
+        rows = [
+            [
+                h["at"],
+                h["app"],
+                str(h["flows"]),
+                h["from"],
+                h["to"],
+                h["reason"],
+                h["anchor"] or "-",
+            ]
+            for h in st["handovers"][-10:]
+        ]
+        out += [
+            "",
+            "handovers:",
+            table(rows, ["AT", "APP", "FLOWS", "FROM", "TO", "REASON", "ANCHOR"]),
+        ]
     return "\n".join(out)
 
 

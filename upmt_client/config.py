@@ -19,11 +19,13 @@ class ClientConfig:
     control: Path
     run_dir: Path
     tun_name: str = "upmt0"
-    probe_interval: float = 1.0
-    dead_after: int = 3
+    probe_interval: float = 0.5
+    dead_after: int = 4
     expires: int = 600
     register_timeout: float = 8.0
     flow_idle_timeout: float = 300.0
+    policy: Path | None = None
+    hold_down: float = 10.0
 
     @classmethod
     def build(
@@ -41,6 +43,8 @@ class ClientConfig:
         dead_after: int,
         expires: int,
         register_timeout: float = 8.0,
+        policy: Path | None = None,
+        hold_down: float = 10.0,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -67,6 +71,8 @@ class ClientConfig:
             dead_after=dead_after,
             expires=expires,
             register_timeout=register_timeout,
+            policy=policy,
+            hold_down=hold_down,
         )
 
 

@@ -1,37 +1,45 @@
-"""The client daemon (MMC): association, TUN, routing, tunnels, probes, failover.
+"""The client daemon (MMC): tunnels per interface, per-application steering, handover.
 
-A thin trio shell. The data path (`ClientDataPath`) runs in its own thread;
-this side owns the tunnel set and tells the data path which tunnels are up
-(`self.active`, in preference order, replaced whole so the data path always
-reads a consistent list). SIP REGISTER goes outside the tunnels from one
-interface at a time; TunnelSetupRequest and HandoverRequest travel inside
-the tunnel they are about, as SIGNAL frames.
+A thin trio shell around the pure parts (steering, policy, probe scheduling,
+SIP transactions) and the data-path thread. Responsibilities:
 
-Life of a tunnel: socket bound to its interface with SO_MARK, connected to
-the anchor → TunnelSetupRequest (up) → PROBE every interval → K probes
-unanswered (dead): its flows move to the best live tunnel, announced with a
-HandoverRequest on that tunnel → set-up retried with backoff. A set-up
-refused with 403 means the anchor forgot the association (e.g. it
-restarted): the client registers again and keeps its VIPA.
+- association (`Associator`) and the TUN, policy routing and data path;
+- one task per access interface: wait until it is up with an address (the
+  netlink monitor says so), open a socket bound to it, set the tunnel up
+  with a TunnelSetupRequest inside it, probe it; a netlink "down" cancels the
+  task's scope at once ("link down"), K unanswered probes end it ("probe
+  loss"); either way the interface leaves the steering's live set and its
+  movable flows move;
+- classification: the data path asks `_decide` for each new flow; an owner
+  not in the cache is looked up on the classifier thread and the flow is
+  held meanwhile (see `ClientDataPath`);
+- re-evaluation of every flow against the policy after every change and
+  twice a second (hold-down expiry, late classification), each group of
+  moved flows announced to the anchor with a HandoverRequest on the target
+  tunnel and logged with app, flows, from, to and reason;
+- the control socket: status, flows, apps, handover, policy reload.
 """
 
 import contextlib
 import logging
+import queue
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import trio
-from sipmessage import Request, Response
+from sipmessage import Request
 
 from paft.flow import FiveTuple, proto_name
-from paft.table import FlowSelector, Paft
+from paft.table import Paft
 from signalling.bodies import (
     FlowMove,
     HandoverRequest,
+    HandoverResponse,
     StructuredMatch,
     TunnelSetupRequest,
     TunnelSetupResponse,
@@ -39,20 +47,35 @@ from signalling.bodies import (
     encode_body,
 )
 from signalling.message import build_request, new_branch, new_call_id, new_tag
-from signalling.register import build_register, parse_register_ok_untrusted
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import MalformedError, SetupError, unwrap_errors
+from upmt.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt.tun import TunDevice, open_tun
+from upmt_client.association import Associator
+from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
-from upmt_client.datapath import ClientDataPath
+from upmt_client.datapath import ClientDataPath, FlowChoice
+from upmt_client.flows import FlowBook, HandoverRecord
 from upmt_client.interfaces import Access, check_interfaces, default_route_interfaces, usable
+from upmt_client.netmon import (
+    AddressAdded,
+    AddressRemoved,
+    Event,
+    LinkChanged,
+    LinkRemoved,
+    NetlinkMonitor,
+    Resynced,
+)
+from upmt_client.policy import Policy, builtin_policy, load_policy, matches
+from upmt_client.procscan import AppInfo
 from upmt_client.routing import FWMARK, TABLE, PolicyRouting
+from upmt_client.sockdiag import SockDiag, SocketOwner
+from upmt_client.steering import BLOCKED, Steering
 
 log = logging.getLogger("upmt.client")
 Addr = tuple[str, int]
@@ -60,13 +83,13 @@ TUNNEL_OVERHEAD = 28
 JSON_TYPE = "application/json"
 SETUP_TIMEOUT = 6.0
 MAX_BACKOFF = 16.0
-
-
-class AnchorRefused(SetupError):
-    """The anchor answered with an error that retrying will not fix."""
+REEVALUATE_INTERVAL = 0.5
+CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
+REEXAMINE_TRIES = 3
 
 
 class TunnelPhase(Enum):
+    WAITING = "waiting"  # the interface is down or has no address
     SETTING_UP = "setting-up"
     UP = "up"
     DEAD = "dead"
@@ -74,29 +97,17 @@ class TunnelPhase(Enum):
 
 @dataclass
 class ClientTunnel:
-    access: Access
-    sock: socket.socket
-    sip: SipChannel
+    name: str
     number: int
-    phase: TunnelPhase = TunnelPhase.SETTING_UP
+    phase: TunnelPhase = TunnelPhase.WAITING
+    sock: socket.socket | None = None
+    sip: SipChannel | None = None
     scheduler: ProbeScheduler | None = None
     tunnel_id: str | None = None
     observed: str | None = None
+    local: str | None = None
     setups: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.access.name
-
-
-@dataclass
-class Registration:
-    call_id: str = field(default_factory=new_call_id)
-    from_tag: str = field(default_factory=new_tag)
-    cseq: int = 0
-    vipa: str | None = None
-    expires: int = 0
-    registered_at: float = 0.0
+    down_reason: str = ""
 
 
 def run_client(config: ClientConfig) -> None:
@@ -107,19 +118,25 @@ def run_client(config: ClientConfig) -> None:
 class ClientDaemon:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.anchor_sip: Addr = (config.anchor, config.sip_port)
         self.anchor_tunnel: Addr = (config.anchor, config.tunnel_port)
         self.paft: Paft[str] = Paft(max_entries=200_000)
         self.lock = threading.Lock()
         self.tunnels: dict[str, ClientTunnel] = {}
-        self.active: list[str] = []
-        self.registration = Registration()
-        self._register_lock = trio.Lock()
+        self.associator = Associator(config, self._change_vipa)
+        self.book = FlowBook()
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
         self.handoff: ControlHandoff[str] | None = None
         self.started = time.monotonic()
-        self.failovers = 0
+        self.link_up: dict[str, bool] = {}
+        self.link_addrs: dict[str, set[str]] = {}
+        self._link_changed: dict[str, trio.Event] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._reevaluate_now = trio.Event()
+        self._classify_queue: queue.SimpleQueue[tuple[FiveTuple, SocketOwner | None]] = (
+            queue.SimpleQueue()
+        )
+        self._reexamined: dict[FiveTuple, int] = {}
 
     # -- start-up and shutdown ---------------------------------------------------
     async def main(self) -> None:
@@ -129,8 +146,11 @@ class ClientDaemon:
             raise SetupError("no --interface given and no interface has a default route")
         check_interfaces(names)
         self.interface_order = names
+        self.steering = Steering(self._load_policy(), cfg.hold_down)
         routing = PolicyRouting(cfg.run_dir / "routing.json")
+        self.classifier = Classifier()
         with contextlib.ExitStack() as stack:
+            stack.callback(self.classifier.close)
             if routing.cleanup_leftovers():
                 log.info("removed routing left by an earlier run")
             control_sock = bind_control_socket(cfg.control)
@@ -142,7 +162,10 @@ class ClientDaemon:
                 accesses = usable(names)
                 if not accesses:
                     raise SetupError(f"none of {', '.join(names)} is up with an IPv4 address")
-                vipa = await self._associate(accesses, initial=True)
+                for access in accesses:
+                    self.link_up[access.name] = True
+                    self.link_addrs[access.name] = {access.address}
+                vipa = await self.associator.associate(accesses, initial=True)
                 mtu = min(a.mtu for a in accesses) - TUNNEL_OVERHEAD
                 self.tun = open_tun(cfg.tun_name, address=vipa, prefixlen=32, mtu=mtu)
                 stack.callback(self.tun.close)
@@ -153,25 +176,43 @@ class ClientDaemon:
                     self.tun.fd,
                     self.paft,
                     self.lock,
-                    self._choose_tunnel,
+                    self._decide,
+                    self._fallback,
                     self.handoff,
+                    blocked=BLOCKED,
                 )
                 stack.callback(self.datapath.stop)
                 self.datapath.start()
+                classifier_thread = threading.Thread(
+                    target=self._classify_worker, name="upmt-classifier", daemon=True
+                )
+                classifier_thread.start()
+                stack.callback(self._classify_queue.put, (None, None))  # type: ignore[arg-type]
                 log.info(
-                    "VIPA %s on %s (MTU %d), anchor %s",
+                    "VIPA %s on %s (MTU %d), anchor %s, policy %s",
                     vipa,
                     cfg.tun_name,
                     mtu,
-                    format_hostport(self.anchor_sip),
+                    format_hostport(self.associator.anchor_sip),
+                    self.policy.source,
                 )
-                for access in accesses:
-                    nursery.start_soon(self._tunnel_task, access)
-                nursery.start_soon(self._refresh_task)
+                for number, name in enumerate(names, 1):
+                    self.tunnels[name] = ClientTunnel(name, number)
+                    nursery.start_soon(self._interface_task, name)
+                nursery.start_soon(self._watch_links)
+                nursery.start_soon(self.associator.refresh_forever, self._preferred_accesses)
+                nursery.start_soon(self._reevaluate_loop)
                 nursery.start_soon(self._housekeeping)
             log.info("client stopping: removing %s, rules and routes", cfg.tun_name)
-        for tunnel in self.tunnels.values():
-            tunnel.sock.close()
+
+    @property
+    def policy(self) -> Policy:
+        return self.steering.policy
+
+    def _load_policy(self) -> Policy:
+        if self.config.policy is None:
+            return builtin_policy(self.interface_order)
+        return load_policy(self.config.policy, fallback_interfaces=self.interface_order)
 
     def _unlink_control(self) -> None:
         with contextlib.suppress(OSError):
@@ -181,113 +222,27 @@ class ClientDaemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: nothing to reload in this version")
+                    try:
+                        self.reload_policy()
+                    except UpmtError as exc:
+                        log.error("policy reload failed, keeping the previous one: %s", exc)
                     continue
                 log.info("%s received", signal.Signals(signum).name)
                 scope.cancel()
                 return
 
-    # -- association -----------------------------------------------------------
-    async def _associate(self, accesses: list[Access], *, initial: bool = False) -> str:
-        """REGISTER over each interface in turn until the anchor answers."""
-        async with self._register_lock:
-            reg = self.registration
-            last_error = "no interface"
-            for access in accesses:
-                try:
-                    response = await self._register_via(access)
-                except (TransactionFailed, SetupError) as exc:
-                    last_error = f"{access.name}: {exc}"
-                    log.warning("REGISTER via %s failed: %s", access.name, exc)
-                    continue
-                if response.code >= 500:
-                    last_error = f"{access.name}: {response.code} {response.phrase}"
-                    continue
-                if response.code != 200:
-                    raise AnchorRefused(
-                        f"anchor refused association: {response.code} {response.phrase}"
-                    )
-                try:
-                    vipa, expires = parse_register_ok_untrusted(response)
-                except MalformedError as exc:
-                    last_error = f"bad answer: {exc}"
-                    continue
-                if reg.vipa is not None and vipa != reg.vipa:
-                    self._change_vipa(reg.vipa, vipa)
-                reg.vipa = vipa
-                reg.expires = max(expires, 1)
-                reg.registered_at = trio.current_time()
-                log.info(
-                    "registered as %s via %s: VIPA %s, expires %d s",
-                    self.config.terminal_id,
-                    access.name,
-                    vipa,
-                    expires,
-                )
-                return vipa
-            message = (
-                f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({last_error})"
-            )
-            if initial:
-                raise SetupError(message)
-            raise TransactionFailed(message)
-
-    async def _register_via(self, access: Access) -> Response:
-        reg = self.registration
-        sock = open_tunnel_socket(interface=access.name, mark=FWMARK, rcvbuf=None, sndbuf=None)
-        with sock:
-            reg.cseq += 1
-            request = build_register(
-                an_host=self.config.anchor,
-                an_port=self.config.sip_port,
-                terminal_id=self.config.terminal_id,
-                local_host=access.address,
-                local_port=sock.getsockname()[1],
-                call_id=reg.call_id,
-                cseq=reg.cseq,
-                from_tag=reg.from_tag,
-                branch=new_branch(),
-                expires=self.config.expires,
-                vipa=reg.vipa,
-            )
-            channel = SipChannel(f"register-{access.name}", lambda d, a: sock.sendto(d, a))
-            tsock = trio.socket.from_stdlib_socket(sock)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(channel.run)
-                nursery.start_soon(self._receive_into, tsock, channel)
-                with trio.move_on_after(self.config.register_timeout):
-                    response = await channel.request(request, self.anchor_sip)
-                    nursery.cancel_scope.cancel()
-                    return response
-                nursery.cancel_scope.cancel()
-        raise TransactionFailed(f"no answer within {self.config.register_timeout:g} s")
-
-    @staticmethod
-    async def _receive_into(sock: trio.socket.SocketType, channel: SipChannel) -> None:
-        while True:
-            try:
-                data, addr = await sock.recvfrom(65535)
-            except OSError:
-                await trio.sleep(0.1)
-                continue
-            channel.feed(data, addr[:2])
-
-    async def _refresh_task(self) -> None:
-        while True:
-            reg = self.registration
-            await trio.sleep_until(reg.registered_at + reg.expires / 2)
-            accesses = self._preferred_accesses()
-            try:
-                await self._associate(accesses)
-            except TransactionFailed as exc:
-                log.warning("registration refresh failed: %s; retrying in 5 s", exc)
-                reg.registered_at = trio.current_time() - reg.expires / 2 + 5
+    def reload_policy(self) -> Policy:
+        policy = self._load_policy()  # raises before anything changes
+        self.steering.set_policy(policy)
+        self._reevaluate_now.set()
+        log.info("policy reloaded from %s (%d applications)", policy.source, len(policy.apps))
+        return policy
 
     def _preferred_accesses(self) -> list[Access]:
         """Live tunnels' interfaces first, then every other usable one."""
-        first = [self.tunnels[n].access for n in self.active if n in self.tunnels]
-        rest = [a for a in usable(self.interface_order) if a.name not in self.active]
-        return first + rest
+        live = [n for n in self.interface_order if self.steering.view.live(n)]
+        rest = [n for n in self.interface_order if n not in live]
+        return usable(live) + usable(rest)
 
     def _change_vipa(self, old: str, new: str) -> None:
         log.warning("anchor assigned a new VIPA %s (was %s): open connections break", new, old)
@@ -302,46 +257,119 @@ class ClientDaemon:
         with self.lock:
             self.paft.entries.clear()
 
+    # -- interfaces (netlink) ----------------------------------------------------
+    async def _watch_links(self) -> None:
+        async with NetlinkMonitor() as monitor:
+            async for event in monitor.events():
+                self._on_link_event(event)
+
+    def _on_link_event(self, event: Event) -> None:
+        if isinstance(event, Resynced):
+            for name in self.interface_order:
+                state = event.links.get(name)
+                self.link_up[name] = bool(state and state.up)
+                self.link_addrs[name] = {a.split("/")[0] for a in event.addresses.get(name, [])}
+                self._interface_changed(name)
+            return
+        name = event.ifname
+        if name not in self.tunnels:
+            return
+        if isinstance(event, LinkChanged):
+            self.link_up[name] = event.up
+        elif isinstance(event, LinkRemoved):
+            self.link_up[name] = False
+            self.link_addrs[name] = set()
+        elif isinstance(event, AddressAdded):
+            self.link_addrs.setdefault(name, set()).add(event.address)
+        elif isinstance(event, AddressRemoved):
+            self.link_addrs.setdefault(name, set()).discard(event.address)
+        self._interface_changed(name)
+
+    def _usable_now(self, name: str) -> bool:
+        return self.link_up.get(name, False) and bool(self.link_addrs.get(name))
+
+    def _interface_changed(self, name: str) -> None:
+        tunnel = self.tunnels.get(name)
+        if tunnel is None:
+            return
+        scope = self._scopes.get(name)
+        if scope is not None:
+            address_gone = tunnel.local is not None and (
+                tunnel.local.split(":")[0] not in self.link_addrs.get(name, set())
+                and tunnel.local.split(":")[0] != "0.0.0.0"
+            )
+            if not self._usable_now(name) or address_gone:
+                tunnel.down_reason = "link down"
+                scope.cancel()
+        event = self._link_changed.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_usable(self, name: str) -> None:
+        while not self._usable_now(name):
+            event = self._link_changed.setdefault(name, trio.Event())
+            await event.wait()
+
     # -- tunnels -------------------------------------------------------------
-    async def _tunnel_task(self, access: Access) -> None:
+    async def _interface_task(self, name: str) -> None:
+        """One interface's tunnel for the daemon's whole life."""
+        tunnel = self.tunnels[name]
+        while True:
+            # A tunnel that was up stays "dead" (with its reason) while it waits.
+            await self._wait_usable(name)
+            with trio.CancelScope() as scope:
+                self._scopes[name] = scope
+                tunnel.down_reason = ""
+                await self._run_tunnel(tunnel)
+            self._scopes.pop(name, None)
+            self._tunnel_down(tunnel, tunnel.down_reason or "link down")
+            if tunnel.down_reason != "link down":
+                await trio.sleep(1.0)
+
+    async def _run_tunnel(self, tunnel: ClientTunnel) -> None:
         try:
-            sock = open_tunnel_socket(interface=access.name, mark=FWMARK)
+            sock = open_tunnel_socket(interface=tunnel.name, mark=FWMARK)
             sock.connect(self.anchor_tunnel)
         except (SetupError, OSError) as exc:
-            log.error("no tunnel on %s: %s", access.name, exc)
+            log.warning("no tunnel on %s: %s", tunnel.name, exc)
+            tunnel.down_reason = "socket error"
             return
-        number = len(self.tunnels) + 1
-        channel = SipChannel(
-            f"tunnel-{access.name}", lambda d, _a: sock.send(encode_frame(Signal(d)))
-        )
-        tunnel = ClientTunnel(access, sock, channel, number)
-        self.tunnels[access.name] = tunnel
         assert self.datapath is not None
-        self.datapath.attach(access.name, sock)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(channel.run)
-            backoff = 1.0
-            while True:
-                if await self._setup(tunnel):
-                    backoff = 1.0
-                    await self._probe_until_dead(tunnel)
-                    self._tunnel_died(tunnel, "probe loss")
-                else:
+        tunnel.sock = sock
+        tunnel.local = format_hostport(sock.getsockname())
+        tunnel.sip = SipChannel(
+            f"tunnel-{tunnel.name}", lambda d, _a: sock.send(encode_frame(Signal(d)))
+        )
+        self.datapath.attach(tunnel.name, sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tunnel.sip.run)
+                backoff = 1.0
+                while True:
+                    tunnel.phase = TunnelPhase.SETTING_UP
+                    if await self._setup(tunnel):
+                        backoff = 1.0
+                        await self._probe_until_dead(tunnel)
+                        self._tunnel_down(tunnel, "probe loss")
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            self.datapath.detach(tunnel.name)
+            sock.close()
+            tunnel.sock = None
+            tunnel.sip = None
 
     async def _setup(self, tunnel: ClientTunnel) -> bool:
-        reg = self.registration
-        assert reg.vipa is not None
+        reg = self.associator.registration
+        assert reg.vipa is not None and tunnel.sip is not None
         body = encode_body(
             TunnelSetupRequest(
                 terminal_id=self.config.terminal_id, vipa=reg.vipa, interface=tunnel.name
             )
         )
-        request = self._message(tunnel, body)
         try:
             with trio.fail_after(SETUP_TIMEOUT):
-                response = await tunnel.sip.request(request, self.anchor_tunnel)
+                response = await tunnel.sip.request(self._message(tunnel, body), self.anchor_tunnel)
         except (trio.TooSlowError, TransactionFailed):
             log.info("tunnel on %s: no answer to set-up", tunnel.name)
             return False
@@ -350,7 +378,7 @@ class ClientDaemon:
                 "tunnel on %s refused (%s): registering again", tunnel.name, response.phrase
             )
             with contextlib.suppress(TransactionFailed):
-                await self._associate(self._preferred_accesses())
+                await self.associator.associate(self._preferred_accesses())
             return False
         if response.code != 200:
             log.warning("tunnel on %s refused: %d %s", tunnel.name, response.code, response.phrase)
@@ -369,7 +397,8 @@ class ClientDaemon:
             tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
         )
         tunnel.phase = TunnelPhase.UP
-        self._update_active()
+        self.steering.set_up(tunnel.name, trio.current_time())
+        self._reevaluate_now.set()
         log.info(
             "tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name, answer.observed
         )
@@ -377,6 +406,7 @@ class ClientDaemon:
 
     def _message(self, tunnel: ClientTunnel, body: bytes) -> Request:
         """A MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
+        assert tunnel.sock is not None
         local = tunnel.sock.getsockname()
         aor = f"sip:{self.config.terminal_id}@{self.config.anchor}"
         return build_request(
@@ -396,7 +426,7 @@ class ClientDaemon:
 
     async def _probe_until_dead(self, tunnel: ClientTunnel) -> None:
         scheduler = tunnel.scheduler
-        assert scheduler is not None
+        assert scheduler is not None and tunnel.sock is not None
         while True:
             probe = scheduler.make_probe(trio.current_time(), time.monotonic_ns())
             if scheduler.dead:
@@ -405,24 +435,117 @@ class ClientDaemon:
                 tunnel.sock.send(encode_frame(probe))
             await trio.sleep(scheduler.interval)
 
-    def _tunnel_died(self, tunnel: ClientTunnel, reason: str) -> None:
+    def _tunnel_down(self, tunnel: ClientTunnel, reason: str) -> None:
+        was_up = tunnel.phase is TunnelPhase.UP or self.steering.view.live(tunnel.name)
         tunnel.phase = TunnelPhase.DEAD
-        self._update_active()
-        log.warning("tunnel on %s dead (%s)", tunnel.name, reason)
-        if not self.active:
-            return
-        target = self.active[0]
-        with self.lock:
-            moved = self.paft.move(
-                FlowSelector(), target, only=lambda _k, e: e.tunnel == tunnel.name and e.movable
-            )
-        if moved:
-            self.failovers += 1
-            log.info("moved %d flows from %s to %s (%s)", len(moved), tunnel.name, target, reason)
-            trio.lowlevel.spawn_system_task(self._announce, self.tunnels[target], moved)
+        tunnel.down_reason = reason
+        self.steering.set_down(tunnel.name, reason)
+        if was_up:
+            log.warning("tunnel on %s dead (%s)", tunnel.name, reason)
+            self._reevaluate(trio.current_time())
 
-    async def _announce(self, tunnel: ClientTunnel, flows: list[FiveTuple]) -> None:
-        """Tell the anchor, on the new tunnel, which flows now travel on it."""
+    # -- frames from the data path -----------------------------------------------
+    def _control_frame(self, ifname: str, data: bytes) -> None:
+        tunnel = self.tunnels.get(ifname)
+        if tunnel is None:
+            return
+        if data[0] == FrameType.SIGNAL:
+            if tunnel.sip is not None:
+                tunnel.sip.feed(data[1:], self.anchor_tunnel)
+            return
+        try:
+            frame = decode_frame_untrusted(data)
+        except MalformedError:
+            return
+        if isinstance(frame, ProbeAck) and tunnel.scheduler is not None:
+            tunnel.scheduler.on_ack(frame, trio.current_time(), time.monotonic_ns())
+
+    # -- classification ----------------------------------------------------------
+    def _choice(self, key: FiveTuple, app: AppInfo | None) -> FlowChoice:
+        name, exe = (app.name, app.exe_name) if app is not None else (None, None)
+        decision = self.steering.view.decide(name, exe)
+        return FlowChoice(decision.tunnel, name, decision.movable)
+
+    def _decide(self, key: FiveTuple) -> FlowChoice | None:
+        """Data-path thread: where a new flow goes, or None to hold it until classified."""
+        if key.proto not in CLASSIFIABLE:
+            return self._choice(key, None)
+        owner = self.classifier.owner(key)
+        if owner is None:
+            return self._choice(key, None)  # re-examined later by the control plane
+        app = self.classifier.cached_app(owner)
+        if app is None:
+            self._classify_queue.put((key, owner))
+            return None
+        self.book.apps[key] = app
+        return self._choice(key, app)
+
+    def _fallback(self, key: FiveTuple) -> FlowChoice:
+        return self._choice(key, None)
+
+    def _classify_worker(self) -> None:
+        """Classifier thread: the slow part (a /proc scan) of finding a flow's owner."""
+        # The data path owns the classifier's sock_diag socket; re-examinations
+        # here need their own.
+        with SockDiag() as diag:
+            while True:
+                key, owner = self._classify_queue.get()
+                if key is None:
+                    return
+                try:
+                    if owner is None:
+                        owner = diag.lookup(key)
+                    app = self.classifier.app_for_owner(owner) if owner is not None else None
+                except (MalformedError, OSError) as exc:
+                    log.debug("classifying %s failed: %r", key, exc)
+                    app = None
+                if app is not None:
+                    self.book.apps[key] = app
+                if self.datapath is not None:
+                    self.datapath.resolve(key, self._choice(key, app))
+
+    # -- re-evaluation and handover ------------------------------------------------
+    async def _reevaluate_loop(self) -> None:
+        while True:
+            with trio.move_on_after(REEVALUATE_INTERVAL):
+                await self._reevaluate_now.wait()
+            self._reevaluate_now = trio.Event()
+            self._reevaluate(trio.current_time())
+
+    def _reevaluate(self, now: float) -> None:
+        """Move every flow that is not where steering wants it; announce the moves."""
+        groups: dict[tuple[str, str, str, str], list[FiveTuple]] = {}
+        with self.lock:
+            pairs = list(self.paft)
+            for key, entry in pairs:
+                name, exe = self.book.names(key, entry)
+                if entry.app is None and name is not None:
+                    entry.app = name
+                move = self.steering.target(key, entry.tunnel, name, exe, entry.movable, now)
+                if move is None:
+                    continue
+                groups.setdefault(
+                    (name or "(unknown)", entry.tunnel, move.target, move.reason), []
+                ).append(key)
+                entry.tunnel = move.target
+        for (app, source, target, reason), keys in groups.items():
+            self._announce_later(app, keys, source, target, reason)
+        self._queue_reexamination(pairs)
+
+    def _announce_later(
+        self, app: str, keys: list[FiveTuple], source: str, target: str, reason: str
+    ) -> None:
+        record = HandoverRecord(time.time(), app, len(keys), source, target, reason)
+        log.info("handover: %s, %d flows, %s -> %s (%s)", app, len(keys), source, target, reason)
+        index = self.book.record(record)
+        tunnel = self.tunnels.get(target)
+        if target != BLOCKED and tunnel is not None:
+            trio.lowlevel.spawn_system_task(self._announce, tunnel, keys, index)
+
+    async def _announce(
+        self, tunnel: ClientTunnel, keys: list[FiveTuple], index: int | None = None
+    ) -> tuple[str, float | None, int | None]:
+        """Tell the anchor, on the target tunnel, which flows now travel on it."""
         moves = tuple(
             FlowMove(
                 match=StructuredMatch(
@@ -434,45 +557,95 @@ class ClientDaemon:
                 ),
                 tunnel_id=None,
             )
-            for k in flows
+            for k in keys
         )
+        if tunnel.sip is None:
+            return "no tunnel", None, None
+        started = trio.current_time()
         request = self._message(tunnel, encode_body(HandoverRequest(flows=moves)))
+        answer, elapsed_ms, moved = "no answer", None, None
         try:
             with trio.fail_after(SETUP_TIMEOUT):
                 response = await tunnel.sip.request(request, self.anchor_tunnel)
-            log.info("anchor moved flows to %s: %d %s", tunnel.name, response.code, response.phrase)
+            elapsed_ms = round((trio.current_time() - started) * 1000, 3)
+            answer = f"{response.code} {response.phrase}"
+            with contextlib.suppress(MalformedError):
+                body = decode_body_untrusted(response.body)
+                if isinstance(body, HandoverResponse):
+                    moved = body.moved
+                    answer += f", moved {moved}"
         except (trio.TooSlowError, TransactionFailed):
             log.warning("no answer to HandoverRequest on %s", tunnel.name)
+        if index is not None and 0 <= index < len(self.book.history):
+            old = self.book.history[index]
+            self.book.history[index] = HandoverRecord(
+                old.at, old.app, old.flows, old.source, old.target, old.reason, answer, elapsed_ms
+            )
+        return answer, elapsed_ms, moved
 
-    def _update_active(self) -> None:
-        self.active = [
-            n
-            for n in self.interface_order
-            if n in self.tunnels and self.tunnels[n].phase is TunnelPhase.UP
-        ]
+    def _queue_reexamination(self, pairs: list[tuple[FiveTuple, Any]]) -> None:
+        """Flows whose owner was not found get a few more tries."""
+        for key, entry in pairs:
+            if entry.app is None and key.proto in CLASSIFIABLE and key not in self.book.apps:
+                tries = self._reexamined.get(key, 0)
+                if tries < REEXAMINE_TRIES:
+                    self._reexamined[key] = tries + 1
+                    self._classify_queue.put((key, None))
 
-    def _choose_tunnel(self, key: FiveTuple) -> str | None:
-        """Called by the data path for a new flow: the first live tunnel."""
-        active = self.active
-        return active[0] if active else None
-
-    # -- frames from the data path -----------------------------------------------
-    def _control_frame(self, ifname: str, data: bytes) -> None:
-        tunnel = self.tunnels.get(ifname)
-        if tunnel is None:
-            return
-        if data[0] == FrameType.SIGNAL:
-            tunnel.sip.feed(data[1:], self.anchor_tunnel)
-            return
-        try:
-            frame = decode_frame_untrusted(data)
-        except MalformedError:
-            return
-        if isinstance(frame, ProbeAck) and tunnel.scheduler is not None:
-            was_dead = tunnel.scheduler.dead
-            tunnel.scheduler.on_ack(frame, trio.current_time(), time.monotonic_ns())
-            if was_dead and not tunnel.scheduler.dead:
-                log.info("tunnel on %s answers again", ifname)
+    async def handover(self, request: JSON) -> JSON:
+        target = request.get("to")
+        if not isinstance(target, str) or target not in self.tunnels:
+            raise ConfigError(f"--to {target!r} is not one of {', '.join(self.interface_order)}")
+        tunnel = self.tunnels[target]
+        if tunnel.phase is not TunnelPhase.UP:
+            raise ConfigError(f"{target} has no live tunnel ({tunnel.phase.value})")
+        app_pattern, flow_id = request.get("app"), request.get("flow")
+        with self.lock:
+            pairs = list(self.paft)
+        if flow_id is not None:
+            key = self.book.by_id.get(flow_id) if isinstance(flow_id, int) else None
+            if key is None or key not in self.paft:
+                raise ConfigError(f"no flow with id {flow_id!r} (see upmt-client flows)")
+            selected = [(key, self.paft.entries[key])]
+            self.steering.pin_flow(key, target)
+            label = f"flow {flow_id}"
+        elif isinstance(app_pattern, str) and app_pattern:
+            selected = [(k, e) for k, e in pairs if matches(app_pattern, *self.book.names(k, e))]
+            self.steering.pin_app(app_pattern, target)
+            label = app_pattern
+        else:
+            raise ConfigError("name an application or give --flow ID")
+        started = trio.current_time()
+        moving = [(k, e) for k, e in selected if e.tunnel != target]
+        by_source: dict[str, list[FiveTuple]] = {}
+        for key, entry in moving:
+            by_source.setdefault(entry.tunnel, []).append(key)
+            entry.tunnel = target  # the upstream switches at once
+        for source, keys in by_source.items():
+            log.info("handover: %s, %d flows, %s -> %s (user)", label, len(keys), source, target)
+        index = self.book.record(
+            HandoverRecord(
+                time.time(),
+                label,
+                len(moving),
+                ",".join(sorted(by_source)) or target,
+                target,
+                "user",
+            )
+        )
+        answer, anchor_ms, anchor_moved = await self._announce(
+            tunnel, [k for k, _e in selected], index
+        )
+        return {
+            "ok": True,
+            "moved": len(moving),
+            "flows": len(selected),
+            "to": target,
+            "anchor": answer,
+            "anchor_moved": anchor_moved,
+            "anchor_ms": anchor_ms,
+            "total_ms": round((trio.current_time() - started) * 1000, 3),
+        }
 
     async def _housekeeping(self) -> None:
         while True:
@@ -480,72 +653,82 @@ class ClientDaemon:
             if self.datapath is not None and self.datapath.crashed is not None:
                 raise SetupError(f"data path failed: {self.datapath.crashed!r}")
             with self.lock:
-                self.paft.expire(time.monotonic(), self.config.flow_idle_timeout)
+                gone = self.paft.expire(time.monotonic(), self.config.flow_idle_timeout)
+                live = list(self.paft.entries)
+            for key in gone:
+                self.steering.forget_flow(key)
+                self._reexamined.pop(key, None)
+            if gone:
+                self.book.forget_missing(live)
 
     # -- control -------------------------------------------------------------
     async def _control(self, request: JSON) -> JSON:
-        if request["cmd"] == "status":
+        cmd = request["cmd"]
+        if cmd == "status":
             return self.status()
-        return {"ok": False, "error": f"unknown command {request['cmd']!r}"}
+        if cmd == "flows":
+            return {"ok": True, "flows": self._flows_json()}
+        if cmd == "apps":
+            return {
+                "ok": True,
+                "apps": FlowBook.apps_json(self._flows_json()),
+                "policy": self.policy.to_json(),
+            }
+        if cmd == "handover":
+            return await self.handover(request)
+        if cmd == "policy-reload":
+            policy = self.reload_policy()
+            return {"ok": True, "policy": policy.to_json()}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    def _flows_json(self) -> list[JSON]:
+        tid_of = {t.name: t.tunnel_id for t in self.tunnels.values()}
+        now = time.monotonic()
+        with self.lock:
+            pairs = list(self.paft)
+        return [self.book.flow_json(k, e, tid_of.get(e.tunnel), now) for k, e in pairs]
 
     def status(self) -> JSON:
-        reg = self.registration
+        reg = self.associator.registration
         now = trio.current_time()
         tunnels = []
-        for name in self.interface_order:
+        for name in getattr(self, "interface_order", []):
             t = self.tunnels.get(name)
             if t is None:
                 continue
             sched = t.scheduler
-            rtt = sched.rtt if sched is not None else None
+            stats = sched.statistics() if sched is not None else None
+            rtt = stats.srtt if stats is not None else None
             tunnels.append(
                 {
                     "tunnel_id": t.tunnel_id,
                     "interface": name,
                     "state": t.phase.value,
+                    "down_reason": t.down_reason or None,
                     "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                     "observed": t.observed,
-                    "local": format_hostport(t.sock.getsockname()),
-                    "probes_sent": sched.statistics().probes_sent if sched else 0,
-                    "acks_received": sched.statistics().acks_received if sched else 0,
-                    "misses": sched.consecutive_misses if sched else 0,
-                }
-            )
-        tid_of = {t.name: t.tunnel_id for t in self.tunnels.values()}
-        with self.lock:
-            pairs = list(self.paft)
-        flows = []
-        for key, entry in pairs:
-            flow = key.to_json()
-            flows.append(
-                {
-                    "proto": flow["proto"],
-                    "vipa": flow["src"],
-                    "sport": flow["sport"],
-                    "dst": flow["dst"],
-                    "dport": flow["dport"],
-                    "tunnel_id": tid_of.get(entry.tunnel),
-                    "interface": entry.tunnel,
-                    "app": entry.app,
-                    "bytes": entry.bytes_up + entry.bytes_down,
-                    "bytes_up": entry.bytes_up,
-                    "bytes_down": entry.bytes_down,
+                    "local": t.local,
+                    "probes_sent": stats.probes_sent if stats else 0,
+                    "acks_received": stats.acks_received if stats else 0,
+                    "misses": stats.consecutive_misses if stats else 0,
                 }
             )
         counters: dict[str, int] = {}
         if self.datapath is not None:
             counters.update(self.datapath.counters.snapshot())
-        counters["failovers"] = self.failovers
+            counters["held_flows"] = self.datapath.held_flows
         counters["control_queue_dropped"] = self.handoff.dropped if self.handoff else 0
         return {
             "ok": True,
             "terminal_id": self.config.terminal_id,
             "vipa": reg.vipa,
-            "anchor": format_hostport(self.anchor_sip),
+            "anchor": format_hostport(self.associator.anchor_sip),
             "tun": self.config.tun_name,
-            "registration_expires_in_s": max(0.0, reg.registered_at + reg.expires - now),
+            "registration_expires_in_s": reg.expires_in(now),
+            "policy": self.policy.source if hasattr(self, "steering") else None,
             "tunnels": tunnels,
-            "flows": flows,
+            "flows": self._flows_json(),
+            "handovers": [r.to_json() for r in self.book.history],
             "counters": counters,
         }
 

@@ -1,20 +1,29 @@
 """The client's data path: TUN `upmt0` ↔ one UDP tunnel socket per interface.
 
 Upstream, every packet the applications send is keyed by its 5-tuple and
-looked up in the PAFT with one dict access; a new flow asks `choose_tunnel`
-(the policy) once and is learnt. Downstream, DATA frames go to the TUN as
-they are; every other frame (SIGNAL, PROBE-ACK) is handed to the control
-plane through `on_control`. Runs in its own thread (`upmt.pump.Pump`); the
-control plane changes the tunnel set and moves flows, and holds `lock` while
-it walks the table, since only inserting a new flow here takes the lock too.
+looked up in the PAFT with one dict access. The first packet of a new flow
+asks `decide` where it goes; when the owning application is not known yet
+(its socket must be traced to a process, which takes milliseconds), `decide`
+answers None and the flow's packets are held — bounded in number and time —
+until `resolve` delivers the answer from the classifier's thread, or until
+`hold_timeout`, when `fallback` (the default policy) decides. So no flow
+leaks onto the wrong network or past a block, and no other flow waits.
+
+Downstream, DATA frames go to the TUN as they are; every other frame (SIGNAL,
+PROBE-ACK) is handed to the control plane through `on_control`. Runs in its
+own thread (`upmt.pump.Pump`); the control plane moves flows and holds
+`lock` while it walks the table, since inserting a flow here takes it too.
 """
 
+import contextlib
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
@@ -22,6 +31,15 @@ from upmt.errors import MalformedError
 from upmt.pump import Pump
 
 MAX_PACKET = 65535
+MAX_HELD_PACKETS = 64
+MAX_HELD_FLOWS = 4096
+TICK = 0.02
+
+
+class FlowChoice(NamedTuple):
+    tunnel: str | None  # None: nowhere to send it now (dropped, counted)
+    app: str | None
+    movable: bool
 
 
 @dataclass(slots=True)
@@ -30,6 +48,10 @@ class ClientCounters:
     tun_bytes: int = 0
     tun_malformed: int = 0
     no_tunnel: int = 0
+    blocked: int = 0
+    held_packets: int = 0
+    held_dropped: int = 0
+    hold_timeouts: int = 0
     send_dropped: int = 0
     tunnel_packets: int = 0
     tunnel_bytes: int = 0
@@ -46,28 +68,46 @@ class ClientDataPath:
         tun_fd: int,
         paft: Paft[str],
         lock: threading.Lock,
-        choose_tunnel: Callable[[FiveTuple], str | None],
+        decide: Callable[[FiveTuple], FlowChoice | None],
+        fallback: Callable[[FiveTuple], FlowChoice],
         on_control: Callable[[str, bytes], None],
+        *,
+        blocked: str = "!blocked",
+        hold_timeout: float = 0.2,
     ) -> None:
         self.tun_fd = tun_fd
         self.paft = paft
         self.lock = lock
-        self.choose_tunnel = choose_tunnel
+        self.decide = decide
+        self.fallback = fallback
         self.on_control = on_control
+        self.blocked = blocked
+        self.hold_timeout = hold_timeout
         self.sockets: dict[str, socket.socket] = {}
         self.counters = ClientCounters()
-        self._pump = Pump("upmt-client-data")
+        self._held: dict[FiveTuple, tuple[float, list[bytes]]] = {}
+        self._resolved: queue.SimpleQueue[tuple[FiveTuple, FlowChoice]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pump = Pump("upmt-client-data", tick=self._tick, tick_interval=TICK)
         self._pump.add(tun_fd, self._drain_tun)
+        self._pump.add(self._wake_r, self._drain_resolved)
 
     def start(self) -> None:
         self._pump.start()
 
     def stop(self) -> None:
         self._pump.stop()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     @property
     def crashed(self) -> BaseException | None:
         return self._pump.crashed
+
+    @property
+    def held_flows(self) -> int:
+        return len(self._held)
 
     def attach(self, ifname: str, sock: socket.socket) -> None:
         """Start carrying traffic on `sock` (connected to the anchor)."""
@@ -79,12 +119,20 @@ class ClientDataPath:
         if sock is not None:
             self._pump.remove(sock.fileno())
 
+    def resolve(self, key: FiveTuple, choice: FlowChoice) -> None:
+        """The classifier's answer for a held flow (from any thread)."""
+        self._resolved.put((key, choice))
+        # A full pipe is already a pending wakeup.
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
     # -- hot path ----------------------------------------------------------
     def _drain_tun(self) -> None:
         read = os.read
         fd = self.tun_fd
         entries = self.paft.entries
         sockets = self.sockets
+        held = self._held
         c = self.counters
         now = time.monotonic()
         while True:
@@ -105,13 +153,31 @@ class ClientDataPath:
                 continue
             entry = entries.get(key)
             if entry is None:
-                entry = self._new_flow(key, now)
-                if entry is None:
+                waiting = held.get(key)
+                if waiting is not None:
+                    if len(waiting[1]) < MAX_HELD_PACKETS:
+                        waiting[1].append(packet)
+                        c.held_packets += 1
+                    else:
+                        c.held_dropped += 1
+                    continue
+                choice = self.decide(key)
+                if choice is None:
+                    if len(held) < MAX_HELD_FLOWS:
+                        held[key] = (now, [packet])
+                        c.held_packets += 1
+                        continue
+                    choice = self.fallback(key)
+                if choice.tunnel is None:
                     c.no_tunnel += 1
                     continue
+                entry = self._learn(key, choice, now)
             sock = sockets.get(entry.tunnel)
             if sock is None:
-                c.no_tunnel += 1
+                if entry.tunnel == self.blocked:
+                    c.blocked += 1
+                else:
+                    c.no_tunnel += 1
                 continue
             entry.packets_up += 1
             entry.bytes_up += size
@@ -122,12 +188,68 @@ class ClientDataPath:
                 # Full socket buffer or a link that just went away: UDP semantics, drop.
                 c.send_dropped += 1
 
-    def _new_flow(self, key: FiveTuple, now: float) -> FlowEntry[str] | None:
-        tunnel = self.choose_tunnel(key)
-        if tunnel is None:
-            return None
+    def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
+        assert choice.tunnel is not None
         with self.lock:
-            return self.paft.learn(key, tunnel, now)
+            entry = self.paft.learn(key, choice.tunnel, now, app=choice.app)
+        entry.movable = choice.movable
+        return entry
+
+    def _drain_resolved(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        while True:
+            try:
+                key, choice = self._resolved.get_nowait()
+            except queue.Empty:
+                return
+            waiting = self._held.pop(key, None)
+            entry = self.paft.entries.get(key)
+            if entry is not None:
+                # Decided by the timeout already: record the owner; the control
+                # plane moves the flow if the application's policy says so.
+                if choice.app is not None:
+                    entry.app = choice.app
+                continue
+            if waiting is not None:
+                self._release(key, choice, waiting[1], now)
+
+    def _tick(self) -> None:
+        if not self._held:
+            return
+        now = time.monotonic()
+        expired = [k for k, (since, _p) in self._held.items() if now - since >= self.hold_timeout]
+        for key in expired:
+            _since, packets = self._held.pop(key)
+            self.counters.hold_timeouts += 1
+            self._release(key, self.fallback(key), packets, now)
+
+    def _release(
+        self, key: FiveTuple, choice: FlowChoice, packets: list[bytes], now: float
+    ) -> None:
+        c = self.counters
+        if choice.tunnel is None:
+            c.no_tunnel += len(packets)
+            return
+        entry = self._learn(key, choice, now)
+        sock = self.sockets.get(entry.tunnel)
+        if sock is None:
+            if entry.tunnel == self.blocked:
+                c.blocked += len(packets)
+            else:
+                c.no_tunnel += len(packets)
+            return
+        for packet in packets:
+            entry.packets_up += 1
+            entry.bytes_up += len(packet)
+            try:
+                sock.send(packet)
+            except OSError:
+                c.send_dropped += 1
 
     def _drain_tunnel(self, ifname: str, sock: socket.socket) -> None:
         recv = sock.recv

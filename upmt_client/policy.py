@@ -1,0 +1,370 @@
+"""Per-application policy: which interfaces carry an application's flows.
+
+The client reads the policy once at start-up (``--policy FILE``) and again
+on reload. Without a file, `builtin_policy` sends every application over the
+daemon's own interface list, in that order. This module only parses and
+answers questions; it opens no sockets and keeps no state, so
+`load_policy` can be called speculatively and a bad file simply raises.
+
+The file format (TOML)::
+
+    [default]                        # optional table
+    interfaces = ["if0", "if1"]      # preference order
+    movable = true                   # optional, default true
+
+    [apps.curl]                      # an application, by name or glob
+    interfaces = ["if1", "if0"]
+
+    [apps.rsync]
+    interfaces = ["if0"]
+    movable = false                  # never handed over: flows wait for if0
+
+    [apps.telnet]
+    action = "block"                 # flows are dropped
+
+    [apps."fire*"]                   # globs need quoting in TOML
+    interfaces = ["if1"]
+
+``[default]`` applies to every application no ``[apps.*]`` table matches.
+Its keys:
+
+- ``interfaces``: the interfaces to use, most preferred first. Optional: when
+  it (or the whole table) is absent, the daemon's own interface list is used.
+- ``movable``: whether flows may be handed over to another interface of the
+  list when theirs dies (default true). A flow that is not movable waits for
+  its interface to come back.
+
+``[apps.NAME]`` keys:
+
+- ``action``: ``"tunnel"`` (the default) or ``"block"`` (flows are dropped).
+- ``interfaces``: as above; absent means the default's list.
+- ``movable``: as above, default true. It is not inherited from
+  ``[default]``: each table says what it means on its own.
+
+A blocked application uses no interface, so ``interfaces`` and ``movable`` in
+a table with ``action = "block"`` are rejected rather than silently ignored:
+they would suggest a meaning they do not have.
+
+NAME is matched, case-sensitively, against both the process name and the
+basename of its executable; either matching is enough. NAME may be a shell
+glob (``*``, ``?``, ``[...]``, as in `fnmatch.fnmatchcase`). A name without
+glob characters wins over any glob; among several exact names, and among
+several globs, the first in the file wins.
+
+Interface names must be valid Linux interface names (1-15 bytes, no ``/``,
+``:`` or whitespace) but need not exist: an interface may appear later.
+Unknown tables and keys, wrong types, empty or repeated interface lists are
+errors, reported as `ConfigError` on one line naming the file and the key,
+e.g. ``policy.toml: apps.curl.interfaces: must not be empty``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from upmt.errors import ConfigError
+
+BUILTIN_SOURCE = "<built-in>"
+DEFAULT_KEY = "default"
+
+_GLOB_CHARS = frozenset("*?[")
+# Bare TOML keys need no quoting; anything else is shown as a quoted key.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_DEFAULT_KEYS = frozenset({"interfaces", "movable"})
+_APP_KEYS = frozenset({"interfaces", "movable", "action"})
+
+
+class Action(Enum):
+    """What happens to an application's flows."""
+
+    TUNNEL = "tunnel"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class AppPolicy:
+    """The policy of one application, or of all the others (`key` "default").
+
+    `key` is the table name as written (possibly a glob). A blocked
+    application has no interfaces.
+    """
+
+    key: str
+    interfaces: tuple[str, ...]
+    movable: bool = True
+    action: Action = Action.TUNNEL
+
+    def to_json(self) -> dict[str, object]:
+        """The fields as JSON values."""
+        return {
+            "key": self.key,
+            "action": self.action.value,
+            "interfaces": list(self.interfaces),
+            "movable": self.movable,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole policy: the default and the application tables in file order."""
+
+    default: AppPolicy
+    apps: tuple[AppPolicy, ...]
+    source: str
+    # Lookup structures, derived once so that classifying a new flow costs a
+    # dict lookup in the common (exact name) case.
+    _exact: dict[str, int] = field(init=False, repr=False, compare=False)
+    _globs: tuple[AppPolicy, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        exact: dict[str, int] = {}
+        for index, app in enumerate(self.apps):
+            if not is_glob(app.key):
+                exact.setdefault(app.key, index)
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_globs", tuple(a for a in self.apps if is_glob(a.key)))
+
+    def for_app(self, name: str | None, exe_name: str | None = None) -> AppPolicy:
+        """The policy for a process called `name` running the executable `exe_name`.
+
+        An exact key equal to either name wins; otherwise the first glob, in
+        file order, that matches either; otherwise the default.
+        """
+        name, exe_name = _name(name), _exe_basename(exe_name)
+        hits = [self._exact[n] for n in (name, exe_name) if n is not None and n in self._exact]
+        if hits:
+            return self.apps[min(hits)]
+        for app in self._globs:
+            if matches(app.key, name, exe_name):
+                return app
+        return self.default
+
+    def interfaces_used(self) -> set[str]:
+        """Every interface the policy names, in the default or any application."""
+        used = set(self.default.interfaces)
+        for app in self.apps:
+            used.update(app.interfaces)
+        return used
+
+    def to_json(self) -> dict[str, object]:
+        """The policy as JSON values, for ``upmt-client status`` and ``apps``."""
+        return {
+            "source": self.source,
+            "default": self.default.to_json(),
+            "apps": [app.to_json() for app in self.apps],
+        }
+
+
+def is_glob(pattern: str) -> bool:
+    """Whether `pattern` contains shell glob characters."""
+    return not _GLOB_CHARS.isdisjoint(pattern)
+
+
+def matches(pattern: str, name: str | None, exe_name: str | None) -> bool:
+    """Whether `pattern` (a name or glob) matches the process name or executable.
+
+    Case-sensitive. `exe_name` may be a path: only its basename is compared,
+    since that is what a user writes in a policy. An empty name counts as
+    unknown and matches nothing.
+    """
+    return any(
+        n is not None and fnmatch.fnmatchcase(n, pattern)
+        for n in (_name(name), _exe_basename(exe_name))
+    )
+
+
+def builtin_policy(interfaces: Sequence[str]) -> Policy:
+    """The policy with no file: every application uses `interfaces`, movable."""
+    return Policy(
+        default=AppPolicy(DEFAULT_KEY, tuple(interfaces)),
+        apps=(),
+        source=BUILTIN_SOURCE,
+    )
+
+
+def load_policy(path: Path, *, fallback_interfaces: Sequence[str]) -> Policy:
+    """Read and parse the policy file at `path`.
+
+    `fallback_interfaces` is the default's list when the file gives none.
+    Raises `ConfigError` (one line) and changes nothing, so a reload can try
+    a file and keep the old policy when it is bad.
+    """
+    source = str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(_one_line(f"{source}: cannot read policy file: {reason}")) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_one_line(f"{source}: not UTF-8 text (byte {exc.start})")) from None
+    return parse_policy(text, source, fallback_interfaces=fallback_interfaces)
+
+
+def parse_policy(text: str, source: str, *, fallback_interfaces: Sequence[str]) -> Policy:
+    """Parse the TOML `text` of a policy; `source` names it in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_one_line(f"{source}: {exc}")) from None
+    except RecursionError:
+        # tomllib parses nested arrays recursively.
+        raise ConfigError(_one_line(f"{source}: values nested too deeply")) from None
+    return _Parser(source).policy(data, tuple(fallback_interfaces))
+
+
+class _Parser:
+    """Validation of the decoded TOML document, with errors tied to `source`."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def error(self, path: Sequence[str], reason: str, index: int | None = None) -> ConfigError:
+        dotted = ".".join(_toml_key(p) for p in path)
+        if index is not None:
+            dotted += f"[{index}]"
+        return ConfigError(_one_line(f"{self.source}: {dotted}: {reason}"))
+
+    def policy(self, data: Mapping[str, object], fallback: tuple[str, ...]) -> Policy:
+        for key in data:
+            if key not in (DEFAULT_KEY, "apps"):
+                raise self.error([key], "unknown key or table (expected [default] or [apps.NAME])")
+        default = self.default(data.get(DEFAULT_KEY), fallback)
+        apps_table = data.get("apps", {})
+        if not isinstance(apps_table, dict):
+            raise self.error(["apps"], "must be a table of [apps.NAME] tables")
+        apps = tuple(self.app(name, table, default) for name, table in apps_table.items())
+        return Policy(default=default, apps=apps, source=self.source)
+
+    def default(self, table: object, fallback: tuple[str, ...]) -> AppPolicy:
+        if table is None:
+            return AppPolicy(DEFAULT_KEY, fallback)
+        path = [DEFAULT_KEY]
+        if not isinstance(table, dict):
+            raise self.error(path, "must be a table")
+        self.check_keys(path, table, _DEFAULT_KEYS)
+        interfaces = fallback
+        if "interfaces" in table:
+            interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
+        movable = self.boolean([*path, "movable"], table.get("movable", True))
+        return AppPolicy(DEFAULT_KEY, interfaces, movable)
+
+    def app(self, name: str, table: object, default: AppPolicy) -> AppPolicy:
+        path = ["apps", name]
+        if not name:
+            raise self.error(path, "the application name must not be empty")
+        if not isinstance(table, dict):
+            raise self.error(path, "must be a table")
+        self.check_keys(path, table, _APP_KEYS)
+        action = self.action([*path, "action"], table.get("action", Action.TUNNEL.value))
+        if action is Action.BLOCK:
+            for key in ("interfaces", "movable"):
+                if key in table:
+                    raise self.error([*path, key], 'not allowed with action = "block"')
+            return AppPolicy(name, (), action=Action.BLOCK)
+        interfaces = default.interfaces
+        if "interfaces" in table:
+            interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
+        movable = self.boolean([*path, "movable"], table.get("movable", True))
+        return AppPolicy(name, interfaces, movable, Action.TUNNEL)
+
+    def check_keys(
+        self, path: list[str], table: Mapping[str, object], allowed: frozenset[str]
+    ) -> None:
+        for key in table:
+            if key not in allowed:
+                expected = ", ".join(sorted(allowed))
+                raise self.error([*path, key], f"unknown key (expected one of {expected})")
+
+    def interfaces(self, path: list[str], value: object) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.error(path, "must be a list of interface names")
+        if not value:
+            raise self.error(path, "must not be empty")
+        seen: list[str] = []
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(path, f"must be a string, not {_toml_type(item)}", index)
+            if not is_ifname(item):
+                raise self.error(path, f"{_quote(item)} is not a valid interface name", index)
+            if item in seen:
+                raise self.error(path, f"{_quote(item)} is listed twice", index)
+            seen.append(item)
+        return tuple(seen)
+
+    def boolean(self, path: list[str], value: object) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(path, f"must be true or false, not {_toml_type(value)}")
+        return value
+
+    def action(self, path: list[str], value: object) -> Action:
+        if not isinstance(value, str):
+            raise self.error(path, f'must be "tunnel" or "block", not {_toml_type(value)}')
+        try:
+            return Action(value)
+        except ValueError:
+            raise self.error(
+                path, f'{_quote(value)} is not an action (expected "tunnel" or "block")'
+            ) from None
+
+
+def is_ifname(name: str) -> bool:
+    """What the kernel accepts as an interface name (dev_valid_name, IFNAMSIZ)."""
+    return (
+        0 < len(name.encode("utf-8", "surrogatepass")) < 16
+        and name not in (".", "..")
+        and not any(c in "/:\0" or c.isspace() for c in name)
+    )
+
+
+def _name(name: str | None) -> str | None:
+    # An empty process name tells nothing; "*" must not match it.
+    return name or None
+
+
+def _exe_basename(exe: str | None) -> str | None:
+    # Callers may hand over a whole path; users write basenames. Process
+    # names are left alone: they may contain '/' themselves (prctl).
+    if not exe:
+        return None
+    return exe.rsplit("/", 1)[-1] or None
+
+
+def _quote(text: str) -> str:
+    # ASCII-only JSON string: also a valid TOML basic string, and it cannot
+    # contain a line break, whatever the user put in the file.
+    return json.dumps(text, ensure_ascii=True)
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _quote(key)
+
+
+def _toml_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
+
+
+def _one_line(message: str) -> str:
+    # File names and tomllib messages come from outside; a ConfigError is
+    # printed as one line whatever they contain.
+    return " ".join(message.splitlines())

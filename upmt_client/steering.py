@@ -1,0 +1,147 @@
+"""Which tunnel each flow takes: per-application policy, pins, liveness, hold-down (pure).
+
+Theory of operation. An application's policy lists interfaces in preference
+order. A new flow goes on the first of them whose tunnel is up (or is
+dropped, for `action = "block"`). Afterwards the control plane re-evaluates
+every flow (`target`): a movable flow whose tunnel died moves at once to the
+next live interface of its list ("link down" / "probe loss"); when a more
+preferred interface comes back, flows return to it only after it has stayed
+up for the hold-down time ("return"), so a flapping link causes no
+ping-pong. A flow that is not movable never changes tunnel; it waits for its
+interface to return. The user can pin an application (`handover APP --to`)
+or a single flow (`handover --flow ID --to`) to an interface: a pin takes
+precedence over the policy order while its interface is up.
+
+`SteeringView` is an immutable snapshot: the data-path thread reads the
+current one for new flows while the control plane builds the next.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from upmt_client.policy import Action, AppPolicy, Policy, matches
+
+BLOCKED = "!blocked"  # a pseudo-tunnel: the data path drops the flow's packets
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    tunnel: str | None  # None: no live tunnel for this flow now
+    policy_key: str
+    movable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SteeringView:
+    policy: Policy
+    up_since: Mapping[str, float]  # live interfaces → since when (control-plane clock)
+    app_pins: tuple[tuple[str, str], ...] = ()  # (app pattern, interface), newest first
+
+    def live(self, interface: str) -> bool:
+        return interface in self.up_since
+
+    def policy_for(self, name: str | None, exe_name: str | None) -> AppPolicy:
+        return self.policy.for_app(name, exe_name)
+
+    def pinned(self, name: str | None, exe_name: str | None) -> str | None:
+        for pattern, interface in self.app_pins:
+            if matches(pattern, name, exe_name):
+                return interface
+        return None
+
+    def decide(self, name: str | None, exe_name: str | None) -> Decision:
+        """Where a new flow of this application goes."""
+        pol = self.policy_for(name, exe_name)
+        if pol.action is Action.BLOCK:
+            return Decision(BLOCKED, pol.key, False)
+        pin = self.pinned(name, exe_name)
+        if pin is not None and self.live(pin):
+            return Decision(pin, pol.key, pol.movable)
+        for interface in pol.interfaces:
+            if self.live(interface):
+                return Decision(interface, pol.key, pol.movable)
+        # Nothing live: a flow that may not move waits for its first choice.
+        return Decision(None if pol.movable else pol.interfaces[0], pol.key, pol.movable)
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    target: str
+    reason: str  # "link down", "probe loss", "return", "policy", "pin"
+
+
+@dataclass
+class Steering:
+    """The control plane's mutable side; `view` is what the data path reads."""
+
+    policy: Policy
+    hold_down: float
+    down_reason: dict[str, str] = field(default_factory=dict)
+    flow_pins: dict[object, str] = field(default_factory=dict)
+    view: SteeringView = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = SteeringView(self.policy, {})
+
+    def set_policy(self, policy: Policy) -> None:
+        self.policy = policy
+        self.view = SteeringView(policy, self.view.up_since, self.view.app_pins)
+
+    def set_up(self, interface: str, now: float) -> None:
+        if interface not in self.view.up_since:
+            up = dict(self.view.up_since)
+            up[interface] = now
+            self.view = SteeringView(self.policy, up, self.view.app_pins)
+        self.down_reason.pop(interface, None)
+
+    def set_down(self, interface: str, reason: str) -> None:
+        self.down_reason[interface] = reason
+        if interface in self.view.up_since:
+            up = {k: v for k, v in self.view.up_since.items() if k != interface}
+            self.view = SteeringView(self.policy, up, self.view.app_pins)
+
+    def pin_app(self, pattern: str, interface: str) -> None:
+        pins = ((pattern, interface), *(p for p in self.view.app_pins if p[0] != pattern))
+        self.view = SteeringView(self.policy, self.view.up_since, pins)
+
+    def pin_flow(self, key: object, interface: str) -> None:
+        self.flow_pins[key] = interface
+
+    def forget_flow(self, key: object) -> None:
+        self.flow_pins.pop(key, None)
+
+    def target(
+        self,
+        key: object,
+        current: str,
+        name: str | None,
+        exe_name: str | None,
+        movable: bool,
+        now: float,
+    ) -> Move | None:
+        """Where an existing flow should be now, if not where it is."""
+        view = self.view
+        if current == BLOCKED or not movable:
+            return None
+        pol = view.policy_for(name, exe_name)
+        if pol.action is Action.BLOCK:
+            return Move(BLOCKED, "policy")
+        settled = {i for i, since in view.up_since.items() if now - since >= self.hold_down}
+        pin = self.flow_pins.get(key) or view.pinned(name, exe_name)
+        if pin is not None and view.live(pin):
+            return None if pin == current else Move(pin, "pin")
+        if not view.live(current):
+            for interface in pol.interfaces:
+                if view.live(interface):
+                    return Move(interface, self.down_reason.get(current, "link down"))
+            return None
+        for interface in pol.interfaces:
+            if interface == current:
+                return None
+            if interface in settled:
+                return Move(interface, "return")
+        # The current interface is not in the app's list (policy changed): obey it.
+        for interface in pol.interfaces:
+            if view.live(interface):
+                return Move(interface, "policy")
+        return None
