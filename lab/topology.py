@@ -187,30 +187,8 @@ class Lab:
                 self.set_conntrack_udp_timeout(nat, self.conntrack_udp_timeout)
         # Each access network gives the MH a default route, as DHCP would; the
         # metric orders them, and a socket bound to an interface uses its own.
-        self.ip(
-            MH_ROLE,
-            "route",
-            "add",
-            "default",
-            "via",
-            ACCESS["if0"][1],
-            "dev",
-            "if0",
-            "metric",
-            "100",
-        )
-        self.ip(
-            MH_ROLE,
-            "route",
-            "add",
-            "default",
-            "via",
-            ACCESS["if1"][1],
-            "dev",
-            "if1",
-            "metric",
-            "200",
-        )
+        for ifname in ACCESS:
+            self._default_route(ifname)
         # Strict reverse-path filtering, as some distributions ship it.
         self.sysctl(MH_ROLE, "net.ipv4.conf.all.rp_filter", "1")
         self.sysctl(MH_ROLE, "net.ipv4.conf.default.rp_filter", "1")
@@ -272,6 +250,28 @@ class Lab:
         # which the masquerade rule above guarantees.
         self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout", str(seconds))
         self.sysctl(role, "net.netfilter.nf_conntrack_udp_timeout_stream", str(seconds))
+
+    def _default_route(self, ifname: str) -> None:
+        metric = str(100 + 100 * list(ACCESS).index(ifname))
+        self.ip(
+            MH_ROLE,
+            "route",
+            "replace",
+            "default",
+            "via",
+            ACCESS[ifname][1],
+            "dev",
+            ifname,
+            "metric",
+            metric,
+        )
+
+    def link(self, ifname: str, up: bool) -> None:
+        """Take an MH access interface down or up; up also restores its default
+        route, which the kernel dropped with the link (a DHCP client would)."""
+        self.ip(MH_ROLE, "link", "set", ifname, "up" if up else "down")
+        if up:
+            self._default_route(ifname)
 
     def blackhole(self, ifname: str, on: bool = True) -> None:
         """Drop everything the NAT in front of `ifname` forwards ("Wi-Fi without Internet")."""

@@ -19,9 +19,7 @@ Drain = Callable[[], None]
 
 
 class Pump:
-    def __init__(
-        self, name: str, *, tick: Drain | None = None, tick_interval: float = 1.0
-    ) -> None:
+    def __init__(self, name: str, *, tick: Drain | None = None, tick_interval: float = 1.0) -> None:
         self._tick = tick
         self._tick_interval = tick_interval
         self._epoll = select.epoll()

@@ -27,7 +27,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -108,6 +108,7 @@ class ClientTunnel:
     local: str | None = None
     setups: int = 0
     down_reason: str = ""
+    retry: trio.Event = field(default_factory=trio.Event)
 
 
 def run_client(config: ClientConfig) -> None:
@@ -301,6 +302,7 @@ class ClientDaemon:
             if not self._usable_now(name) or address_gone:
                 tunnel.down_reason = "link down"
                 scope.cancel()
+        tunnel.retry.set()
         event = self._link_changed.pop(name, None)
         if event is not None:
             event.set()
@@ -346,12 +348,17 @@ class ClientDaemon:
                 nursery.start_soon(tunnel.sip.run)
                 backoff = 1.0
                 while True:
-                    tunnel.phase = TunnelPhase.SETTING_UP
+                    # A tunnel that died stays "dead" until a set-up succeeds again.
+                    if tunnel.phase is not TunnelPhase.DEAD:
+                        tunnel.phase = TunnelPhase.SETTING_UP
                     if await self._setup(tunnel):
                         backoff = 1.0
                         await self._probe_until_dead(tunnel)
                         self._tunnel_down(tunnel, "probe loss")
-                    await trio.sleep(backoff)
+                    # Retried with backoff, or at once when the interface changes.
+                    with trio.move_on_after(backoff):
+                        await tunnel.retry.wait()
+                    tunnel.retry = trio.Event()
                     backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             self.datapath.detach(tunnel.name)
@@ -399,6 +406,12 @@ class ClientDaemon:
         tunnel.phase = TunnelPhase.UP
         self.steering.set_up(tunnel.name, trio.current_time())
         self._reevaluate_now.set()
+        # Flows that stayed on this interface while it was away (not movable, or
+        # pinned) point to its old tunnel at the anchor: re-announce them here.
+        with self.lock:
+            waiting = [k for k, e in self.paft if e.tunnel == tunnel.name]
+        if waiting:
+            trio.lowlevel.spawn_system_task(self._announce, tunnel, waiting)
         log.info(
             "tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name, answer.observed
         )

@@ -1,10 +1,12 @@
 """Small helpers shared by the end-to-end tests."""
 
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
-from lab.topology import CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab
+from lab.topology import CBR_PORT, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
 
 
 def sha256(path: Path) -> str:
@@ -79,3 +81,98 @@ def flow(status: dict[str, Any], proto: str, sport: int, dport: int) -> dict[str
 
 def tunnel_of(status: dict[str, Any], interface: str) -> dict[str, Any]:
     return next(t for t in status["tunnels"] if t["interface"] == interface)
+
+
+def write_policy(lab: Lab, text: str) -> Path:
+    path = lab.workdir / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def start_cbr(
+    lab: Lab,
+    *,
+    name: str = "cbr-recv",
+    pps: int = 1000,
+    count: int = 5000,
+    size: int = 200,
+    sport: int = 4000,
+    idle: float = 5.0,
+) -> tuple[Daemon, Path]:
+    """A UDP receiver app (process name `name`) that asks the CH for a CBR stream."""
+    ready = lab.workdir / f"{name}.ready"
+    daemon = lab.start(
+        "mh",
+        name,
+        [
+            lab.app_command(name),
+            "-m",
+            "lab.apps.cbr",
+            "receive",
+            CH_ADDR,
+            "--port",
+            str(CBR_PORT),
+            "--pps",
+            str(pps),
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--sport",
+            str(sport),
+            "--idle",
+            str(idle),
+            "--ready-file",
+            str(ready),
+        ],
+    )
+    return daemon, ready
+
+
+def cbr_result(daemon: Daemon, timeout: float = 60) -> dict[str, Any]:
+    assert daemon.popen is not None
+    daemon.popen.wait(timeout)
+    lines = [line for line in daemon.log.read_text().splitlines() if line.startswith("{")]
+    assert lines, daemon.log_tail()
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def start_download(
+    lab: Lab, blob: Path, *, rate: str | None = None, name: str = "curl", max_time: int = 120
+) -> tuple[Daemon, Path]:
+    """curl (the real one) downloading the CH's file in the background."""
+    out = lab.workdir / f"{name}.bin"
+    argv = ["curl", "-sS", "--fail", "-o", str(out), "--max-time", str(max_time)]
+    if rate:
+        argv += ["--limit-rate", rate]
+    return lab.start("mh", name, [*argv, f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}"]), out
+
+
+def finished(daemon: Daemon, timeout: float = 120) -> int:
+    assert daemon.popen is not None
+    return daemon.popen.wait(timeout)
+
+
+def client_cli(lab: Lab, client: Daemon, *args: str) -> Any:
+    """Run `upmt-client ARGS --json` against the running client; its JSON answer."""
+    proc = lab.exec(
+        "mh",
+        lab.python(),
+        "-m",
+        "upmt_client",
+        *args,
+        "--json",
+        "--control",
+        str(client.control),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_file(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)

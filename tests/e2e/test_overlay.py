@@ -132,5 +132,6 @@ def test_flow_moves_to_the_surviving_tunnel_when_its_interface_dies(lab: Lab) ->
     assert flow(client.status(), "udp", 2000, 3000)["interface"] == "if1"
     assert flow(anchor.status(), "udp", 2000, 3000)["tunnel_id"].startswith("192.0.2.6:")
     moves = client.status()["handovers"]
-    assert any(h["from"] == "if0" and h["to"] == "if1" and h["reason"] == "link down"
-               for h in moves), moves
+    assert any(
+        h["from"] == "if0" and h["to"] == "if1" and h["reason"] == "link down" for h in moves
+    ), moves

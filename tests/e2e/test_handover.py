@@ -1,0 +1,234 @@
+"""Per-application policy and handover, end to end, with unmodified applications.
+
+Which access network carried an application's bytes is read from the
+nftables counters of the NAT in front of each interface: the kernel's own
+account, not the client's.
+"""
+
+import json
+import time
+
+import pytest
+
+from lab.scenario import start_overlay, wait_until
+from lab.topology import AN_ADDR, Lab
+from tests.e2e.helpers import (
+    cbr_result,
+    client_cli,
+    finished,
+    flow,
+    sha256,
+    start_cbr,
+    start_download,
+    tunnel_of,
+    udp_request,
+    wait_file,
+    write_policy,
+)
+
+pytestmark = pytest.mark.e2e
+MB = 1 << 20
+
+
+def down_bytes(lab: Lab) -> dict[str, int]:
+    return {ifname: lab.nat_counters(ifname)["down"] for ifname in ("if0", "if1")}
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def test_two_applications_use_their_own_access_networks(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=8 * MB)
+    policy = write_policy(
+        lab,
+        """
+[default]
+interfaces = ["if0", "if1"]
+[apps.curl]
+interfaces = ["if1", "if0"]
+[apps.cbr-recv]
+interfaces = ["if0", "if1"]
+""",
+    )
+    _anchor, client = start_overlay(lab, client_args=("--policy", str(policy)))
+    before = down_bytes(lab)
+    cbr, _ready = start_cbr(lab, pps=1000, count=5000, size=1000)
+    curl, out = start_download(lab, blob, rate="4M")
+    assert finished(curl) == 0
+    assert sha256(out) == sha256(blob)
+    result = cbr_result(cbr)
+    assert result["lost"] == 0, result
+    moved = delta(down_bytes(lab), before)
+    cbr_bytes = 5000 * 1000
+    # curl's 8 MiB crossed if1 only, the receiver's 5 MB crossed if0 only.
+    assert 8 * MB <= moved["if1"] < 8 * MB + cbr_bytes // 2, moved
+    assert cbr_bytes <= moved["if0"] < cbr_bytes + 8 * MB // 2, moved
+    apps = {a["app"]: a for a in client_cli(lab, client, "apps")}
+    assert apps["cbr-recv"]["interfaces"] == ["if0"]
+
+
+def test_cli_handover_moves_a_running_download_and_leaves_the_other_app(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=12 * MB)
+    _anchor, client = start_overlay(lab)
+    before = down_bytes(lab)
+    cbr, ready = start_cbr(lab, pps=500, count=3000, size=200)
+    curl, out = start_download(lab, blob, rate="3M")
+    wait_file(ready)
+    wait_until(
+        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
+        20,
+        "curl under way",
+        (client,),
+    )
+    mid = down_bytes(lab)
+    answer = client_cli(lab, client, "handover", "curl", "--to", "if1")
+    assert answer["moved"] == 1 and answer["anchor"].startswith("200"), answer
+    assert finished(curl) == 0
+    assert sha256(out) == sha256(blob)
+    after = down_bytes(lab)
+    # Before the command curl's bytes came over if0, afterwards over if1.
+    assert mid["if0"] - before["if0"] > 2 * MB
+    assert after["if1"] - mid["if1"] > 4 * MB, (before, mid, after)
+    result = cbr_result(cbr)
+    assert result["lost"] == 0, result
+    flows = client.status()["flows"]
+    assert {f["interface"] for f in flows if f["app"] == "cbr-recv"} == {"if0"}
+    assert {f["interface"] for f in flows if f["app"] == "curl"} == {"if1"}
+    records = client.status()["handovers"]
+    assert any(
+        h["app"] == "curl" and h["to"] == "if1" and h["reason"] == "user" for h in records
+    ), records
+
+
+def test_make_before_break_loses_no_packet_of_a_cbr_stream(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    _anchor, client = start_overlay(lab)
+    before = down_bytes(lab)
+    cbr, ready = start_cbr(lab, pps=1000, count=4000, size=200)
+    wait_file(ready)
+    time.sleep(1.5)
+    answer = client_cli(lab, client, "handover", "cbr-recv", "--to", "if1")
+    assert answer["moved"] == 1 and answer["anchor"].startswith("200"), answer
+    result = cbr_result(cbr)
+    assert result["received"] == 4000 and result["lost"] == 0, result
+    moved = delta(down_bytes(lab), before)
+    # Both networks carried part of the stream: it really switched.
+    assert moved["if0"] > 1000 * 200 and moved["if1"] > 1000 * 200, moved
+
+
+@pytest.mark.parametrize("failure", ["link down", "blackhole"])
+def test_break_before_make_download_completes_over_the_other_interface(
+    lab: Lab, failure: str
+) -> None:
+    blob = lab.start_servers(file_size=12 * MB)
+    _anchor, client = start_overlay(lab)
+    curl, out = start_download(lab, blob, rate="3M")
+    wait_until(
+        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
+        20,
+        "curl under way",
+        (client,),
+    )
+    if failure == "link down":
+        lab.link("if0", up=False)
+    else:
+        lab.blackhole("if0")
+    assert finished(curl) == 0
+    assert sha256(out) == sha256(blob)
+    st = client.status()
+    assert tunnel_of(st, "if0")["state"] == "dead"
+    reason = "link down" if failure == "link down" else "probe loss"
+    assert any(
+        h["app"] == "curl" and h["from"] == "if0" and h["to"] == "if1" and h["reason"] == reason
+        for h in st["handovers"]
+    ), st["handovers"]
+
+
+def test_unmovable_app_waits_for_its_interface_and_blocked_app_gets_nothing(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=MB)
+    policy = write_policy(
+        lab,
+        """
+[default]
+interfaces = ["if0", "if1"]
+[apps.cbr-recv]
+interfaces = ["if0"]
+movable = false
+[apps.curl]
+action = "block"
+""",
+    )
+    _anchor, client = start_overlay(lab, client_args=("--policy", str(policy)))
+    curl, _out = start_download(lab, blob, max_time=4)
+    assert finished(curl) != 0  # no connectivity at all
+    assert client.status()["counters"]["blocked"] > 0
+
+    cbr, ready = start_cbr(lab, pps=500, count=4000, size=200, idle=10)
+    wait_file(ready)
+    time.sleep(1)
+    lab.link("if0", up=False)
+    wait_until(
+        lambda: tunnel_of(client.status(), "if0")["state"] == "dead", 10, "if0 dead", (client,)
+    )
+    time.sleep(2)
+    lab.link("if0", up=True)
+    result = cbr_result(cbr)
+    # Packets sent while if0 was away are lost; the stream resumed on if0 afterwards.
+    assert 0 < result["lost"] < 4000 - 1000, result
+    assert result["max_gap_ms"] > 1500, result
+    assert result["received"] > 500 * 4, result
+    st = client.status()
+    assert {f["interface"] for f in st["flows"] if f["app"] == "cbr-recv"} == {"if0"}
+    assert not any(h["app"] == "cbr-recv" for h in st["handovers"]), st["handovers"]
+
+
+@pytest.mark.lab(extra_hosts=1)
+def test_bad_handover_requests_get_4xx_and_move_nothing(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    anchor, client = start_overlay(lab)
+    assert udp_request(lab, "victim") == ["victim"]
+    victim_vipa = client.status()["vipa"]
+    before = flow(anchor.status(), "udp", 2000, 3000)
+    bodies = [
+        json.dumps(
+            {
+                "mType": "HandoverRequest",
+                "flows": [
+                    {
+                        "match": {"proto": "udp", "src": victim_vipa, "dport": 3000},
+                        "tunnelId": "any",
+                    }
+                ],
+            }
+        ),
+        json.dumps(
+            {
+                "mType": "HandoverRequest",
+                "flows": [
+                    {
+                        "match": {
+                            "syntax": "IPTables",
+                            "match": f"-p udp --source {victim_vipa} --destination-port 3000",
+                        }
+                    }
+                ],
+            }
+        ),
+        '{"mType": "HandoverRequest", "flows": [',
+        json.dumps({"mType": "TakeOver", "flows": []}),
+        json.dumps(
+            {"mType": "HandoverRequest", "flows": [{"match": {"proto": "udp", "dport": 3000}}]}
+        ),
+    ]
+    proc = lab.exec("h0", lab.python(), "-m", "lab.apps.rogue", AN_ADDR, *bodies)
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    answers = [line for line in lines if "code" in line]
+    assert [a["code"] for a in answers[:4]] == [400, 400, 400, 400], answers
+    # Its own (empty) selection is fine, and moves none of the victim's flows.
+    assert answers[4]["code"] == 200 and '"moved": 0' in answers[4]["body"].replace(
+        '"moved":0', '"moved": 0'
+    ), answers[4]
+    after = flow(anchor.status(), "udp", 2000, 3000)
+    assert after["tunnel_id"] == before["tunnel_id"]
+    assert udp_request(lab, "still mine") == ["still mine"]
