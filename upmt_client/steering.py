@@ -77,6 +77,8 @@ class Steering:
     policy: Policy
     hold_down: float
     down_reason: dict[str, str] = field(default_factory=dict)
+    # Interfaces that came back after being down: only these wait out the hold-down.
+    returned: set[str] = field(default_factory=set)
     flow_pins: dict[object, str] = field(default_factory=dict)
     view: SteeringView = field(init=False)
 
@@ -89,6 +91,8 @@ class Steering:
 
     def set_up(self, interface: str, now: float) -> None:
         if interface not in self.view.up_since:
+            if interface in self.down_reason:
+                self.returned.add(interface)
             up = dict(self.view.up_since)
             up[interface] = now
             self.view = SteeringView(self.policy, up, self.view.app_pins)
@@ -126,7 +130,11 @@ class Steering:
         pol = view.policy_for(name, exe_name)
         if pol.action is Action.BLOCK:
             return Move(BLOCKED, "policy")
-        settled = {i for i, since in view.up_since.items() if now - since >= self.hold_down}
+        settled = {
+            i
+            for i, since in view.up_since.items()
+            if i not in self.returned or now - since >= self.hold_down
+        }
         pin = self.flow_pins.get(key) or view.pinned(name, exe_name)
         if pin is not None and view.live(pin):
             return None if pin == current else Move(pin, "pin")
@@ -139,7 +147,7 @@ class Steering:
             if interface == current:
                 return None
             if interface in settled:
-                return Move(interface, "return")
+                return Move(interface, "return" if interface in self.returned else "policy")
         # The current interface is not in the app's list (policy changed): obey it.
         for interface in pol.interfaces:
             if view.live(interface):

@@ -232,3 +232,97 @@ def test_bad_handover_requests_get_4xx_and_move_nothing(lab: Lab) -> None:
     after = flow(anchor.status(), "udp", 2000, 3000)
     assert after["tunnel_id"] == before["tunnel_id"]
     assert udp_request(lab, "still mine") == ["still mine"]
+
+
+def test_flows_return_to_the_preferred_interface_after_the_hold_down(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    _anchor, client = start_overlay(lab, client_args=("--hold-down", "3"))
+    cbr, ready = start_cbr(lab, pps=200, count=3000, size=200, idle=10)
+    wait_file(ready)
+    lab.link("if0", up=False)
+    wait_until(
+        lambda: (
+            {f["interface"] for f in client.status()["flows"] if f["app"] == "cbr-recv"} == {"if1"}
+        ),
+        10,
+        "moved to if1",
+        (client,),
+    )
+    lab.link("if0", up=True)
+    wait_until(
+        lambda: tunnel_of(client.status(), "if0")["state"] == "up", 20, "if0 back", (client,)
+    )
+    back_at = time.monotonic()
+    # Within the hold-down the flow stays where it is ...
+    time.sleep(1.5)
+    assert {f["interface"] for f in client.status()["flows"] if f["app"] == "cbr-recv"} == {"if1"}
+    # ... then it returns, once.
+    wait_until(
+        lambda: (
+            {f["interface"] for f in client.status()["flows"] if f["app"] == "cbr-recv"} == {"if0"}
+        ),
+        10,
+        "returned to if0",
+        (client,),
+    )
+    assert time.monotonic() - back_at >= 2.5
+    result = cbr_result(cbr)
+    assert result["received"] > 2500, result
+    reasons = [
+        (h["from"], h["to"], h["reason"])
+        for h in client.status()["handovers"]
+        if h["app"] == "cbr-recv"
+    ]
+    assert reasons == [("if0", "if1", "link down"), ("if1", "if0", "return")], reasons
+
+
+def test_policy_reload_and_single_flow_handover(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    policy = write_policy(lab, '[apps.cbr-recv]\ninterfaces = ["if0", "if1"]\n')
+    _anchor, client = start_overlay(lab, client_args=("--policy", str(policy)))
+    cbr, ready = start_cbr(lab, pps=200, count=2400, size=200, idle=10)
+    wait_file(ready)
+
+    def where() -> set[str]:
+        return {f["interface"] for f in client.status()["flows"] if f["app"] == "cbr-recv"}
+
+    assert where() == {"if0"}
+    # A bad file is refused in one line and the old policy stays.
+    policy.write_text("[apps.cbr-recv]\ninterfaces = []\n")
+    proc = lab.exec(
+        "mh",
+        lab.python(),
+        "-m",
+        "upmt_client",
+        "policy",
+        "reload",
+        "--control",
+        str(client.control),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "apps.cbr-recv.interfaces" in proc.stderr and "Traceback" not in proc.stderr
+    time.sleep(1)
+    assert where() == {"if0"}
+    # A good one applies to running flows at once.
+    policy.write_text('[apps.cbr-recv]\ninterfaces = ["if1", "if0"]\n')
+    proc = lab.exec(
+        "mh",
+        lab.python(),
+        "-m",
+        "upmt_client",
+        "policy",
+        "reload",
+        "--control",
+        str(client.control),
+    )
+    wait_until(lambda: where() == {"if1"}, 5, "policy applied", (client,))
+    # One flow, by id, back to if0 (pinned there against the policy).
+    flow_id = next(f["id"] for f in client_cli(lab, client, "flows") if f["app"] == "cbr-recv")
+    answer = client_cli(lab, client, "handover", "--flow", str(flow_id), "--to", "if0")
+    assert answer["moved"] == 1 and answer["anchor"].startswith("200"), answer
+    time.sleep(1)
+    assert where() == {"if0"}
+    result = cbr_result(cbr)
+    assert result["lost"] == 0, result
