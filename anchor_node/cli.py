@@ -43,6 +43,12 @@ def cli() -> None:
     show_default=True,
     help="Control socket.",
 )
+@click.option(
+    "--users",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Users file (see 'anchor-node user'): REGISTER needs digest authentication.",
+)
 @click.option("--tun-name", default="upmt-an", show_default=True)
 @click.option(
     "--expires",
@@ -52,11 +58,18 @@ def cli() -> None:
     help="Registration lifetime granted when the client asks for none (s).",
 )
 @click.option(
-    "--flow-idle-timeout",
+    "--tcp-idle-timeout",
+    type=click.FloatRange(1, None),
+    default=7440.0,
+    show_default=True,
+    help="Forget an open TCP flow silent this long (s).",
+)
+@click.option(
+    "--udp-idle-timeout",
     type=click.FloatRange(1, None),
     default=300.0,
     show_default=True,
-    help="Forget a flow silent this long (s).",
+    help="Forget a UDP flow silent this long (s).",
 )
 @click.option(
     "--tunnel-idle-timeout",
@@ -64,6 +77,19 @@ def cli() -> None:
     default=180.0,
     show_default=True,
     help="Forget a tunnel silent this long (s).",
+)
+@click.option(
+    "--max-flows-per-terminal", type=click.IntRange(1, 10_000_000), default=65536, show_default=True
+)
+@click.option(
+    "--max-tunnels-per-terminal", type=click.IntRange(1, 64), default=8, show_default=True
+)
+@click.option(
+    "--sip-rate",
+    type=click.FloatRange(1, None),
+    default=50.0,
+    show_default=True,
+    help="SIP messages per second accepted from one source address (burst: twice).",
 )
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
@@ -73,10 +99,15 @@ def run(
     pool: str,
     state: Path,
     control: Path,
+    users: Path | None,
     tun_name: str,
     expires: int,
-    flow_idle_timeout: float,
+    tcp_idle_timeout: float,
+    udp_idle_timeout: float,
     tunnel_idle_timeout: float,
+    max_flows_per_terminal: int,
+    max_tunnels_per_terminal: int,
+    sip_rate: float,
     log_level: str,
 ) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
@@ -90,10 +121,15 @@ def run(
         pool=pool,
         state=state,
         control=control,
+        users=users,
         tun_name=tun_name,
         expires=expires,
-        flow_idle_timeout=flow_idle_timeout,
+        tcp_idle_timeout=tcp_idle_timeout,
+        udp_idle_timeout=udp_idle_timeout,
         tunnel_idle_timeout=tunnel_idle_timeout,
+        max_flows_per_terminal=max_flows_per_terminal,
+        max_tunnels_per_terminal=max_tunnels_per_terminal,
+        sip_rate=sip_rate,
     )
     setup_logging(log_level)
     run_anchor(config)

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import trio
@@ -91,7 +92,12 @@ class AnchorNode:
 
             self.handoff = ControlHandoff[Addr](self._control_frame)
             self.datapath = AnchorDataPath(
-                tun.fd, tunnel_sock, self.paft, self.lock, on_control=self.handoff
+                tun.fd,
+                tunnel_sock,
+                self.paft,
+                self.lock,
+                on_control=self.handoff,
+                max_flows_per_terminal=cfg.max_flows_per_terminal,
             )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
@@ -177,7 +183,9 @@ class AnchorNode:
                 self.registrar.expire(
                     trio.current_time(), self._last_heard_trio(now), self.config.tunnel_idle_timeout
                 )
-                self.paft.expire(now, self.config.flow_idle_timeout)
+                self.paft.expire_with(now, self.config.aging.timeout)
+                # The exact per-terminal flow counts, replacing the data path's running ones.
+                self.datapath.flow_count = dict(Counter(key.src for key in self.paft.entries))
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.

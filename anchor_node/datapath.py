@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from paft.flow import flow_of_packet_untrusted
+from paft.aging import TCP_FIN, TCP_RST, tcp_flags
+from paft.flow import PROTO_TCP, flow_of_packet_untrusted
 from paft.table import Paft
 from tunnel.frames import FrameType, Probe, ProbeAck, decode_frame_untrusted, encode_frame
 from upmt.errors import MalformedError
@@ -26,6 +27,7 @@ from upmt.pump import Pump
 
 Addr = tuple[str, int]
 MAX_PACKET = 65535
+CLOSING = TCP_FIN | TCP_RST
 
 
 @dataclass(slots=True)
@@ -42,6 +44,7 @@ class AnchorCounters:
     tun_bytes: int = 0
     no_route: int = 0
     send_dropped: int = 0
+    flow_limit: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -55,6 +58,8 @@ class AnchorDataPath:
         paft: Paft[Addr],
         lock: threading.Lock,
         on_control: Callable[[Addr, bytes], None],
+        *,
+        max_flows_per_terminal: int = 65536,
     ) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
@@ -66,6 +71,11 @@ class AnchorDataPath:
         self.tunnel_vipa: dict[Addr, bytes] = {}
         self.default_tunnel: dict[bytes, Addr] = {}
         self.last_heard: dict[Addr, float] = {}
+        # Flows per VIPA: counted up here as flows are learnt, recounted exactly by
+        # the control plane after every expiry; a terminal at its limit learns no
+        # new flow (its packets are dropped and counted).
+        self.max_flows_per_terminal = max_flows_per_terminal
+        self.flow_count: dict[bytes, int] = {}
         self.counters = AnchorCounters()
         self._pump = Pump("anchor-data")
         self._pump.add(sock.fileno(), self._drain_socket)
@@ -90,6 +100,8 @@ class AnchorDataPath:
         tunnel_vipa = self.tunnel_vipa
         default_tunnel = self.default_tunnel
         last_heard = self.last_heard
+        flow_count = self.flow_count
+        limit = self.max_flows_per_terminal
         c = self.counters
         now = time.monotonic()
         while True:
@@ -121,10 +133,17 @@ class AnchorDataPath:
                 continue
             entry = entries.get(key)
             if entry is None:
+                count = flow_count.get(vipa, 0)
+                if count >= limit:
+                    c.flow_limit += 1
+                    continue
+                flow_count[vipa] = count + 1
                 with self.lock:
                     entry = self.paft.learn(key, addr, now)
             elif entry.tunnel != addr:
                 entry.tunnel = addr
+            if key.proto == PROTO_TCP and tcp_flags(data) & CLOSING:
+                entry.closed_at = now
             size = len(data)
             entry.packets_up += 1
             entry.bytes_up += size
@@ -191,6 +210,8 @@ class AnchorDataPath:
             entry = entries.get(key)
             if entry is not None:
                 addr = entry.tunnel
+                if key.proto == PROTO_TCP and tcp_flags(packet) & CLOSING:
+                    entry.closed_at = now
                 entry.packets_down += 1
                 entry.bytes_down += size
                 entry.last_seen = now

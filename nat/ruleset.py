@@ -11,6 +11,7 @@ replacement idempotent, also over a table a crashed run left behind.
 import ipaddress
 
 from upmt.errors import ConfigError
+from upmt.names import is_ifname
 
 TABLE_FAMILY = "ip"
 TABLE_NAME = "upmt"
@@ -22,7 +23,8 @@ def anchor_ruleset(pool: str, tun_name: str) -> str:
         network = ipaddress.IPv4Network(pool, strict=True)
     except ValueError as exc:
         raise ConfigError(f"pool {pool!r} is not an IPv4 prefix: {exc}") from None
-    if not _is_ifname(tun_name):
+    # Stricter than the kernel: the name is quoted inside an nft script.
+    if not is_ifname(tun_name) or not all(c.isalnum() or c in "-_.@" for c in tun_name):
         raise ConfigError(f"{tun_name!r} is not an interface name")
     return f"""\
 table {TABLE_FAMILY} {TABLE_NAME}
@@ -43,7 +45,3 @@ table {TABLE_FAMILY} {TABLE_NAME} {{
 def delete_script() -> str:
     """The script that removes the table whether it exists or not."""
     return f"table {TABLE_FAMILY} {TABLE_NAME}\ndelete table {TABLE_FAMILY} {TABLE_NAME}\n"
-
-
-def _is_ifname(name: str) -> bool:
-    return 0 < len(name) < 16 and all(c.isalnum() or c in "-_." for c in name)

@@ -42,6 +42,8 @@ class FlowEntry(Generic[T]):
     # Policy may pin a flow ("a background backup stays on Wi-Fi"); `Paft.move`
     # does not read it, the caller's `only` predicate does.
     movable: bool = True
+    # TCP: when a FIN or RST was seen; the flow then ages out quickly.
+    closed_at: float | None = None
 
 
 def _prefix_match(address: bytes | None, prefix: int | None) -> tuple[int, int, int]:
@@ -339,7 +341,17 @@ class Paft(Generic[T]):
         An ordered index would have to be maintained on every packet, which
         costs the data path more than this costs the timer.
         """
-        keys = [key for key, entry in self.entries.items() if now - entry.last_seen > idle_timeout]
+        return self.expire_with(now, lambda _key, _entry: idle_timeout)
+
+    def expire_with(
+        self, now: float, timeout_of: Callable[[FiveTuple, FlowEntry[T]], float]
+    ) -> list[FiveTuple]:
+        """Like `expire`, with an idle timeout chosen per flow (e.g. by protocol)."""
+        keys = [
+            key
+            for key, entry in list(self.entries.items())
+            if now - entry.last_seen > timeout_of(key, entry)
+        ]
         for key in keys:
             del self.entries[key]
         self._expired += len(keys)

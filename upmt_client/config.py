@@ -5,6 +5,7 @@ from pathlib import Path
 
 from tunnel.addr import parse_hostport
 from upmt.errors import ConfigError
+from upmt.names import is_ifname
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -54,7 +55,7 @@ class ClientConfig:
             raise ConfigError(
                 f"--terminal-id {terminal_id!r}: 1-64 characters of letters, digits, '.', '_', '-'"
             )
-        if not _is_ifname(tun_name):
+        if not is_ifname(tun_name):
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
         if len(set(interfaces)) != len(interfaces):
             raise ConfigError("--interface given twice for the same interface")
@@ -74,12 +75,3 @@ class ClientConfig:
             policy=policy,
             hold_down=hold_down,
         )
-
-
-def _is_ifname(name: str) -> bool:
-    """What the kernel accepts as an interface name (dev_valid_name)."""
-    return (
-        0 < len(name.encode()) < 16
-        and name not in (".", "..")
-        and not any(c in "/:" or c.isspace() for c in name)
-    )

@@ -70,6 +70,7 @@ from enum import Enum
 from pathlib import Path
 
 from upmt.errors import ConfigError
+from upmt.names import is_ifname
 
 BUILTIN_SOURCE = "<built-in>"
 DEFAULT_KEY = "default"
@@ -314,15 +315,6 @@ class _Parser:
             raise self.error(
                 path, f'{_quote(value)} is not an action (expected "tunnel" or "block")'
             ) from None
-
-
-def is_ifname(name: str) -> bool:
-    """What the kernel accepts as an interface name (dev_valid_name, IFNAMSIZ)."""
-    return (
-        0 < len(name.encode("utf-8", "surrogatepass")) < 16
-        and name not in (".", "..")
-        and not any(c in "/:\0" or c.isspace() for c in name)
-    )
 
 
 def _name(name: str | None) -> str | None:
