@@ -31,6 +31,7 @@ from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import SetupError, unwrap_errors
 from upmt.handoff import ControlHandoff
+from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
 from upmt.tun import open_tun
 
@@ -51,7 +52,10 @@ class AnchorNode:
         self.paft: Paft[Addr] = Paft(max_entries=1_000_000)
         self.lock = threading.Lock()
         self.started = time.monotonic()
-        self.sip_counters = {"sip_malformed_signal": 0}
+        self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0}
+        # Per source address, on the SIP port and for SIP inside tunnels.
+        self.sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
+        self.tunnel_sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
 
     async def main(self) -> None:
         cfg = self.config
@@ -157,19 +161,24 @@ class AnchorNode:
                 data, addr = await sock.recvfrom(65535)
             except OSError:
                 continue
+            if not self.sip_limiter.allow(addr[0], trio.current_time()):
+                self.sip_counters["sip_rate_limited"] += 1
+                continue
             self.sip.feed(data, addr[:2])
 
     def _control_frame(self, addr: Addr, data: bytes) -> None:
-        if data[0] == FrameType.SIGNAL and len(data) > 1:
-            self.tunnel_sip.feed(data[1:], addr)
-        else:
+        if data[0] != FrameType.SIGNAL or len(data) < 2:
             self.sip_counters["sip_malformed_signal"] += 1
+        elif not self.tunnel_sip_limiter.allow(addr[0], trio.current_time()):
+            self.sip_counters["sip_rate_limited"] += 1
+        else:
+            self.tunnel_sip.feed(data[1:], addr)
 
     def _on_sip(self, request: Request, source: Addr) -> Response:
         with self.lock:
             return self.registrar.on_plain_message(request, source, trio.current_time())
 
-    def _on_tunnel_sip(self, request: Request, tunnel: Addr) -> Response:
+    def _on_tunnel_sip(self, request: Request, tunnel: Addr) -> Response | None:
         with self.lock:
             return self.registrar.on_tunnel_message(request, tunnel, trio.current_time())
 

@@ -15,6 +15,8 @@ Every method takes `now`; nothing here touches a socket or the clock.
 import ipaddress
 import logging
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,12 @@ from signalling.bodies import (
 )
 from signalling.message import build_response, new_tag
 from signalling.register import build_register_ok, parse_register_untrusted
+from signalling.tunnelauth import (
+    KEY_HEADER,
+    TunnelAuthVerifier,
+    encode_key,
+    random_key,
+)
 from tunnel.addr import format_hostport
 from upmt.errors import MalformedError
 
@@ -63,6 +71,9 @@ class Terminal:
     expires_at: float
     registered_from: Addr
     tunnels: dict[Addr, TunnelRecord] = field(default_factory=dict)
+    # In-tunnel MESSAGEs must carry an HMAC under the association's key: the
+    # current key's verifier first, the previous one kept across a refresh.
+    verifiers: list[TunnelAuthVerifier] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -75,6 +86,8 @@ class RegistrarCounters:
     rejected: int = 0
     expired_terminals: int = 0
     expired_tunnels: int = 0
+    auth_failures: int = 0
+    unknown_tunnel_messages: int = 0
 
 
 class Registrar:
@@ -87,7 +100,9 @@ class Registrar:
         min_expires: int = 30,
         max_expires: int = 86400,
         max_tunnels: int = 8,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self.wall_clock = wall_clock
         self.leases = leases
         self.paft = paft
         self.default_expires = default_expires
@@ -147,7 +162,15 @@ class Registrar:
         terminal.expires_at = now + expires
         terminal.registered_from = source
         self.counters.registers += 1
-        return build_register_ok(request, vipa=vipa, expires=expires, to_tag=new_tag())
+        response = build_register_ok(request, vipa=vipa, expires=expires, to_tag=new_tag())
+        key = random_key()
+        response.headers.set(KEY_HEADER, encode_key(key))
+        self._new_key(terminal, key)
+        return response
+
+    @staticmethod
+    def _new_key(terminal: Terminal, key: bytes) -> None:
+        terminal.verifiers = [TunnelAuthVerifier(key), *terminal.verifiers[:1]]
 
     def _in_use(self, terminal_id: str) -> bool:
         return terminal_id in self.terminals
@@ -166,18 +189,47 @@ class Registrar:
         log.info("terminal %s left (VIPA %s kept for it)", terminal_id, terminal.vipa)
 
     # -- requests inside tunnels ----------------------------------------------
-    def on_tunnel_message(self, request: Request, tunnel: Addr, now: float) -> Response:
+    def on_tunnel_message(self, request: Request, tunnel: Addr, now: float) -> Response | None:
+        """A MESSAGE inside a tunnel; None means drop it unanswered."""
         if request.method != "MESSAGE":
             return self._reject(request, 405, "only MESSAGE travels inside tunnels")
         try:
-            body = decode_body_untrusted(request.body)
+            body: object = decode_body_untrusted(request.body)
         except MalformedError as exc:
-            return self._reject(request, 400, str(exc))
+            body = exc
+        # Whose key must have signed it: the named terminal's for a set-up, the
+        # tunnel owner's for anything else. Messages on unknown tunnels are
+        # dropped unanswered, so that forging them teaches nothing.
+        if isinstance(body, TunnelSetupRequest):
+            terminal = self.terminals.get(body.terminal_id)
+            if terminal is None or terminal.expires_at <= now:
+                return self._reject(request, 403, "terminal not associated")
+        else:
+            found = self._tunnel_owner.get(tunnel)
+            if found is None:
+                self.counters.unknown_tunnel_messages += 1
+                return None
+            terminal = found
+        if not self._authentic(terminal, request):
+            self.counters.auth_failures += 1
+            return self._reject(request, 403, "authentication failed")
+        if isinstance(body, MalformedError):
+            return self._reject(request, 400, str(body))
         if isinstance(body, TunnelSetupRequest):
             return self._tunnel_setup(request, body, tunnel, now)
         if isinstance(body, HandoverRequest):
             return self._handover(request, body, tunnel)
         return self._reject(request, 400, f"unexpected {type(body).__name__}")
+
+    def _authentic(self, terminal: Terminal, request: Request) -> bool:
+        wall = self.wall_clock()
+        for verifier in terminal.verifiers:
+            try:
+                verifier.verify(request, wall)
+            except MalformedError:
+                continue
+            return True
+        return False
 
     def on_plain_message(self, request: Request, source: Addr, now: float) -> Response:
         """Anything but REGISTER on the SIP port."""

@@ -16,6 +16,7 @@ from sipmessage import Response
 
 from signalling.message import new_branch, new_call_id, new_tag
 from signalling.register import build_register, parse_register_ok_untrusted
+from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted
 from tunnel.addr import format_hostport
 from tunnel.sockets import open_tunnel_socket
 from upmt.errors import MalformedError, SetupError
@@ -40,6 +41,13 @@ class Registration:
     expires: int = 0
     registered_at: float = 0.0
     via: str = ""
+    # The association's key for signing in-tunnel MESSAGEs, and their counter.
+    key: bytes = b""
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
     def expires_in(self, now: float) -> float:
         return max(0.0, self.registered_at + self.expires - now)
@@ -74,9 +82,11 @@ class Associator:
                     )
                 try:
                     vipa, expires = parse_register_ok_untrusted(response)
+                    key = decode_key_untrusted(response.headers.get(KEY_HEADER) or "")
                 except MalformedError as exc:
                     last_error = f"bad answer: {exc}"
                     continue
+                reg.key = key
                 if reg.vipa is not None and vipa != reg.vipa:
                     self._on_new_vipa(reg.vipa, vipa)
                 reg.vipa = vipa

@@ -47,6 +47,7 @@ from signalling.bodies import (
     encode_body,
 )
 from signalling.message import build_request, new_branch, new_call_id, new_tag
+from signalling.tunnelauth import sign
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
@@ -422,7 +423,7 @@ class ClientDaemon:
         assert tunnel.sock is not None
         local = tunnel.sock.getsockname()
         aor = f"sip:{self.config.terminal_id}@{self.config.anchor}"
-        return build_request(
+        request = build_request(
             "MESSAGE",
             f"sip:{self.config.anchor}",
             via_host=local[0],
@@ -436,6 +437,9 @@ class ClientDaemon:
             body=body,
             content_type=JSON_TYPE,
         )
+        reg = self.associator.registration
+        sign(request, reg.key, now=time.time(), seq=reg.next_seq())
+        return request
 
     async def _probe_until_dead(self, tunnel: ClientTunnel) -> None:
         scheduler = tunnel.scheduler

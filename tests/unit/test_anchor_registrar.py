@@ -31,6 +31,7 @@ from signalling.bodies import (
 )
 from signalling.message import build_request, parse_message_untrusted, serialize
 from signalling.register import build_register, parse_register_ok_untrusted
+from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted, sign
 
 AN = "198.51.100.1"
 SOURCE: Addr = ("192.0.2.10", 5060)
@@ -68,24 +69,31 @@ def register(terminal_id: str, expires: int = 600, vipa: str | None = None) -> R
     )
 
 
-def message(body: bytes, terminal_id: str = "alice") -> Request:
+# The association key each terminal got in its 200 OK, and whether to sign with it.
+KEYS: dict[str, bytes] = {}
+WALL = 1_000_000.0
+
+
+def message(body: bytes, terminal_id: str = "alice", *, key: bytes | None = None) -> Request:
     n = next(_counter)
-    return wire_request(
-        build_request(
-            "MESSAGE",
-            f"sip:{AN}",
-            via_host="192.0.2.10",
-            via_port=5060,
-            branch=f"z9hG4bK-m{n}",
-            from_uri=f"sip:{terminal_id}@{AN}",
-            from_tag=f"mtag{n}",
-            to_uri=f"sip:{AN}",
-            call_id=f"mcall-{n}",
-            cseq=n,
-            body=body,
-            content_type="application/json",
-        )
+    request = build_request(
+        "MESSAGE",
+        f"sip:{AN}",
+        via_host="192.0.2.10",
+        via_port=5060,
+        branch=f"z9hG4bK-m{n}",
+        from_uri=f"sip:{terminal_id}@{AN}",
+        from_tag=f"mtag{n}",
+        to_uri=f"sip:{AN}",
+        call_id=f"mcall-{n}",
+        cseq=n,
+        body=body,
+        content_type="application/json",
     )
+    signing_key = key if key is not None else KEYS.get(terminal_id)
+    if signing_key:
+        sign(request, signing_key, now=WALL, seq=n)
+    return wire_request(request)
 
 
 def setup_body(terminal_id: str, vipa: str, interface: str = "wlan0") -> bytes:
@@ -99,13 +107,15 @@ def handover_body(*moves: FlowMove) -> bytes:
 @pytest.fixture
 def registrar(tmp_path: Path) -> Iterator[Registrar]:
     leases = LeaseStore(tmp_path / "leases.sqlite", parse_pool("100.64.0.0/10"))
-    yield Registrar(leases, Paft(), min_expires=30, max_tunnels=3)
+    KEYS.clear()
+    yield Registrar(leases, Paft(), min_expires=30, max_tunnels=3, wall_clock=lambda: WALL)
     leases.close()
 
 
 def associate(reg: Registrar, terminal_id: str, now: float = 0.0, expires: int = 600) -> str:
     response = wire_response(reg.on_register(register(terminal_id, expires), SOURCE, now))
     vipa, granted = parse_register_ok_untrusted(response)
+    KEYS[terminal_id] = decode_key_untrusted(response.headers.get(KEY_HEADER) or "")
     assert granted == expires
     return vipa
 
@@ -113,9 +123,9 @@ def associate(reg: Registrar, terminal_id: str, now: float = 0.0, expires: int =
 def open_tunnel(
     reg: Registrar, terminal_id: str, vipa: str, tunnel: Addr, now: float = 0.0
 ) -> TunnelSetupResponse:
-    response = wire_response(
-        reg.on_tunnel_message(message(setup_body(terminal_id, vipa), terminal_id), tunnel, now)
-    )
+    answer = reg.on_tunnel_message(message(setup_body(terminal_id, vipa), terminal_id), tunnel, now)
+    assert answer is not None
+    response = wire_response(answer)
     assert response.code == 200, response.phrase
     body = decode_body_untrusted(response.body)
     assert isinstance(body, TunnelSetupResponse)
@@ -123,7 +133,11 @@ def open_tunnel(
 
 
 def handover(reg: Registrar, tunnel: Addr, body: bytes) -> Response:
-    return wire_response(reg.on_tunnel_message(message(body), tunnel, 1.0))
+    owner = reg._tunnel_owner.get(tunnel)
+    terminal_id = owner.terminal_id if owner is not None else "alice"
+    response = reg.on_tunnel_message(message(body, terminal_id), tunnel, 1.0)
+    assert response is not None
+    return wire_response(response)
 
 
 def moved_count(response: Response) -> int:
@@ -245,7 +259,7 @@ def test_tunnel_setup_unregistered_is_403(registrar: Registrar) -> None:
     response = registrar.on_tunnel_message(
         message(setup_body("mallory", "100.64.0.2")), tunnel, 0.0
     )
-    assert response.code == 403
+    assert response is not None and response.code == 403
     assert registrar.tunnel_vipa == {}
     assert registrar.default_tunnel == {}
 
@@ -256,7 +270,7 @@ def test_tunnel_setup_after_expiry_is_403(registrar: Registrar) -> None:
     response = registrar.on_tunnel_message(
         message(setup_body("alice", vipa)), ("203.0.113.5", 40000), 61.0
     )
-    assert response.code == 403
+    assert response is not None and response.code == 403
     assert registrar.tunnel_vipa == {}
 
 
@@ -266,7 +280,7 @@ def test_tunnel_setup_foreign_vipa_is_403(registrar: Registrar) -> None:
     bob_vipa = associate(registrar, "bob")
     tunnel: Addr = ("203.0.113.5", 40000)
     response = registrar.on_tunnel_message(message(setup_body("alice", bob_vipa)), tunnel, 0.0)
-    assert response.code == 403
+    assert response is not None and response.code == 403
     assert registrar.tunnel_vipa == {}
     assert registrar.default_tunnel == {}
     assert registrar.terminals["alice"].tunnels == {}
@@ -288,7 +302,7 @@ def test_plain_message_outside_tunnel_is_403(registrar: Registrar) -> None:
     """An UPMT MESSAGE on the plain SIP port (outside a tunnel): 403."""
     vipa = associate(registrar, "alice")
     response = registrar.on_plain_message(message(setup_body("alice", vipa)), SOURCE, 0.0)
-    assert response.code == 403
+    assert response is not None and response.code == 403
     assert registrar.tunnel_vipa == {}
 
 
@@ -426,13 +440,39 @@ def test_malformed_bodies_are_400(two: tuple[Registrar, str, str], body: bytes) 
     assert snapshot(reg) == before
 
 
-def test_handover_from_unknown_tunnel_is_403(two: tuple[Registrar, str, str]) -> None:
-    """A HandoverRequest from an address that is nobody's tunnel: 403."""
+def test_handover_from_unknown_tunnel_is_dropped(two: tuple[Registrar, str, str]) -> None:
+    """A HandoverRequest from an address that is nobody's tunnel: no answer, counted."""
     reg, _a, _b = two
     before = snapshot(reg)
     body = handover_body(FlowMove(StructuredMatch(), None))
-    assert handover(reg, ("192.0.2.99", 1234), body).code == 403
+    assert reg.on_tunnel_message(message(body), ("192.0.2.99", 1234), 1.0) is None
+    assert reg.counters.unknown_tunnel_messages == 1
     assert snapshot(reg) == before
+
+
+def test_unsigned_or_forged_tunnel_messages_get_403_and_change_nothing(
+    two: tuple[Registrar, str, str],
+) -> None:
+    """Set-up for alice's VIPA signed with no key, bob's key, or a replayed signature: 403."""
+    reg, alice_vipa, _b = two
+    before = snapshot(reg)
+    tunnels_before = {t: set(x.tunnels) for t, x in reg.terminals.items()}
+    attacker = ("203.0.113.66", 4444)
+    unsigned = message(setup_body("alice", alice_vipa), "nobody")
+    forged = message(setup_body("alice", alice_vipa), "alice", key=KEYS["bob"])
+    for request in (unsigned, forged):
+        response = reg.on_tunnel_message(request, attacker, 1.0)
+        assert response is not None and response.code == 403
+    # A genuine request seen once cannot be replayed from elsewhere.
+    genuine = message(setup_body("alice", alice_vipa), "alice")
+    first = reg.on_tunnel_message(genuine, ("198.51.100.7", 1000), 1.0)
+    assert first is not None and first.code == 200
+    replayed = reg.on_tunnel_message(genuine, attacker, 1.0)
+    assert replayed is not None and replayed.code == 403
+    assert attacker not in reg.tunnel_vipa
+    assert reg.counters.auth_failures == 3
+    assert snapshot(reg) == before
+    assert set(reg.terminals["bob"].tunnels) == tunnels_before["bob"]
 
 
 def test_handover_response_to_anchor_is_400(two: tuple[Registrar, str, str]) -> None:
