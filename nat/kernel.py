@@ -9,13 +9,14 @@ import contextlib
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script
 from upmt.errors import SetupError
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+TCP_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
 
 
 def _nft(args: list[str], script: str | None = None) -> str:
@@ -46,53 +47,72 @@ def list_table() -> str | None:
 class NatSetup:
     """What `install` changed, so that `remove` can put it back.
 
-    The forwarding setting found before is also written to `record`, so that
-    a start after a crash restores the original, not the crashed run's "1".
+    The sysctls found before are also written to `record`, so that a start
+    after a crash restores the originals, not the crashed run's values.
+    Besides forwarding, conntrack is made liberal about TCP windows: after a
+    gap (an anchor restart, a handover) segments outside the window it last
+    saw would be marked invalid, escape the NAT and reset the connection.
     """
 
     pool: str
     tun_name: str
     record: Path
-    previous_forwarding: str | None = None
+    previous: dict[str, str] = field(default_factory=dict)
     installed: bool = False
 
     def install(self) -> None:
-        """Forwarding on, table `upmt` replaced atomically."""
+        """Forwarding on, table `upmt` replaced atomically, liberal TCP tracking."""
         script = anchor_ruleset(self.pool, self.tun_name)
+        self.previous = self._recorded()
         try:
-            self.previous_forwarding = self._recorded() or IP_FORWARD.read_text().strip()
-            self.record.write_text(json.dumps({"ip_forward": self.previous_forwarding}))
-            # In a container /proc/sys may be read-only, with forwarding set by the runtime.
-            if IP_FORWARD.read_text().strip() != "1":
-                IP_FORWARD.write_text("1\n")
+            self._set(IP_FORWARD, "1")
         except OSError as exc:
+            self._restore()
             raise SetupError(f"cannot enable IPv4 forwarding: {exc.strerror}") from None
         try:
             _nft(["-f", "-"], script)
         except SetupError:
-            self._restore_forwarding()
+            self._restore()
             raise
         self.installed = True
+        # Exists only once the NAT rules have loaded conntrack in this namespace.
+        with contextlib.suppress(OSError):
+            self._set(TCP_LIBERAL, "1")
 
     def remove(self) -> None:
-        """Delete the table and restore forwarding; safe to call twice."""
+        """Delete the table and restore the sysctls; safe to call twice."""
         if self.installed:
             with contextlib.suppress(SetupError):
                 _nft(["-f", "-"], delete_script())
             self.installed = False
-        self._restore_forwarding()
+        self._restore()
 
-    def _recorded(self) -> str | None:
+    def _set(self, path: Path, value: str) -> None:
+        current = path.read_text().strip()
+        self.previous.setdefault(str(path), current)
+        self.record.write_text(json.dumps(self.previous))
+        # In a container /proc/sys may be read-only, with the value set by the runtime.
+        if current != value:
+            path.write_text(value + "\n")
+
+    def _recorded(self) -> dict[str, str]:
         try:
-            value = json.loads(self.record.read_text())["ip_forward"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return value if value in ("0", "1") else None
+            saved = json.loads(self.record.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict):
+            return {}
+        return {
+            str(k): str(v)
+            for k, v in saved.items()
+            if str(k) in (str(IP_FORWARD), str(TCP_LIBERAL)) and str(v) in ("0", "1")
+        }
 
-    def _restore_forwarding(self) -> None:
-        if self.previous_forwarding is not None:
+    def _restore(self) -> None:
+        for path, value in self.previous.items():
             with contextlib.suppress(OSError):
-                IP_FORWARD.write_text(self.previous_forwarding + "\n")
-            self.previous_forwarding = None
+                if Path(path).read_text().strip() != value:
+                    Path(path).write_text(value + "\n")
+        self.previous = {}
         with contextlib.suppress(OSError):
             self.record.unlink()

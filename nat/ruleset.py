@@ -3,6 +3,8 @@
 One table, `ip upmt`, holds everything the anchor installs: masquerade of
 the VIPA pool towards every interface but the anchor's TUN, and TCP MSS
 clamping to the route MTU so that tunnelled TCP never needs fragmentation.
+Packets from the pool that conntrack calls invalid are dropped: they would
+leave un-NATed, leak a VIPA to the Internet and draw a RST from the far end.
 The text form is fed to libnftables (`nft -f -`), which applies the whole
 script in one transaction; `table ... ; delete table ...` first makes the
 replacement idempotent, also over a table a crashed run left behind.
@@ -36,6 +38,7 @@ table {TABLE_FAMILY} {TABLE_NAME} {{
     }}
     chain forward {{
         type filter hook forward priority mangle; policy accept;
+        ip saddr {network} ct state invalid counter drop
         tcp flags syn / syn,rst tcp option maxseg size set rt mtu
     }}
 }}

@@ -7,7 +7,13 @@ import pytest
 
 from lab.scenario import start_overlay, wait_until
 from lab.topology import AN_ADDR, Lab
-from tests.e2e.helpers import ch_seen_sources, download, flow, sha256, udp_request
+from tests.e2e.helpers import (
+    ch_seen_sources,
+    download,
+    flow,
+    sha256,
+    udp_request,
+)
 
 pytestmark = pytest.mark.e2e
 MB = 1 << 20
@@ -117,3 +123,4 @@ def test_flood_of_random_datagrams_leaves_memory_bounded_and_users_served(lab: L
     print(f"anchor RSS: {baseline} KiB before the flood, {peak} KiB after")
     assert peak < RSS_BOUND_KIB, (baseline, peak)
     assert udp_request(lab, "after the flood") == ["after the flood"]
+
