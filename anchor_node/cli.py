@@ -5,6 +5,7 @@ from typing import Any
 
 import click
 
+from anchor_node.user_cli import user
 from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_logging, table
 
 PROG = "anchor-node"
@@ -174,6 +175,9 @@ def format_status(st: dict[str, Any]) -> str:
     counters = "  ".join(f"{k}={v}" for k, v in sorted(st["counters"].items()) if v)
     out += ["", "counters: " + (counters or "all zero")]
     return "\n".join(out)
+
+
+cli.add_command(user)
 
 
 def main() -> None:

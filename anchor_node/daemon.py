@@ -23,6 +23,7 @@ from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath
 from anchor_node.leases import LeaseStore, anchor_address
 from anchor_node.registrar import Addr, Registrar
+from anchor_node.users import UserStore
 from nat.kernel import NatSetup
 from paft.table import Paft
 from tunnel.addr import format_hostport
@@ -60,10 +61,16 @@ class AnchorNode:
     async def main(self) -> None:
         cfg = self.config
         with contextlib.ExitStack() as stack:
+            if cfg.users is None:
+                log.warning(
+                    "running WITHOUT authentication (no --users file): anyone who reaches "
+                    "the SIP port can associate and get a VIPA"
+                )
             sip_sock = self._udp_socket(cfg.sip_port, "SIP")
             stack.callback(sip_sock.close)
             tunnel_sock = self._udp_socket(cfg.tunnel_port, "tunnel")
             stack.callback(tunnel_sock.close)
+            users = UserStore.load(cfg.users) if cfg.users is not None else None
             control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
@@ -77,6 +84,7 @@ class AnchorNode:
                 min_expires=cfg.min_expires,
                 max_expires=cfg.max_expires,
                 max_tunnels=cfg.max_tunnels_per_terminal,
+                users=users,
             )
 
             tun = open_tun(

@@ -23,6 +23,7 @@ from typing import Any
 from sipmessage import Request, Response
 
 from anchor_node.leases import LeaseStore, PoolExhausted
+from anchor_node.users import UserStore
 from paft.flow import FiveTuple, proto_number
 from paft.table import FlowSelector, Paft
 from signalling.bodies import (
@@ -36,11 +37,13 @@ from signalling.bodies import (
     encode_body,
     parse_iptables_match,
 )
+from signalling.digest import NonceStore, Outcome, challenge_values, verify
 from signalling.message import build_response, new_tag
 from signalling.register import build_register_ok, parse_register_untrusted
 from signalling.tunnelauth import (
     KEY_HEADER,
     TunnelAuthVerifier,
+    derive_key,
     encode_key,
     random_key,
 )
@@ -87,6 +90,7 @@ class RegistrarCounters:
     expired_terminals: int = 0
     expired_tunnels: int = 0
     auth_failures: int = 0
+    challenges: int = 0
     unknown_tunnel_messages: int = 0
 
 
@@ -100,9 +104,12 @@ class Registrar:
         min_expires: int = 30,
         max_expires: int = 86400,
         max_tunnels: int = 8,
+        users: UserStore | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.wall_clock = wall_clock
+        self.users = users
+        self.nonces = NonceStore()
         self.leases = leases
         self.paft = paft
         self.default_expires = default_expires
@@ -123,6 +130,12 @@ class Registrar:
             info = parse_register_untrusted(request)
         except MalformedError as exc:
             return self._reject(request, 400, str(exc))
+        key: bytes | None = None
+        if self.users is not None:
+            outcome = self._authenticate(request, info.terminal_id)
+            if isinstance(outcome, Response):
+                return outcome
+            key = outcome
         expires = self.default_expires if info.expires is None else info.expires
         if expires == 0:
             self._unregister(info.terminal_id)
@@ -163,10 +176,55 @@ class Registrar:
         terminal.registered_from = source
         self.counters.registers += 1
         response = build_register_ok(request, vipa=vipa, expires=expires, to_tag=new_tag())
-        key = random_key()
-        response.headers.set(KEY_HEADER, encode_key(key))
+        if key is None:
+            # Without user authentication the key travels in the answer: it keeps
+            # out whoever did not see this exchange, no more.
+            key = random_key()
+            response.headers.set(KEY_HEADER, encode_key(key))
         self._new_key(terminal, key)
         return response
+
+    def _authenticate(self, request: Request, terminal_id: str) -> bytes | Response:
+        """The association key of a correctly authenticated REGISTER, or the answer to send.
+
+        RFC 3261 §22.2: no or stale credentials → 401 with a fresh challenge
+        (one per algorithm, RFC 8760); wrong ones → 403; unparsable → 400. A
+        user may only register its own terminal id.
+        """
+        assert self.users is not None
+        wall = self.wall_clock()
+        value = request.headers.get("Authorization")
+        if value is None:
+            return self._challenge(request, wall, stale=False)
+        result = verify(
+            value,
+            method="REGISTER",
+            realm=self.users.realm,
+            ha1_of=self.users.ha1,
+            nonces=self.nonces,
+            now=wall,
+            request_uri=str(request.uri),
+        )
+        if result.outcome in (Outcome.STALE, Outcome.REPLAY):
+            return self._challenge(request, wall, stale=True)
+        if result.outcome is Outcome.MALFORMED:
+            self.counters.auth_failures += 1
+            return self._reject(request, 400, f"bad Authorization: {result.reason}")
+        if result.outcome is not Outcome.OK or result.username != terminal_id:
+            self.counters.auth_failures += 1
+            log.warning("REGISTER for %s refused: wrong credentials", terminal_id)
+            return self._reject(request, 403, "wrong credentials")
+        secret = self.users.ha1(result.username, result.algorithm)
+        assert secret is not None
+        return derive_key(secret, result.nonce, result.cnonce, terminal_id)
+
+    def _challenge(self, request: Request, wall: float, *, stale: bool) -> Response:
+        assert self.users is not None
+        self.counters.challenges += 1
+        values = challenge_values(self.users.realm, self.nonces, wall, stale=stale)
+        return build_response(
+            request, 401, to_tag=new_tag(), headers=[("WWW-Authenticate", v) for v in values]
+        )
 
     @staticmethod
     def _new_key(terminal: Terminal, key: bytes) -> None:

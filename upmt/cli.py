@@ -45,6 +45,8 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # pyroute2 narrates every netlink message at debug level: not ours to show.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)

@@ -12,11 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
-from sipmessage import Response
+from sipmessage import Request, Response
 
+from signalling.digest import (
+    ParsedChallenge,
+    authorization_value,
+    choose_challenge,
+    ha1,
+    new_cnonce,
+)
 from signalling.message import new_branch, new_call_id, new_tag
 from signalling.register import build_register, parse_register_ok_untrusted
-from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted
+from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted, derive_key
 from tunnel.addr import format_hostport
 from tunnel.sockets import open_tunnel_socket
 from upmt.errors import MalformedError, SetupError
@@ -60,6 +67,8 @@ class Associator:
         self.registration = Registration()
         self._on_new_vipa = on_new_vipa
         self._lock = trio.Lock()
+        self._challenge: ParsedChallenge | None = None
+        self._cnonce = ""
 
     async def associate(self, accesses: list[Access], *, initial: bool = False) -> str:
         """REGISTER over each interface in turn until the anchor answers; the VIPA."""
@@ -76,13 +85,17 @@ class Associator:
                 if response.code >= 500:
                     last_error = f"{access.name}: {response.code} {response.phrase}"
                     continue
+                if response.code == 403:
+                    raise AnchorRefused(
+                        "the anchor refused the credentials (403 Forbidden): wrong password?"
+                    )
                 if response.code != 200:
                     raise AnchorRefused(
                         f"anchor refused association: {response.code} {response.phrase}"
                     )
                 try:
                     vipa, expires = parse_register_ok_untrusted(response)
-                    key = decode_key_untrusted(response.headers.get(KEY_HEADER) or "")
+                    key = self._key_from(response)
                 except MalformedError as exc:
                     last_error = f"bad answer: {exc}"
                     continue
@@ -119,34 +132,85 @@ class Associator:
                 reg.registered_at = trio.current_time() - reg.expires / 2 + 5
 
     async def _register_via(self, access: Access) -> Response:
-        reg = self.registration
+        """One association attempt over `access`, answering a digest challenge once."""
         sock = open_tunnel_socket(interface=access.name, mark=FWMARK, rcvbuf=None, sndbuf=None)
         with sock:
-            reg.cseq += 1
-            request = build_register(
-                an_host=self.config.anchor,
-                an_port=self.config.sip_port,
-                terminal_id=self.config.terminal_id,
-                local_host=access.address,
-                local_port=sock.getsockname()[1],
-                call_id=reg.call_id,
-                cseq=reg.cseq,
-                from_tag=reg.from_tag,
-                branch=new_branch(),
-                expires=self.config.expires,
-                vipa=reg.vipa,
-            )
             channel = SipChannel(f"register-{access.name}", lambda d, a: sock.sendto(d, a))
             tsock = trio.socket.from_stdlib_socket(sock)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(channel.run)
                 nursery.start_soon(_receive_into, tsock, channel)
-                with trio.move_on_after(self.config.register_timeout):
-                    response = await channel.request(request, self.anchor_sip)
+                try:
+                    with trio.move_on_after(self.config.register_timeout):
+                        for _attempt in range(2):
+                            request = self._register_request(access, sock.getsockname()[1])
+                            response = await channel.request(request, self.anchor_sip)
+                            if response.code != 401 or not self._take_challenge(response):
+                                return response
+                        return response
+                finally:
                     nursery.cancel_scope.cancel()
-                    return response
-                nursery.cancel_scope.cancel()
         raise TransactionFailed(f"no answer within {self.config.register_timeout:g} s")
+
+    def _register_request(self, access: Access, local_port: int) -> Request:
+        reg = self.registration
+        reg.cseq += 1
+        request = build_register(
+            an_host=self.config.anchor,
+            an_port=self.config.sip_port,
+            terminal_id=self.config.terminal_id,
+            local_host=access.address,
+            local_port=local_port,
+            call_id=reg.call_id,
+            cseq=reg.cseq,
+            from_tag=reg.from_tag,
+            branch=new_branch(),
+            expires=self.config.expires,
+            vipa=reg.vipa,
+        )
+        if self._challenge is not None and self.config.password is not None:
+            # Credentials for the latest challenge, with a fresh cnonce each time
+            # (RFC 7616 §3.4): the anchor answers 401 stale when the nonce expired.
+            self._cnonce = new_cnonce()
+            request.headers.add(
+                "Authorization",
+                authorization_value(
+                    self._challenge,
+                    username=self.config.terminal_id,
+                    password=self.config.password,
+                    method="REGISTER",
+                    uri=str(request.uri),
+                    cnonce=self._cnonce,
+                ),
+            )
+        return request
+
+    def _take_challenge(self, response: Response) -> bool:
+        """Remember a 401's challenge; False if answering it cannot help."""
+        if self.config.password is None:
+            raise AnchorRefused("the anchor requires authentication: give --password-file")
+        try:
+            challenge = choose_challenge(response.headers.getlist("WWW-Authenticate"))
+        except MalformedError as exc:
+            raise AnchorRefused(f"the anchor's challenge is unusable: {exc}") from None
+        retry = self._challenge is None or challenge.stale or challenge != self._challenge
+        self._challenge = challenge
+        return retry
+
+    def _key_from(self, response: Response) -> bytes:
+        """The association key: handed out by an anchor without users, else derived."""
+        handed = response.headers.get(KEY_HEADER)
+        if handed is not None:
+            return decode_key_untrusted(handed)
+        if self._challenge is None or self.config.password is None:
+            raise MalformedError("no association key in the answer")
+        secret = ha1(
+            self.config.terminal_id,
+            self._challenge.realm,
+            self.config.password,
+            self._challenge.algorithm,
+        )
+        return derive_key(secret, self._challenge.nonce, self._cnonce, self.config.terminal_id)
 
 
 async def _receive_into(sock: trio.socket.SocketType, channel: SipChannel) -> None:

@@ -48,6 +48,12 @@ def cli() -> None:
     default=None,
     help="Per-application policy (TOML); reloaded on SIGHUP and 'policy reload'.",
 )
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File whose first line is this terminal's password at the anchor.",
+)
 @control_option
 @click.option(
     "--run-dir",
@@ -100,6 +106,7 @@ def run(
     terminal_id: str | None,
     interfaces: tuple[str, ...],
     policy: Path | None,
+    password_file: Path | None,
     control: Path,
     run_dir: Path,
     tun_name: str,
@@ -132,6 +139,7 @@ def run(
         register_timeout=register_timeout,
         policy=policy,
         hold_down=hold_down,
+        password_file=password_file,
     )
     if policy is not None:
         load_policy(policy, fallback_interfaces=interfaces)  # a bad file stops us here

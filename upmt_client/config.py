@@ -1,6 +1,6 @@
 """The client's validated configuration."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunnel.addr import parse_hostport
@@ -27,6 +27,7 @@ class ClientConfig:
     flow_idle_timeout: float = 300.0
     policy: Path | None = None
     hold_down: float = 10.0
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -46,6 +47,7 @@ class ClientConfig:
         register_timeout: float = 8.0,
         policy: Path | None = None,
         hold_down: float = 10.0,
+        password_file: Path | None = None,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -74,4 +76,19 @@ class ClientConfig:
             register_timeout=register_timeout,
             policy=policy,
             hold_down=hold_down,
+            password=read_password(password_file) if password_file is not None else None,
         )
+
+
+def read_password(path: Path) -> str:
+    """The first line of a password file; ConfigError (one line) if there is none."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--password-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--password-file {path}: not UTF-8 text") from None
+    password = text.split("\n", 1)[0].rstrip("\r")
+    if not password:
+        raise ConfigError(f"--password-file {path}: the first line is empty")
+    return password

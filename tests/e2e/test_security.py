@@ -123,4 +123,3 @@ def test_flood_of_random_datagrams_leaves_memory_bounded_and_users_served(lab: L
     print(f"anchor RSS: {baseline} KiB before the flood, {peak} KiB after")
     assert peak < RSS_BOUND_KIB, (baseline, peak)
     assert udp_request(lab, "after the flood") == ["after the flood"]
-

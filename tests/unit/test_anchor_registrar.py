@@ -16,6 +16,7 @@ from sipmessage import Request, Response
 
 from anchor_node.leases import LeaseStore, parse_pool
 from anchor_node.registrar import Addr, Registrar
+from anchor_node.users import UserStore
 from paft.flow import FiveTuple
 from paft.table import Paft
 from signalling.bodies import (
@@ -29,9 +30,10 @@ from signalling.bodies import (
     decode_body_untrusted,
     encode_body,
 )
+from signalling.digest import authorization_value, choose_challenge, ha1, new_cnonce
 from signalling.message import build_request, parse_message_untrusted, serialize
 from signalling.register import build_register, parse_register_ok_untrusted
-from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted, sign
+from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted, derive_key, sign
 
 AN = "198.51.100.1"
 SOURCE: Addr = ("192.0.2.10", 5060)
@@ -565,3 +567,77 @@ def test_nat_reused_tunnel_address_goes_to_new_terminal(registrar: Registrar) ->
     assert socket.inet_aton(a) not in registrar.default_tunnel
     # alice's flow must not follow the address to bob.
     assert registrar.paft.flows_on(T_A1) == []
+
+
+# -- digest authentication ----------------------------------------------------
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Registrar]:
+    users = UserStore.create(tmp_path / "users.json")
+    users.add("alice", "wonderland")
+    leases = LeaseStore(tmp_path / "leases.sqlite", parse_pool("100.64.0.0/10"))
+    KEYS.clear()
+    yield Registrar(leases, Paft(), users=users, wall_clock=lambda: WALL)
+    leases.close()
+
+
+def answered(reg: Registrar, terminal_id: str, user: str, password: str) -> tuple[Response, bytes]:
+    """REGISTER, take the 401's challenge, REGISTER again with credentials."""
+    first = wire_response(reg.on_register(register(terminal_id), SOURCE, 0.0))
+    assert first.code == 401
+    values = first.headers.getlist("WWW-Authenticate")
+    assert [v.split("algorithm=")[1] for v in values] == ["SHA-256", "MD5"]
+    challenge = choose_challenge(values)
+    request = register(terminal_id)
+    cnonce = new_cnonce()
+    request.headers.add(
+        "Authorization",
+        authorization_value(
+            challenge,
+            username=user,
+            password=password,
+            method="REGISTER",
+            uri=str(request.uri),
+            cnonce=cnonce,
+        ),
+    )
+    response = wire_response(reg.on_register(wire_request(request), SOURCE, 0.0))
+    secret = ha1(user, challenge.realm, password, challenge.algorithm)
+    return response, derive_key(secret, challenge.nonce, cnonce, terminal_id)
+
+
+def test_register_with_the_right_password_gets_a_vipa_and_a_shared_key(
+    secured: Registrar,
+) -> None:
+    response, key = answered(secured, "alice", "alice", "wonderland")
+    assert response.code == 200
+    assert response.headers.get(KEY_HEADER) is None  # the key is derived, never sent
+    vipa, _ = parse_register_ok_untrusted(response)
+    KEYS["alice"] = key
+    assert open_tunnel(secured, "alice", vipa, ("203.0.113.9", 5000)).tunnel_id
+
+
+@pytest.mark.parametrize(
+    ("terminal", "user", "password"),
+    [
+        ("alice", "alice", "looking-glass"),  # wrong password
+        ("alice", "mallory", "wonderland"),  # unknown user
+        ("bob", "alice", "wonderland"),  # alice's credentials for another terminal id
+    ],
+)
+def test_wrong_credentials_are_refused_with_403(
+    secured: Registrar, terminal: str, user: str, password: str
+) -> None:
+    response, _key = answered(secured, terminal, user, password)
+    assert response.code == 403
+    assert secured.terminals == {}
+    assert secured.counters.auth_failures == 1
+
+
+def test_unparsable_credentials_get_400(secured: Registrar) -> None:
+    request = register("alice")
+    request.headers.add("Authorization", 'Digest username="alice", nc=zz')
+    response = wire_response(secured.on_register(wire_request(request), SOURCE, 0.0))
+    assert response.code == 400
+    assert secured.terminals == {}
