@@ -7,6 +7,7 @@ import click
 
 from anchor_node.user_cli import user
 from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_logging, table
+from upmt.errors import UpmtError
 
 PROG = "anchor-node"
 DEFAULT_CONTROL = Path("/run/upmt/anchor-node.sock")
@@ -152,6 +153,32 @@ def status(as_json: bool, control: Path) -> None:
         print_json(answer)
         return
     click.echo(format_status(answer))
+
+
+@cli.command()
+@click.option(
+    "--control",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONTROL,
+    show_default=True,
+)
+def restart(control: Path) -> None:
+    """Restart the running anchor in place, keeping its connections (TUN, sockets, NAT)."""
+    import time
+
+    before = query(control, {"cmd": "status"})["uptime_s"]
+    answer = query(control, {"cmd": "restart"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            status = query(control, {"cmd": "status"})
+        except UpmtError:
+            continue
+        if status["uptime_s"] < before:
+            click.echo(f"anchor restarted in place (pid {answer['pid']})")
+            return
+    raise UpmtError("the anchor did not come back within 30 s")
 
 
 def format_status(st: dict[str, Any]) -> str:

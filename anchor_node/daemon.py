@@ -9,6 +9,7 @@ inside tunnels, as SIGNAL frames the data path hands over.
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -21,6 +22,7 @@ from sipmessage import Request, Response
 
 from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath
+from anchor_node.inplace import Inherited, exec_self, take_inherited
 from anchor_node.leases import LeaseStore, anchor_address
 from anchor_node.registrar import Addr, Registrar
 from anchor_node.users import UserStore
@@ -30,11 +32,11 @@ from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import SetupError, unwrap_errors
+from upmt.errors import SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
-from upmt.tun import open_tun
+from upmt.tun import adopt_tun, open_tun
 
 log = logging.getLogger("upmt.anchor")
 TUN_OVERHEAD = 28
@@ -60,18 +62,22 @@ class AnchorNode:
 
     async def main(self) -> None:
         cfg = self.config
+        inherited = take_inherited()
         with contextlib.ExitStack() as stack:
             if cfg.users is None:
                 log.warning(
                     "running WITHOUT authentication (no --users file): anyone who reaches "
                     "the SIP port can associate and get a VIPA"
                 )
-            sip_sock = self._udp_socket(cfg.sip_port, "SIP")
-            stack.callback(sip_sock.close)
-            tunnel_sock = self._udp_socket(cfg.tunnel_port, "tunnel")
-            stack.callback(tunnel_sock.close)
             users = UserStore.load(cfg.users) if cfg.users is not None else None
-            control_sock = bind_control_socket(cfg.control)
+            if inherited is not None:
+                sip_sock, tunnel_sock, control_sock = inherited.sockets()
+            else:
+                sip_sock = self._udp_socket(cfg.sip_port, "SIP")
+                stack.callback(sip_sock.close)
+                tunnel_sock = self._udp_socket(cfg.tunnel_port, "tunnel")
+                stack.callback(tunnel_sock.close)
+                control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
             cfg.state.parent.mkdir(parents=True, exist_ok=True)
@@ -87,13 +93,32 @@ class AnchorNode:
                 users=users,
             )
 
-            tun = open_tun(
-                cfg.tun_name,
-                address=str(anchor_address(cfg.pool)),
-                prefixlen=cfg.pool.prefixlen,
-                mtu=TUN_MTU,
-            )
+            if inherited is not None:
+                tun = adopt_tun(inherited.tun_name, inherited.tun_fd)
+                restored = self.registrar.import_state(
+                    inherited.state(), trio.current_time(), time.monotonic()
+                )
+                log.info(
+                    "restarted in place: %d terminals, %d flows taken over",
+                    restored,
+                    len(self.paft),
+                )
+            else:
+                tun = open_tun(
+                    cfg.tun_name,
+                    address=str(anchor_address(cfg.pool)),
+                    prefixlen=cfg.pool.prefixlen,
+                    mtu=TUN_MTU,
+                )
             stack.callback(tun.close)
+            self._handover_fds = Inherited(
+                tun_name=tun.name,
+                tun_fd=tun.fd,
+                sip_fd=sip_sock.fileno(),
+                tunnel_fd=tunnel_sock.fileno(),
+                control_fd=control_sock.fileno(),
+                state_file=str(cfg.state.with_name(cfg.state.name + ".restart.json")),
+            )
             nat = NatSetup(
                 str(cfg.pool),
                 cfg.tun_name,
@@ -143,6 +168,27 @@ class AnchorNode:
                 nursery.start_soon(self._housekeeping)
             log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
 
+    def _reload_users(self) -> None:
+        """SIGHUP: read the users file again; a bad file keeps the users in force."""
+        if self.config.users is None:
+            log.info("SIGHUP: no users file to reload")
+            return
+        try:
+            users = UserStore.load(self.config.users)
+        except UpmtError as exc:
+            log.error("SIGHUP: keeping the previous users: %s", exc)
+            return
+        self.registrar.users = users
+        log.info("SIGHUP: %d users reloaded from %s", len(users.users()), self.config.users)
+
+    async def _restart_in_place(self) -> None:
+        await trio.sleep(0.05)  # let the control answer leave first
+        log.info("restarting in place (pid %d keeps the TUN, sockets and NAT)", os.getpid())
+        self.datapath.stop()
+        with self.lock:
+            state = self.registrar.export_state(trio.current_time())
+        exec_self(self._handover_fds, state)
+
     def _udp_socket(self, port: int, what: str) -> socket.socket:
         try:
             return open_tunnel_socket(interface=None, mark=None, bind=(self.config.listen, port))
@@ -157,7 +203,7 @@ class AnchorNode:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: nothing to reload in this version")
+                    self._reload_users()
                     continue
                 log.info("%s received", signal.Signals(signum).name)
                 scope.cancel()
@@ -213,6 +259,9 @@ class AnchorNode:
         cmd = request["cmd"]
         if cmd == "status":
             return self.status()
+        if cmd == "restart":
+            trio.lowlevel.spawn_system_task(self._restart_in_place)
+            return {"ok": True, "pid": os.getpid()}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     def status(self) -> JSON:

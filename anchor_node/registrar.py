@@ -43,6 +43,7 @@ from signalling.register import build_register_ok, parse_register_untrusted
 from signalling.tunnelauth import (
     KEY_HEADER,
     TunnelAuthVerifier,
+    decode_key_untrusted,
     derive_key,
     encode_key,
     random_key,
@@ -77,6 +78,7 @@ class Terminal:
     # In-tunnel MESSAGEs must carry an HMAC under the association's key: the
     # current key's verifier first, the previous one kept across a refresh.
     verifiers: list[TunnelAuthVerifier] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -229,6 +231,77 @@ class Registrar:
     @staticmethod
     def _new_key(terminal: Terminal, key: bytes) -> None:
         terminal.verifiers = [TunnelAuthVerifier(key), *terminal.verifiers[:1]]
+        terminal.keys = [key, *terminal.keys[:1]]
+
+    # -- restart in place -----------------------------------------------------
+    def export_state(self, now: float) -> dict[str, Any]:
+        """Associations, tunnels, keys and flows, for the process that replaces this one."""
+        return {
+            "terminals": [
+                {
+                    "terminal_id": t.terminal_id,
+                    "vipa": t.vipa,
+                    "expires_in": t.expires_at - now,
+                    "registered_from": list(t.registered_from),
+                    "keys": [encode_key(k) for k in t.keys],
+                    "tunnels": [[a[0], a[1], r.interface] for a, r in t.tunnels.items()],
+                    "default": list(self.default_tunnel.get(t.vipa_packed, ("", 0))),
+                }
+                for t in self.terminals.values()
+            ],
+            "flows": [
+                [
+                    k.proto,
+                    k.src.hex(),
+                    k.sport,
+                    k.dst.hex(),
+                    k.dport,
+                    e.tunnel[0],
+                    e.tunnel[1],
+                    e.app,
+                ]
+                for k, e in self.paft
+            ],
+        }
+
+    def import_state(self, state: dict[str, Any], now: float, mono: float) -> int:
+        """Take over what `export_state` wrote; the number of terminals restored.
+
+        Replay windows start afresh: a signed MESSAGE seen just before the
+        restart could be replayed once within its time window, from the same
+        tunnel's address only (it must pass as that tunnel's owner).
+        """
+        for item in state.get("terminals", []):
+            vipa = str(item["vipa"])
+            source = (str(item["registered_from"][0]), int(item["registered_from"][1]))
+            terminal = Terminal(
+                str(item["terminal_id"]),
+                vipa,
+                socket.inet_aton(vipa),
+                now + float(item["expires_in"]),
+                source,
+            )
+            for key in reversed([decode_key_untrusted(k) for k in item["keys"]]):
+                self._new_key(terminal, key)
+            self.terminals[terminal.terminal_id] = terminal
+            self.by_vipa[terminal.vipa_packed] = terminal
+            for host, port, interface in item["tunnels"]:
+                addr = (str(host), int(port))
+                terminal.tunnels[addr] = TunnelRecord(addr, str(interface), now)
+                self._tunnel_owner[addr] = terminal
+                self.tunnel_vipa[addr] = terminal.vipa_packed
+            default = (str(item["default"][0]), int(item["default"][1]))
+            if default in terminal.tunnels:
+                self.default_tunnel[terminal.vipa_packed] = default
+            elif terminal.tunnels:
+                self.default_tunnel[terminal.vipa_packed] = next(iter(terminal.tunnels))
+        for proto, src, sport, dst, dport, host, port, app in state.get("flows", []):
+            flow = FiveTuple(
+                int(proto), bytes.fromhex(src), int(sport), bytes.fromhex(dst), int(dport)
+            )
+            if (str(host), int(port)) in self.tunnel_vipa:
+                self.paft.learn(flow, (str(host), int(port)), mono, app=app)
+        return len(self.terminals)
 
     def _in_use(self, terminal_id: str) -> bool:
         return terminal_id in self.terminals

@@ -25,14 +25,29 @@ class TunDevice:
     name: str
     fd: int
     ifindex: int
-    _dev: object
+    _dev: object = None  # the pytun object, or None for an fd handed over by exec
 
     def close(self) -> None:
         """Close the fd: the kernel deletes the device with its routes."""
         if self.fd >= 0:
             with contextlib.suppress(OSError, ValueError):
-                self._dev.close()  # type: ignore[attr-defined]
+                if self._dev is not None:
+                    self._dev.close()  # type: ignore[attr-defined]
+                else:
+                    os.close(self.fd)
             self.fd = -1
+
+
+def adopt_tun(name: str, fd: int) -> TunDevice:
+    """A TUN whose fd a previous process of ours handed over across exec."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise SetupError(f"the handed-over TUN {name} does not exist")
+    os.set_blocking(fd, False)
+    return TunDevice(name=name, fd=fd, ifindex=found[0])
 
 
 def open_tun(name: str, *, address: str, prefixlen: int, mtu: int) -> TunDevice:

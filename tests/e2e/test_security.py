@@ -10,8 +10,10 @@ from lab.topology import AN_ADDR, Lab
 from tests.e2e.helpers import (
     ch_seen_sources,
     download,
+    finished,
     flow,
     sha256,
+    start_download,
     udp_request,
 )
 
@@ -123,3 +125,34 @@ def test_flood_of_random_datagrams_leaves_memory_bounded_and_users_served(lab: L
     print(f"anchor RSS: {baseline} KiB before the flood, {peak} KiB after")
     assert peak < RSS_BOUND_KIB, (baseline, peak)
     assert udp_request(lab, "after the flood") == ["after the flood"]
+
+
+def test_anchor_restart_during_a_download_keeps_the_connection(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=12 * MB)
+    anchor, client = start_overlay(lab)
+    assert anchor.popen is not None
+    curl, out = start_download(lab, blob, rate="3M")
+    wait_until(
+        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
+        20,
+        "curl under way",
+        (client,),
+    )
+    before = anchor.status()
+    proc = lab.exec(
+        "an", lab.python(), "-m", "anchor_node", "restart", "--control", str(anchor.control)
+    )
+    assert "restarted in place" in proc.stdout
+    after = anchor.status()
+    assert after["uptime_s"] < before["uptime_s"]
+    assert anchor.running()  # the same process, a fresh interpreter
+    # Associations, tunnels and the flow were handed over.
+    assert [t["terminal_id"] for t in after["terminals"]] == ["mh1"]
+    assert any(f["dport"] == 80 for f in after["flows"])
+    assert finished(curl) == 0
+    assert sha256(out) == sha256(blob)
+    # The client never lost its tunnels.
+    assert not any(h["reason"] == "probe loss" for h in client.status()["handovers"])
+    # And a later stop still removes everything.
+    assert anchor.stop() == 0
+    assert "table ip upmt" not in lab.exec("an", "nft", "list", "tables").stdout
