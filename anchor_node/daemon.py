@@ -22,7 +22,9 @@ from sipmessage import Request, Response
 
 from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath
-from anchor_node.inplace import Inherited, exec_self, take_inherited
+from anchor_node.inplace import restart as restart_in_place
+from anchor_node.inplace import sockets as inherited_sockets
+from anchor_node.inplace import take_inherited
 from anchor_node.leases import LeaseStore, anchor_address
 from anchor_node.registrar import Addr, Registrar
 from anchor_node.users import UserStore
@@ -71,7 +73,7 @@ class AnchorNode:
                 )
             users = UserStore.load(cfg.users) if cfg.users is not None else None
             if inherited is not None:
-                sip_sock, tunnel_sock, control_sock = inherited.sockets()
+                sip_sock, tunnel_sock, control_sock = inherited_sockets(inherited)
             else:
                 sip_sock = self._udp_socket(cfg.sip_port, "SIP")
                 stack.callback(sip_sock.close)
@@ -94,9 +96,9 @@ class AnchorNode:
             )
 
             if inherited is not None:
-                tun = adopt_tun(inherited.tun_name, inherited.tun_fd)
+                tun = adopt_tun(str(inherited.extra["tun_name"]), inherited.fds["tun"])
                 restored = self.registrar.import_state(
-                    inherited.state(), trio.current_time(), time.monotonic()
+                    inherited.state, trio.current_time(), time.monotonic()
                 )
                 log.info(
                     "restarted in place: %d terminals, %d flows taken over",
@@ -111,14 +113,12 @@ class AnchorNode:
                     mtu=TUN_MTU,
                 )
             stack.callback(tun.close)
-            self._handover_fds = Inherited(
-                tun_name=tun.name,
-                tun_fd=tun.fd,
-                sip_fd=sip_sock.fileno(),
-                tunnel_fd=tunnel_sock.fileno(),
-                control_fd=control_sock.fileno(),
-                state_file=str(cfg.state.with_name(cfg.state.name + ".restart.json")),
-            )
+            self._kept_fds = {
+                "tun": tun.fd,
+                "sip": sip_sock.fileno(),
+                "tunnel": tunnel_sock.fileno(),
+                "control": control_sock.fileno(),
+            }
             nat = NatSetup(
                 str(cfg.pool),
                 cfg.tun_name,
@@ -187,7 +187,12 @@ class AnchorNode:
         self.datapath.stop()
         with self.lock:
             state = self.registrar.export_state(trio.current_time())
-        exec_self(self._handover_fds, state)
+        restart_in_place(
+            tun_name=self.config.tun_name,
+            fds=self._kept_fds,
+            state=state,
+            state_file=self.config.state.with_name(self.config.state.name + ".restart.json"),
+        )
 
     def _udp_socket(self, port: int, what: str) -> socket.socket:
         try:

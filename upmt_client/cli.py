@@ -6,6 +6,7 @@ from typing import Any
 import click
 
 from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_logging, table
+from upmt.errors import UpmtError
 
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
@@ -238,6 +239,27 @@ def handover(
         f"anchor: {answer['anchor']}"
         + (f" in {answer['anchor_ms']:.1f} ms" if answer["anchor_ms"] is not None else "")
     )
+
+
+@cli.command()
+@control_option
+def restart(control: Path) -> None:
+    """Restart the running client in place: open connections, VIPA and tunnels stay."""
+    import time
+
+    before = query(control, {"cmd": "status"})["uptime_s"]
+    query(control, {"cmd": "restart"})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            status = query(control, {"cmd": "status"})
+        except UpmtError:
+            continue
+        if status["uptime_s"] < before:
+            click.echo(f"client restarted in place (pid {status['pid']}, VIPA {status['vipa']})")
+            return
+    raise UpmtError("the client did not come back within 30 s")
 
 
 @cli.group()

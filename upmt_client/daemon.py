@@ -22,6 +22,7 @@ SIP transactions) and the data-path thread. Responsibilities:
 
 import contextlib
 import logging
+import os
 import queue
 import signal
 import socket
@@ -47,7 +48,7 @@ from signalling.bodies import (
     encode_body,
 )
 from signalling.message import build_request, new_branch, new_call_id, new_tag
-from signalling.tunnelauth import sign
+from signalling.tunnelauth import decode_key_untrusted, encode_key, sign
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
@@ -55,13 +56,16 @@ from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
+from upmt.inplace import Handover
 from upmt.sipchannel import SipChannel, TransactionFailed
-from upmt.tun import TunDevice, open_tun
+from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client.association import Associator
 from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath, FlowChoice
 from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.inplace import key_from_json, key_to_json, take_inherited, tunnel_socket
+from upmt_client.inplace import restart as restart_in_place
 from upmt_client.interfaces import Access, check_interfaces, default_route_interfaces, usable
 from upmt_client.netmon import (
     AddressAdded,
@@ -110,6 +114,8 @@ class ClientTunnel:
     setups: int = 0
     down_reason: str = ""
     retry: trio.Event = field(default_factory=trio.Event)
+    # A socket (and a live tunnel) handed over by an in-place restart.
+    inherited: socket.socket | None = None
 
 
 def run_client(config: ClientConfig) -> None:
@@ -151,15 +157,21 @@ class ClientDaemon:
         self.steering = Steering(self._load_policy(), cfg.hold_down)
         routing = PolicyRouting(cfg.run_dir / "routing.json")
         self.classifier = Classifier()
+        inherited = take_inherited()
         with contextlib.ExitStack() as stack:
             stack.callback(self.classifier.close)
-            if routing.cleanup_leftovers():
-                log.info("removed routing left by an earlier run")
-            control_sock = bind_control_socket(cfg.control)
+            if inherited is not None:
+                routing.adopt()
+                control_sock = socket.socket(fileno=inherited.fds["control"])
+            else:
+                if routing.cleanup_leftovers():
+                    log.info("removed routing left by an earlier run")
+                control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
+                self._control_fd = control_sock.fileno()
                 nursery.start_soon(serve_control, control_sock, self._control)
                 accesses = usable(names)
                 if not accesses:
@@ -167,12 +179,18 @@ class ClientDaemon:
                 for access in accesses:
                     self.link_up[access.name] = True
                     self.link_addrs[access.name] = {access.address}
-                vipa = await self.associator.associate(accesses, initial=True)
                 mtu = min(a.mtu for a in accesses) - TUNNEL_OVERHEAD
-                self.tun = open_tun(cfg.tun_name, address=vipa, prefixlen=32, mtu=mtu)
-                stack.callback(self.tun.close)
-                stack.callback(routing.remove)
-                routing.install(self.tun.ifindex, vipa, names)
+                if inherited is not None:
+                    vipa = self._import_registration(inherited.state)
+                    self.tun = adopt_tun(cfg.tun_name, inherited.fds["tun"])
+                    stack.callback(self.tun.close)
+                    stack.callback(routing.remove)
+                else:
+                    vipa = await self.associator.associate(accesses, initial=True)
+                    self.tun = open_tun(cfg.tun_name, address=vipa, prefixlen=32, mtu=mtu)
+                    stack.callback(self.tun.close)
+                    stack.callback(routing.remove)
+                    routing.install(self.tun.ifindex, vipa, names)
                 self.handoff = ControlHandoff[str](self._control_frame)
                 self.datapath = ClientDataPath(
                     self.tun.fd,
@@ -200,6 +218,9 @@ class ClientDaemon:
                 )
                 for number, name in enumerate(names, 1):
                     self.tunnels[name] = ClientTunnel(name, number)
+                if inherited is not None:
+                    self._import_tunnels_and_flows(inherited)
+                for name in names:
                     nursery.start_soon(self._interface_task, name)
                 nursery.start_soon(self._watch_links)
                 nursery.start_soon(self.associator.refresh_forever, self._preferred_accesses)
@@ -210,6 +231,83 @@ class ClientDaemon:
     @property
     def policy(self) -> Policy:
         return self.steering.policy
+
+    # -- restart in place ----------------------------------------------------
+    async def _restart_in_place(self) -> None:
+        await trio.sleep(0.05)  # let the control answer leave first
+        log.info("restarting in place: TUN, tunnels, routing and flows are handed over")
+        assert self.datapath is not None and self.tun is not None
+        self.datapath.stop()
+        reg = self.associator.registration
+        now = trio.current_time()
+        fds = {"tun": self.tun.fd, "control": self._control_fd}
+        tunnels: dict[str, Any] = {}
+        for name, t in self.tunnels.items():
+            if t.sock is not None and t.phase is TunnelPhase.UP:
+                fds[f"tunnel:{name}"] = t.sock.fileno()
+                tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
+        with self.lock:
+            flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in self.paft]
+        state = {
+            "registration": {
+                "call_id": reg.call_id,
+                "from_tag": reg.from_tag,
+                "cseq": reg.cseq,
+                "vipa": reg.vipa,
+                "expires": reg.expires,
+                "expires_in": reg.expires_in(now),
+                "key": encode_key(reg.key),
+                "seq": reg.seq,
+                "via": reg.via,
+            },
+            "tunnels": tunnels,
+            "flows": flows,
+            "app_pins": [list(p) for p in self.steering.view.app_pins],
+            "flow_pins": [
+                [*key_to_json(k), i]
+                for k, i in self.steering.flow_pins.items()
+                if isinstance(k, FiveTuple)
+            ],
+        }
+        restart_in_place(
+            fds=fds, extra={}, state=state, state_file=self.config.run_dir / "restart.json"
+        )
+
+    def _import_registration(self, state: dict[str, Any]) -> str:
+        item = state["registration"]
+        reg = self.associator.registration
+        reg.call_id, reg.from_tag = str(item["call_id"]), str(item["from_tag"])
+        reg.cseq, reg.seq = int(item["cseq"]), int(item["seq"])
+        reg.vipa, reg.expires, reg.via = str(item["vipa"]), int(item["expires"]), str(item["via"])
+        reg.key = decode_key_untrusted(str(item["key"]))
+        reg.registered_at = trio.current_time() - (reg.expires - float(item["expires_in"]))
+        return reg.vipa
+
+    def _import_tunnels_and_flows(self, handover: Handover) -> None:
+        state = handover.state
+        for name, item in state.get("tunnels", {}).items():
+            tunnel = self.tunnels.get(name)
+            fd = handover.fds.get(f"tunnel:{name}")
+            if tunnel is None or fd is None:
+                continue
+            tunnel.inherited = tunnel_socket(fd)
+            tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
+            tunnel.phase = TunnelPhase.UP
+        now = time.monotonic()
+        with self.lock:
+            for *key, iface, app, movable in state.get("flows", []):
+                entry = self.paft.learn(key_from_json(key), str(iface), now, app=app)
+                entry.movable = bool(movable)
+        for pattern, iface in reversed(state.get("app_pins", [])):
+            self.steering.pin_app(str(pattern), str(iface))
+        for *key, iface in state.get("flow_pins", []):
+            self.steering.pin_flow(key_from_json(key), str(iface))
+        log.info(
+            "restarted in place: VIPA %s, %d tunnels, %d flows taken over",
+            self.associator.registration.vipa,
+            len(state.get("tunnels", {})),
+            len(self.paft),
+        )
 
     def _load_policy(self) -> Policy:
         if self.config.policy is None:
@@ -330,9 +428,13 @@ class ClientDaemon:
                 await trio.sleep(1.0)
 
     async def _run_tunnel(self, tunnel: ClientTunnel) -> None:
+        resumed = tunnel.inherited is not None
         try:
-            sock = open_tunnel_socket(interface=tunnel.name, mark=FWMARK)
-            sock.connect(self.anchor_tunnel)
+            if tunnel.inherited is not None:
+                sock, tunnel.inherited = tunnel.inherited, None
+            else:
+                sock = open_tunnel_socket(interface=tunnel.name, mark=FWMARK)
+                sock.connect(self.anchor_tunnel)
         except (SetupError, OSError) as exc:
             log.warning("no tunnel on %s: %s", tunnel.name, exc)
             tunnel.down_reason = "socket error"
@@ -350,9 +452,15 @@ class ClientDaemon:
                 backoff = 1.0
                 while True:
                     # A tunnel that died stays "dead" until a set-up succeeds again.
-                    if tunnel.phase is not TunnelPhase.DEAD:
+                    if tunnel.phase is not TunnelPhase.DEAD and not resumed:
                         tunnel.phase = TunnelPhase.SETTING_UP
-                    if await self._setup(tunnel):
+                    if resumed:
+                        # The anchor knows this tunnel: the previous process set it up.
+                        resumed = False
+                        self._tunnel_up(tunnel)
+                        await self._probe_until_dead(tunnel)
+                        self._tunnel_down(tunnel, "probe loss")
+                    elif await self._setup(tunnel):
                         backoff = 1.0
                         await self._probe_until_dead(tunnel)
                         self._tunnel_down(tunnel, "probe loss")
@@ -401,12 +509,7 @@ class ClientDaemon:
         tunnel.tunnel_id = answer.tunnel_id
         tunnel.observed = answer.observed
         tunnel.setups += 1
-        tunnel.scheduler = ProbeScheduler(
-            tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
-        )
-        tunnel.phase = TunnelPhase.UP
-        self.steering.set_up(tunnel.name, trio.current_time())
-        self._reevaluate_now.set()
+        self._tunnel_up(tunnel)
         # Flows that stayed on this interface while it was away (not movable, or
         # pinned) point to its old tunnel at the anchor: re-announce them here.
         with self.lock:
@@ -417,6 +520,14 @@ class ClientDaemon:
             "tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name, answer.observed
         )
         return True
+
+    def _tunnel_up(self, tunnel: ClientTunnel) -> None:
+        tunnel.scheduler = ProbeScheduler(
+            tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
+        )
+        tunnel.phase = TunnelPhase.UP
+        self.steering.set_up(tunnel.name, trio.current_time())
+        self._reevaluate_now.set()
 
     def _message(self, tunnel: ClientTunnel, body: bytes) -> Request:
         """A MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
@@ -693,6 +804,9 @@ class ClientDaemon:
             }
         if cmd == "handover":
             return await self.handover(request)
+        if cmd == "restart":
+            trio.lowlevel.spawn_system_task(self._restart_in_place)
+            return {"ok": True, "pid": os.getpid()}
         if cmd == "policy-reload":
             policy = self.reload_policy()
             return {"ok": True, "policy": policy.to_json()}
@@ -738,6 +852,8 @@ class ClientDaemon:
         return {
             "ok": True,
             "terminal_id": self.config.terminal_id,
+            "pid": os.getpid(),
+            "uptime_s": time.monotonic() - self.started,
             "vipa": reg.vipa,
             "anchor": format_hostport(self.associator.anchor_sip),
             "tun": self.config.tun_name,

@@ -58,6 +58,15 @@ class PolicyRouting:
         self._forget()
         return found
 
+    def adopt(self) -> None:
+        """Take over what a previous process of ours installed and recorded (restart in place)."""
+        try:
+            saved = json.loads(self.state_file.read_text())
+            self.rp_saved = {str(k): str(v) for k, v in saved.get("rp_filter", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            self.rp_saved = {}
+        self.installed = True
+
     def install(self, tun_index: int, vipa: str, access: list[str]) -> None:
         from pyroute2 import IPRoute
 

@@ -156,3 +156,31 @@ def test_anchor_restart_during_a_download_keeps_the_connection(lab: Lab) -> None
     # And a later stop still removes everything.
     assert anchor.stop() == 0
     assert "table ip upmt" not in lab.exec("an", "nft", "list", "tables").stdout
+
+
+def test_client_restart_in_place_keeps_the_download_and_the_vipa(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=12 * MB)
+    anchor, client = start_overlay(lab)
+    curl, out = start_download(lab, blob, rate="3M")
+    wait_until(
+        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
+        20,
+        "curl under way",
+        (client,),
+    )
+    before = client.status()
+    proc = lab.exec(
+        "mh", lab.python(), "-m", "upmt_client", "restart", "--control", str(client.control)
+    )
+    assert "restarted in place" in proc.stdout
+    after = client.status()
+    assert after["uptime_s"] < before["uptime_s"] and after["pid"] == before["pid"]
+    assert after["vipa"] == before["vipa"]
+    assert {t["tunnel_id"] for t in after["tunnels"]} == {t["tunnel_id"] for t in before["tunnels"]}
+    assert any(f["app"] == "curl" for f in after["flows"])
+    assert finished(curl) == 0
+    assert sha256(out) == sha256(blob)
+    # No re-association was needed: the anchor saw one REGISTER.
+    assert anchor.status()["counters"]["registrar_registers"] == 1
+    assert client.stop() == 0
+    assert "lookup 7570" not in lab.exec("mh", "ip", "rule").stdout
