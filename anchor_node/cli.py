@@ -6,8 +6,16 @@ from typing import Any
 import click
 
 from anchor_node.user_cli import user
-from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_logging, table
-from upmt.errors import UpmtError
+from upmt.cli import (
+    LOG_LEVELS,
+    flow_rows,
+    print_json,
+    query,
+    restart_and_wait,
+    run_cli,
+    setup_logging,
+    table,
+)
 
 PROG = "anchor-node"
 DEFAULT_CONTROL = Path("/run/upmt/anchor-node.sock")
@@ -164,21 +172,8 @@ def status(as_json: bool, control: Path) -> None:
 )
 def restart(control: Path) -> None:
     """Restart the running anchor in place, keeping its connections (TUN, sockets, NAT)."""
-    import time
-
-    before = query(control, {"cmd": "status"})["uptime_s"]
-    answer = query(control, {"cmd": "restart"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            status = query(control, {"cmd": "status"})
-        except UpmtError:
-            continue
-        if status["uptime_s"] < before:
-            click.echo(f"anchor restarted in place (pid {answer['pid']})")
-            return
-    raise UpmtError("the anchor did not come back within 30 s")
+    status = restart_and_wait(control)
+    click.echo(f"anchor restarted in place (pid {status['pid']})")
 
 
 def format_status(st: dict[str, Any]) -> str:

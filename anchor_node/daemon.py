@@ -286,6 +286,7 @@ class AnchorNode:
             "sip_port": self.config.sip_port,
             "tunnel_port": self.config.tunnel_port,
             "pool": str(self.config.pool),
+            "pid": os.getpid(),
             "uptime_s": now - self.started,
             "terminals": terminals,
             "flows": flows,

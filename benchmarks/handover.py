@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_results
-from lab.scenario import start_overlay, tunnels_up, wait_until
-from lab.topology import CBR_PORT, CH_ADDR, Daemon, Lab, have_lab_privileges
+from lab.scenario import cbr_result, start_cbr, start_overlay, tunnels_up, wait_until
+from lab.topology import Daemon, Lab, have_lab_privileges
 
 LITERATURE = {
     "TMSP handover (of which DHCP 1.7 s)": 2.0,
@@ -32,46 +32,10 @@ LITERATURE = {
 }
 
 
-def cbr(lab: Lab, name: str, pps: int, count: int) -> tuple[Daemon, Path]:
-    ready = lab.workdir / f"{name}.ready"
-    daemon = lab.start(
-        "mh",
-        name,
-        [
-            lab.app_command(name),
-            "-m",
-            "lab.apps.cbr",
-            "receive",
-            CH_ADDR,
-            "--port",
-            str(CBR_PORT),
-            "--pps",
-            str(pps),
-            "--count",
-            str(count),
-            "--size",
-            "200",
-            "--idle",
-            "8",
-            "--ready-file",
-            str(ready),
-        ],
-    )
-    wait_until(ready.exists, 10, f"{name} streaming", (daemon,))
-    return daemon, ready
-
-
-def result_of(daemon: Daemon) -> dict[str, Any]:
-    assert daemon.popen is not None
-    daemon.popen.wait(60)
-    line = [x for x in daemon.log.read_text().splitlines() if x.startswith("{")][-1]
-    parsed: dict[str, Any] = json.loads(line)
-    return parsed
-
-
 def one_case(lab: Lab, client: Daemon, case: str, run: int, pps: int) -> dict[str, Any]:
     name = f"cbr-{case[0]}{run}"
-    stream, _ready = cbr(lab, name, pps, pps * 5)
+    stream, ready = start_cbr(lab, name=name, pps=pps, count=pps * 5, idle=8)
+    wait_until(ready.exists, 10, f"{name} streaming", (stream,))
     time.sleep(1.5)
     extra: dict[str, Any] = {}
     if case == "cli":
@@ -97,7 +61,7 @@ def one_case(lab: Lab, client: Daemon, case: str, run: int, pps: int) -> dict[st
         lab.link("if0", up=False)
     else:
         lab.blackhole("if0")
-    result = result_of(stream)
+    result = cbr_result(stream)
     # Put if0 back and wait for its tunnel before the next case.
     if case == "link-down":
         lab.link("if0", up=True)

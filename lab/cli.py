@@ -1,6 +1,5 @@
 """`upmt-lab`: the namespace testbed, and the demo that shows the overlay at work."""
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from lab.scenario import start_overlay
+from lab.scenario import sha256, start_overlay
 from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_lab_privileges
 from upmt.cli import run_cli
 from upmt.errors import SetupError
@@ -68,7 +67,7 @@ def demo(size_mb: int, keep_logs: bool) -> None:
             timeout=300,
         )
         elapsed = time.monotonic() - started
-        same = _sha256(out) == _sha256(blob)
+        same = sha256(out) == sha256(blob)
         click.echo(
             f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
             f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
@@ -143,14 +142,6 @@ def _stepper() -> Callable[[str], None]:
         click.echo(f"[{counter[0]}] {text}")
 
     return step
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main() -> None:

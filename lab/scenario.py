@@ -1,10 +1,13 @@
 """Bringing the overlay up in a lab and waiting for it: shared by the demo, tests and benchmarks."""
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from lab.topology import Daemon, Lab
+from lab.topology import CBR_PORT, CH_ADDR, Daemon, Lab
 from upmt.errors import UpmtError
 
 
@@ -56,3 +59,60 @@ def start_overlay(
     client = lab.start_client(*client_args)
     wait_until(tunnels_up(client, tunnels), timeout, f"{tunnels} tunnels up", (anchor, client))
     return anchor, client
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def start_cbr(
+    lab: Lab,
+    *,
+    name: str = "cbr-recv",
+    pps: int = 1000,
+    count: int = 5000,
+    size: int = 200,
+    sport: int = 4000,
+    idle: float = 5.0,
+) -> tuple[Daemon, Path]:
+    """A UDP receiver app (process name `name`) that asks the CH for a CBR stream."""
+    ready = lab.workdir / f"{name}.ready"
+    daemon = lab.start(
+        "mh",
+        name,
+        [
+            lab.app_command(name),
+            "-m",
+            "lab.apps.cbr",
+            "receive",
+            CH_ADDR,
+            "--port",
+            str(CBR_PORT),
+            "--pps",
+            str(pps),
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--sport",
+            str(sport),
+            "--idle",
+            str(idle),
+            "--ready-file",
+            str(ready),
+        ],
+    )
+    return daemon, ready
+
+
+def cbr_result(daemon: Daemon, timeout: float = 60) -> dict[str, Any]:
+    assert daemon.popen is not None
+    daemon.popen.wait(timeout)
+    lines = [line for line in daemon.log.read_text().splitlines() if line.startswith("{")]
+    assert lines, daemon.log_tail()
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result

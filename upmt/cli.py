@@ -3,6 +3,7 @@
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,3 +88,19 @@ def flow_rows(flows: list[dict[str, Any]], tunnel_key: str) -> list[list[str]]:
         ]
         for f in flows
     ]
+
+
+def restart_and_wait(control: Path, timeout: float = 30.0) -> dict[str, Any]:
+    """Ask a daemon to restart in place; its first status from the new interpreter."""
+    before = query(control, {"cmd": "status"})["uptime_s"]
+    query(control, {"cmd": "restart"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            status = query(control, {"cmd": "status"})
+        except UpmtError:
+            continue
+        if status["uptime_s"] < before:
+            return status
+    raise UpmtError(f"the daemon did not come back within {timeout:g} s")

@@ -5,8 +5,16 @@ from typing import Any
 
 import click
 
-from upmt.cli import LOG_LEVELS, flow_rows, print_json, query, run_cli, setup_logging, table
-from upmt.errors import UpmtError
+from upmt.cli import (
+    LOG_LEVELS,
+    flow_rows,
+    print_json,
+    query,
+    restart_and_wait,
+    run_cli,
+    setup_logging,
+    table,
+)
 
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
@@ -245,21 +253,8 @@ def handover(
 @control_option
 def restart(control: Path) -> None:
     """Restart the running client in place: open connections, VIPA and tunnels stay."""
-    import time
-
-    before = query(control, {"cmd": "status"})["uptime_s"]
-    query(control, {"cmd": "restart"})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            status = query(control, {"cmd": "status"})
-        except UpmtError:
-            continue
-        if status["uptime_s"] < before:
-            click.echo(f"client restarted in place (pid {status['pid']}, VIPA {status['vipa']})")
-            return
-    raise UpmtError("the client did not come back within 30 s")
+    status = restart_and_wait(control)
+    click.echo(f"client restarted in place (pid {status['pid']}, VIPA {status['vipa']})")
 
 
 @cli.group()

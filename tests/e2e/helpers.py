@@ -1,20 +1,15 @@
 """Small helpers shared by the end-to-end tests."""
 
-import hashlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from lab.topology import CBR_PORT, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from lab.scenario import cbr_result as cbr_result
+from lab.scenario import sha256 as sha256
+from lab.scenario import start_cbr as start_cbr
+from lab.scenario import wait_until
+from lab.topology import CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
 
 
 def download(lab: Lab, blob: Path, role: str = "mh", *extra: str) -> Path:
@@ -89,55 +84,6 @@ def write_policy(lab: Lab, text: str) -> Path:
     return path
 
 
-def start_cbr(
-    lab: Lab,
-    *,
-    name: str = "cbr-recv",
-    pps: int = 1000,
-    count: int = 5000,
-    size: int = 200,
-    sport: int = 4000,
-    idle: float = 5.0,
-) -> tuple[Daemon, Path]:
-    """A UDP receiver app (process name `name`) that asks the CH for a CBR stream."""
-    ready = lab.workdir / f"{name}.ready"
-    daemon = lab.start(
-        "mh",
-        name,
-        [
-            lab.app_command(name),
-            "-m",
-            "lab.apps.cbr",
-            "receive",
-            CH_ADDR,
-            "--port",
-            str(CBR_PORT),
-            "--pps",
-            str(pps),
-            "--count",
-            str(count),
-            "--size",
-            str(size),
-            "--sport",
-            str(sport),
-            "--idle",
-            str(idle),
-            "--ready-file",
-            str(ready),
-        ],
-    )
-    return daemon, ready
-
-
-def cbr_result(daemon: Daemon, timeout: float = 60) -> dict[str, Any]:
-    assert daemon.popen is not None
-    daemon.popen.wait(timeout)
-    lines = [line for line in daemon.log.read_text().splitlines() if line.startswith("{")]
-    assert lines, daemon.log_tail()
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
 def start_download(
     lab: Lab, blob: Path, *, rate: str | None = None, name: str = "curl", max_time: int = 120
 ) -> tuple[Daemon, Path]:
@@ -176,3 +122,15 @@ def wait_file(path: Path, timeout: float = 10) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
+
+
+def curl_under_way(client: Daemon, min_bytes: int = 2 << 20) -> None:
+    """Wait until curl's flow has moved `min_bytes` through the client."""
+    wait_until(
+        lambda: any(
+            f["app"] == "curl" and f["bytes"] > min_bytes for f in client.status()["flows"]
+        ),
+        20,
+        "curl under way",
+        (client,),
+    )

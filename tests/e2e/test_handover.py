@@ -15,6 +15,7 @@ from lab.topology import AN_ADDR, Lab
 from tests.e2e.helpers import (
     cbr_result,
     client_cli,
+    curl_under_way,
     finished,
     flow,
     sha256,
@@ -75,12 +76,7 @@ def test_cli_handover_moves_a_running_download_and_leaves_the_other_app(lab: Lab
     cbr, ready = start_cbr(lab, pps=500, count=3000, size=200)
     curl, out = start_download(lab, blob, rate="3M")
     wait_file(ready)
-    wait_until(
-        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
-        20,
-        "curl under way",
-        (client,),
-    )
+    curl_under_way(client)
     mid = down_bytes(lab)
     answer = client_cli(lab, client, "handover", "curl", "--to", "if1")
     assert answer["moved"] == 1 and answer["anchor"].startswith("200"), answer
@@ -124,12 +120,7 @@ def test_break_before_make_download_completes_over_the_other_interface(
     blob = lab.start_servers(file_size=12 * MB)
     _anchor, client = start_overlay(lab)
     curl, out = start_download(lab, blob, rate="3M")
-    wait_until(
-        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
-        20,
-        "curl under way",
-        (client,),
-    )
+    curl_under_way(client)
     if failure == "link down":
         lab.link("if0", up=False)
     else:

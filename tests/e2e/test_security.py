@@ -9,6 +9,7 @@ from lab.scenario import start_overlay, wait_until
 from lab.topology import AN_ADDR, Lab
 from tests.e2e.helpers import (
     ch_seen_sources,
+    curl_under_way,
     download,
     finished,
     flow,
@@ -132,12 +133,7 @@ def test_anchor_restart_during_a_download_keeps_the_connection(lab: Lab) -> None
     anchor, client = start_overlay(lab)
     assert anchor.popen is not None
     curl, out = start_download(lab, blob, rate="3M")
-    wait_until(
-        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
-        20,
-        "curl under way",
-        (client,),
-    )
+    curl_under_way(client)
     before = anchor.status()
     proc = lab.exec(
         "an", lab.python(), "-m", "anchor_node", "restart", "--control", str(anchor.control)
@@ -162,12 +158,7 @@ def test_client_restart_in_place_keeps_the_download_and_the_vipa(lab: Lab) -> No
     blob = lab.start_servers(file_size=12 * MB)
     anchor, client = start_overlay(lab)
     curl, out = start_download(lab, blob, rate="3M")
-    wait_until(
-        lambda: any(f["app"] == "curl" and f["bytes"] > 2 * MB for f in client.status()["flows"]),
-        20,
-        "curl under way",
-        (client,),
-    )
+    curl_under_way(client)
     before = client.status()
     proc = lab.exec(
         "mh", lab.python(), "-m", "upmt_client", "restart", "--control", str(client.control)

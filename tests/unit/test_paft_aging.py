@@ -16,8 +16,12 @@ def test_tcp_flags_of_ipv4_and_ipv6_packets() -> None:
     assert tcp_flags(tcp4(TCP_FIN | TCP_ACK)) & TCP_FIN
     assert tcp_flags(tcp4(TCP_RST)) == TCP_RST
     assert tcp_flags(tcp4(TCP_ACK)) & (TCP_FIN | TCP_RST) == 0
-    v6 = build_ipv6("2001:db8::1", "2001:db8::2", 6,
-                    build_tcp(1, 2, "2001:db8::1", "2001:db8::2", flags=TCP_RST))
+    v6 = build_ipv6(
+        "2001:db8::1",
+        "2001:db8::2",
+        6,
+        build_tcp(1, 2, "2001:db8::1", "2001:db8::2", flags=TCP_RST),
+    )
     assert tcp_flags(v6) == TCP_RST
     assert tcp_flags(build_ipv4(A, B, 17, build_udp(1, 2, b"x", A, B))) in range(256)
 
