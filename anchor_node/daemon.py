@@ -30,6 +30,7 @@ from anchor_node.registrar import Addr, Registrar
 from anchor_node.users import UserStore
 from nat.kernel import NatSetup
 from paft.table import Paft
+from signalling.transaction import TransactionLayer
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
@@ -44,6 +45,7 @@ log = logging.getLogger("upmt.anchor")
 TUN_OVERHEAD = 28
 TUN_MTU = 1500 - TUN_OVERHEAD
 HOUSEKEEPING_INTERVAL = 1.0
+MAX_SIP_TRANSACTIONS = 16384
 
 
 def run_anchor(config: AnchorConfig) -> None:
@@ -143,11 +145,19 @@ class AnchorNode:
             self.datapath.start()
 
             trio_sip = trio.socket.from_stdlib_socket(sip_sock)
-            self.sip = SipChannel("sip", lambda d, a: sip_sock.sendto(d, a), self._on_sip)
+            # Server transactions live 64·T1 = 32 s after their answer (Timer J), so
+            # the cap bounds the sustained rate: 16384 / 32 s = 512 transactions/s.
+            self.sip = SipChannel(
+                "sip",
+                lambda d, a: sip_sock.sendto(d, a),
+                self._on_sip,
+                layer=TransactionLayer(max_transactions=MAX_SIP_TRANSACTIONS),
+            )
             self.tunnel_sip = SipChannel(
                 "tunnel-sip",
                 lambda d, a: tunnel_sock.sendto(encode_frame(Signal(d)), a),
                 self._on_tunnel_sip,
+                layer=TransactionLayer(max_transactions=MAX_SIP_TRANSACTIONS),
             )
             log.info(
                 "anchor node up: SIP %s:%d, tunnels %s:%d, pool %s, TUN %s, state %s",

@@ -28,6 +28,7 @@ and ACK requests are dropped and counted as unsupported.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from .events import (
     RequestReceived,
     ResponseReceived,
     ServerKey,
+    TransactionKey,
     TransactionTerminated,
     TransactionTimedOut,
 )
@@ -407,12 +409,14 @@ class TransactionStatistics:
 class _Client:
     txn: ClientTransaction
     addr: Addr
+    scheduled: float | None = None  # the deadline last put on the timer heap
 
 
 @dataclass(slots=True)
 class _Server:
     txn: ServerTransaction
     addr: Addr
+    scheduled: float | None = None
 
 
 class TransactionLayer:
@@ -441,6 +445,12 @@ class TransactionLayer:
         self._t1, self._t2, self._t4 = t1, t2, t4
         self._clients: dict[ClientKey, _Client] = {}
         self._servers: dict[ServerKey, _Server] = {}
+        # Every timer a transaction has set, as (deadline, order, key). Entries
+        # go stale when the transaction moves on or ends; they are skipped when
+        # they reach the top. A heap, because a registrar holds thousands of
+        # transactions for Timer J and looks for the next timer per datagram.
+        self._timers: list[tuple[float, int, TransactionKey]] = []
+        self._timer_order = 0
         self._datagrams: list[tuple[bytes, Addr]] = []
         self._events: deque[Event] = deque()
         self._received = 0
@@ -498,6 +508,7 @@ class TransactionLayer:
             return
         server = _Server(ServerTransaction(request, now, self._t1), addr)
         self._servers[key] = server
+        self._schedule(server, key)
         self._events.append(RequestReceived(key, request, addr))
 
     # Transaction-user input.
@@ -535,23 +546,42 @@ class TransactionLayer:
 
     def get_timer(self) -> float | None:
         """The absolute time of the earliest timer of any transaction."""
-        # A linear scan: at most `max_transactions` plus the daemon's own
-        # requests, and signalling is far from the data path.
-        timers = [c.txn.get_timer() for c in self._clients.values()]
-        timers += [s.txn.get_timer() for s in self._servers.values()]
-        return min((t for t in timers if t is not None), default=None)
+        timers = self._timers
+        while timers:
+            deadline, _order, key = timers[0]
+            if self._current_timer(key) == deadline:
+                return deadline
+            heapq.heappop(timers)  # stale: the transaction moved on or ended
+        return None
 
     def handle_timer(self, now: float) -> None:
-        for client in list(self._clients.values()):
-            timer = client.txn.get_timer()
-            if timer is not None and timer <= now:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            deadline, _order, key = heapq.heappop(timers)
+            if self._current_timer(key) != deadline:
+                continue
+            if isinstance(key, ClientKey):
+                client = self._clients[key]
                 client.txn.handle_timer(now)
                 self._pump_client(client, retransmission=True)
-        for server in list(self._servers.values()):
-            timer = server.txn.get_timer()
-            if timer is not None and timer <= now:
+            else:
+                server = self._servers[key]
                 server.txn.handle_timer(now)
                 self._pump_server(server)
+
+    def _current_timer(self, key: TransactionKey) -> float | None:
+        if isinstance(key, ClientKey):
+            client = self._clients.get(key)
+            return client.txn.get_timer() if client is not None else None
+        server = self._servers.get(key)
+        return server.txn.get_timer() if server is not None else None
+
+    def _schedule(self, holder: _Client | _Server, key: TransactionKey) -> None:
+        deadline = holder.txn.get_timer()
+        if deadline is not None and deadline != holder.scheduled:
+            holder.scheduled = deadline
+            self._timer_order += 1
+            heapq.heappush(self._timers, (deadline, self._timer_order, key))
 
     # Outputs.
 
@@ -591,6 +621,8 @@ class TransactionLayer:
             if isinstance(event, TransactionTimedOut):
                 self._timeouts += 1
             self._events.append(event)
+        if client.txn.key in self._clients:
+            self._schedule(client, client.txn.key)
 
     def _pump_server(self, server: _Server) -> None:
         # Responses, also re-sent ones, go to the address the request first came
@@ -602,3 +634,5 @@ class TransactionLayer:
                 if not server.txn.final_sent:
                     self._abandoned += 1
                 del self._servers[server.txn.key]
+        if server.txn.key in self._servers:
+            self._schedule(server, server.txn.key)
