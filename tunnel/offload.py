@@ -1,0 +1,608 @@
+"""TUN segmentation offloads: split super-packets, coalesce segments (pure).
+
+With ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD(CSUM|TSO4|TSO6|USO4|USO6)`` a TUN read
+returns one ``struct virtio_net_hdr`` and then an IP packet of up to 64 KB whose
+TCP (or UDP) payload the kernel left for the device to cut. `split_untrusted`
+does that cut, so the tunnel can send MTU-sized inner packets in one
+``sendmsg`` with ``UDP_SEGMENT``. In the other direction `coalesce` merges the
+consecutive TCP segments that ``UDP_GRO`` hands over into one GSO packet per
+run, so the TUN is written once per run instead of once per segment.
+`checksum_partial_fill` completes the checksum of a DATA-CSUM-PARTIAL frame
+(DESIGN §3, frame 0x04).
+
+``struct virtio_net_hdr`` (include/uapi/linux/virtio_net.h), 10 bytes, the
+variant without ``num_buffers``. TUN uses the host's byte order unless
+``TUNSETVNETLE``/``TUNSETVNETBE`` says otherwise; on x86 that is little-endian::
+
+    offset 0  flags        u8   NEEDS_CSUM (1): checksum from csum_start to the end,
+                                store it at csum_start + csum_offset; DATA_VALID (2)
+    offset 1  gso_type     u8   NONE 0, TCPV4 1, UDP 3 (UFO), TCPV6 4, UDP_L4 5,
+                                | ECN 0x80 (the TCP packet carries CWR)
+    offset 2  hdr_len      u16  bytes of headers (on TUN reads: the skb's linear
+                                length, so only an upper bound)
+    offset 4  gso_size     u16  payload bytes per segment (the MSS)
+    offset 6  csum_start   u16  offset of the transport header from the IP header
+    offset 8  csum_offset  u16  offset of the checksum field from csum_start
+                                (16 for TCP, 6 for UDP)
+
+Rules followed, as the kernel's software segmentation applies them
+(``inet_gso_segment``, ``ipv6_gso_segment``, ``tcp_gso_segment``,
+``__udp_gso_segment``):
+
+* every segment gets a copy of the IP and transport headers, IP options and
+  TCP options included;
+* IPv4: total length set, the identification incremented by one per segment
+  (TUN advertises no ``TSO_MANGLEID``, so no fixed-ID packets reach it), the
+  header checksum recomputed; IPv6: payload length set;
+* TCP: the sequence number advanced by the bytes before the segment; FIN and PSH
+  kept only on the last segment, CWR only on the first; the checksum computed
+  over pseudo-header, header and data, and written as computed (a 0 stays 0);
+* UDP (USO): each segment is a datagram with its own length and checksum; a
+  computed 0 is sent as 0xFFFF (RFC 768 reserves 0 for "no checksum");
+* a packet completed without segmentation (``gso_type`` NONE with NEEDS_CSUM)
+  follows ``skb_checksum_help``: a computed 0 is written as 0xFFFF.
+
+Coalescing follows the kernel's TCP GRO (``tcp_gro_receive``,
+``inet_gro_receive``, ``ipv6_gro_receive``): segments of one flow merge when
+their sequence numbers are contiguous, ACK number, window, TCP options, TOS/TTL
+(traffic class, flow label, hop limit) and DF are equal, every segment but the
+last carries exactly ``gso_size`` bytes, and each one's checksums verify. The
+merged packet is handed over with NEEDS_CSUM, which the receiving stack takes
+as "checksum verified"; checking each segment before merging keeps the
+end-to-end TCP checksum meaningful. CWR may open a run (the kernel's GRO marks
+such a run ``SKB_GSO_TCP_ECN``), PSH may close one; SYN, RST, FIN and URG never
+merge.
+
+Checksums are computed with ``int.from_bytes(..., "little") % 0xFFFF``: since
+2**16 = 1 (mod 0xFFFF), that is the one's-complement sum of the 16-bit words
+(RFC 1071) with both bytes swapped, and the byte order does not change a
+one's-complement sum (RFC 1071 §2(B)). It runs in C over the whole buffer,
+about 1 ns per byte, and an odd trailing byte falls into place without padding.
+Everything below stays in that swapped domain and is written with ``"<H"``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+from upmt.errors import MalformedError
+
+__all__ = [
+    "VIRTIO_NET_HDR_F_DATA_VALID",
+    "VIRTIO_NET_HDR_F_NEEDS_CSUM",
+    "VIRTIO_NET_HDR_GSO_ECN",
+    "VNET_HDR_LEN",
+    "GsoType",
+    "VnetHdr",
+    "checksum_partial_fill",
+    "coalesce",
+    "split_untrusted",
+]
+
+VNET_HDR_LEN: Final = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM: Final = 1
+VIRTIO_NET_HDR_F_DATA_VALID: Final = 2  # set by the kernel on reads; says nothing to a writer
+VIRTIO_NET_HDR_GSO_ECN: Final = 0x80
+_KNOWN_FLAGS: Final = VIRTIO_NET_HDR_F_NEEDS_CSUM | VIRTIO_NET_HDR_F_DATA_VALID
+
+
+class GsoType(IntEnum):
+    """``VIRTIO_NET_HDR_GSO_*``, without the ECN bit (see `VnetHdr.ecn`)."""
+
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3  # UFO: IP fragmentation of one datagram; not negotiated here
+    TCPV6 = 4
+    UDP_L4 = 5  # USO: one datagram per segment
+
+
+_VNET: Final = struct.Struct("<BBHHHH")
+_GSO_TYPES: Final = {int(t): t for t in GsoType}
+_TCP_TYPES: Final = frozenset({GsoType.TCPV4, GsoType.TCPV6})
+
+
+@dataclass(frozen=True, slots=True)
+class VnetHdr:
+    """One ``struct virtio_net_hdr``; `ecn` is the ``VIRTIO_NET_HDR_GSO_ECN`` bit."""
+
+    flags: int = 0
+    gso_type: GsoType = GsoType.NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    ecn: bool = False
+
+    def pack(self) -> bytes:
+        """The 10 bytes in host (little-endian) order; ValueError if a field does not fit."""
+        gso = int(self.gso_type) | (VIRTIO_NET_HDR_GSO_ECN if self.ecn else 0)
+        try:
+            return _VNET.pack(
+                self.flags, gso, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset
+            )
+        except struct.error as exc:
+            raise ValueError(f"virtio_net_hdr field out of range: {self}") from exc
+
+    @classmethod
+    def unpack_untrusted(cls, data: bytes) -> VnetHdr:
+        """Decode the first 10 bytes of `data`; MalformedError on anything unknown."""
+        if len(data) < VNET_HDR_LEN:
+            raise MalformedError(f"virtio_net_hdr needs {VNET_HDR_LEN} bytes, got {len(data)}")
+        flags, raw, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(data)
+        if flags & ~_KNOWN_FLAGS:
+            raise MalformedError(f"unknown virtio_net_hdr flags {flags:#x}")
+        gso_type = _GSO_TYPES.get(raw & ~VIRTIO_NET_HDR_GSO_ECN)
+        if gso_type is None:
+            raise MalformedError(f"unknown gso_type {raw:#x}")
+        ecn = bool(raw & VIRTIO_NET_HDR_GSO_ECN)
+        if ecn and gso_type not in _TCP_TYPES:
+            raise MalformedError(f"ECN bit on gso_type {gso_type.name}")
+        return cls(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, ecn)
+
+
+# IANA protocol numbers and RFC 9293 §3.1 control bits.
+_PROTO_TCP: Final = 6
+_PROTO_UDP: Final = 17
+_FIN: Final = 0x01
+_SYN: Final = 0x02
+_RST: Final = 0x04
+_PSH: Final = 0x08
+_ACK: Final = 0x10
+_URG: Final = 0x20
+_CWR: Final = 0x80
+_NEVER_MERGED: Final = _SYN | _RST | _FIN | _URG
+
+_IPV4_MF_OFFSET: Final = 0x3FFF  # MF flag and fragment offset: any of them means a fragment
+_IPV4_DF: Final = 0x4000
+_TCP_CSUM_OFFSET: Final = 16
+_UDP_CSUM_OFFSET: Final = 6
+_MAX_IP_LEN: Final = 0xFFFF
+
+# IPv6 next headers after which a packet certainly holds no TCP (RFC 8200 §4:
+# the rest of the chain is an upper layer or "no next header"). Anything else may
+# be an extension header in front of TCP, so `coalesce` treats it as a barrier.
+_IPV6_FINAL_NON_TCP: Final = frozenset({_PROTO_UDP, 58, 59, 132, 136})
+
+_U16: Final = struct.Struct("!H")
+_U16_LE: Final = struct.Struct("<H")  # a checksum from the swapped domain, see the docstring
+_U32: Final = struct.Struct("!I")
+_IPV4_FIELDS: Final = struct.Struct("!BxHHHxB")  # ver/IHL, total length, id, flags/offset, proto
+_IPV6_FIELDS: Final = struct.Struct("!BxxxHB")  # version, payload length, next header
+_TCP_FIELDS: Final = struct.Struct("!4xI4xBB")  # seq, data offset, flags
+
+_NONE_HDR: Final = VnetHdr().pack()
+
+
+def _swap16(value: int) -> int:
+    """A 16-bit value moved into (or out of) the byte-swapped checksum domain."""
+    return ((value & 0xFF) << 8) | (value >> 8)
+
+
+def _sum(data: bytes | bytearray | memoryview) -> int:
+    """The byte-swapped one's-complement sum of `data`, not yet reduced mod 0xFFFF."""
+    return int.from_bytes(data, "little")
+
+
+def _ip_layout(packet: bytes | memoryview) -> tuple[int, int, int]:
+    """(IP version, transport offset, transport protocol) of a whole, unfragmented packet."""
+    size = len(packet)
+    if size < 20:
+        raise MalformedError(f"IP packet of {size} bytes")
+    version = packet[0] >> 4
+    if version == 4:
+        first, total, _ident, frag, proto = _IPV4_FIELDS.unpack_from(packet)
+        ihl = (first & 0x0F) * 4
+        if ihl < 20 or ihl > size:
+            raise MalformedError(f"IPv4 header length {ihl} in a {size}-byte packet")
+        if total != size:
+            raise MalformedError(f"IPv4 total length {total} but {size} bytes")
+        if frag & _IPV4_MF_OFFSET:
+            raise MalformedError("IPv4 fragment")
+        return 4, ihl, proto
+    if version == 6:
+        if size < 40:
+            raise MalformedError(f"IPv6 packet of {size} bytes")
+        _first, payload, next_header = _IPV6_FIELDS.unpack_from(packet)
+        if payload + 40 != size:
+            raise MalformedError(f"IPv6 payload length {payload} but {size - 40} bytes")
+        if next_header not in (_PROTO_TCP, _PROTO_UDP):
+            # Extension headers: rare on offloaded traffic, and a routing header
+            # would change the pseudo-header's destination.
+            raise MalformedError(f"IPv6 next header {next_header} is not TCP or UDP")
+        return 6, 40, next_header
+    raise MalformedError(f"IP version {version}")
+
+
+def _pseudo_sum(
+    packet: bytes | bytearray | memoryview, version: int, proto: int, length: int
+) -> int:
+    """Swapped-domain sum of the pseudo-header (RFC 9293 §3.1, RFC 8200 §8.1)."""
+    addrs = packet[12:20] if version == 4 else packet[8:40]
+    return _sum(addrs) + _swap16(proto) + _swap16(length)
+
+
+def split_untrusted(frame: bytes, mtu: int) -> list[bytes]:
+    """Cut one TUN read (virtio_net_hdr + IP packet) into IP packets of at most `mtu` bytes.
+
+    GSO NONE gives the packet itself, its checksum completed if NEEDS_CSUM asks
+    for it. TCPV4/TCPV6 and UDP_L4 give the segments the kernel would send (see
+    the module docstring). A TCP stream is cut smaller than ``gso_size`` when
+    the headers and ``gso_size`` bytes would exceed `mtu`, as a TSO engine with
+    a smaller MSS would; UDP datagram boundaries cannot move, so a USO packet
+    whose datagrams do not fit is malformed, as is a non-GSO packet over `mtu`.
+    Raises only MalformedError.
+    """
+    hdr = VnetHdr.unpack_untrusted(frame)
+    packet = memoryview(frame)[VNET_HDR_LEN:]
+    size = len(packet)
+    if hdr.hdr_len > size:
+        raise MalformedError(f"hdr_len {hdr.hdr_len} beyond a {size}-byte packet")
+    needs_csum = bool(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+    gso_type = hdr.gso_type
+    if gso_type is GsoType.NONE:
+        if size > mtu:
+            raise MalformedError(f"{size}-byte packet without GSO over MTU {mtu}")
+        if not needs_csum:
+            return [bytes(packet)]
+        return [_fill_checksum(packet, hdr.csum_start, hdr.csum_offset, mangle_zero=True)]
+    if gso_type is GsoType.UDP:
+        raise MalformedError("UFO (gso_type UDP) is not negotiated on this TUN")
+    if hdr.gso_size == 0:
+        raise MalformedError(f"gso_size 0 with gso_type {gso_type.name}")
+
+    version, start, proto = _ip_layout(packet)
+    if gso_type is GsoType.UDP_L4:
+        if proto != _PROTO_UDP:
+            raise MalformedError(f"UDP_L4 on protocol {proto}")
+        csum_offset = _UDP_CSUM_OFFSET
+        headers = start + 8
+        if size < headers:
+            raise MalformedError("UDP header truncated")
+        if _U16.unpack_from(packet, start + 4)[0] != size - start:
+            raise MalformedError("UDP length does not match the packet")
+    else:
+        wanted = 4 if gso_type is GsoType.TCPV4 else 6
+        if version != wanted:
+            raise MalformedError(f"{gso_type.name} on an IPv{version} packet")
+        if proto != _PROTO_TCP:
+            raise MalformedError(f"{gso_type.name} on protocol {proto}")
+        csum_offset = _TCP_CSUM_OFFSET
+        if size < start + 20:
+            raise MalformedError("TCP header truncated")
+        headers = start + (packet[start + 12] >> 4) * 4
+        if headers < start + 20 or headers > size:
+            raise MalformedError("TCP data offset out of range")
+    if needs_csum and (hdr.csum_start != start or hdr.csum_offset != csum_offset):
+        raise MalformedError(
+            f"csum_start/offset {hdr.csum_start}/{hdr.csum_offset}, transport header at {start}"
+        )
+
+    piece = hdr.gso_size
+    if headers + piece > mtu:
+        if size <= mtu:
+            piece = max(size - headers, 1)  # one segment holds it all
+        elif proto == _PROTO_UDP:
+            raise MalformedError(f"USO datagrams of {headers + piece} bytes over MTU {mtu}")
+        elif mtu - headers < 1:
+            raise MalformedError(f"{headers} bytes of headers leave no room in MTU {mtu}")
+        else:
+            piece = mtu - headers
+    if proto == _PROTO_TCP:
+        return _split_tcp(packet, version, start, headers, piece)
+    return _split_udp(packet, version, start, piece)
+
+
+def _segment_template(
+    packet: memoryview, version: int, start: int, headers: int, csum_offset: int
+) -> tuple[bytearray, int]:
+    """The headers with both checksums zeroed, and the swapped sum of the addresses."""
+    template = bytearray(packet[:headers])
+    template[start + csum_offset : start + csum_offset + 2] = b"\x00\x00"
+    if version == 4:
+        template[10:12] = b"\x00\x00"
+        return template, _sum(packet[12:20])
+    return template, _sum(packet[8:40])
+
+
+def _finish_ip(h: bytearray, version: int, start: int, length: int, ident: int) -> None:
+    """Set the IP length (and for IPv4 the id and header checksum) of one segment."""
+    if version == 4:
+        _U16.pack_into(h, 2, length)
+        _U16.pack_into(h, 4, ident)
+        h[10] = h[11] = 0
+        _U16_LE.pack_into(h, 10, -_sum(h[:start]) % 0xFFFF)
+    else:
+        _U16.pack_into(h, 4, length - 40)
+
+
+def _split_tcp(
+    packet: memoryview, version: int, start: int, headers: int, piece: int
+) -> list[bytes]:
+    size = len(packet)
+    h, base = _segment_template(packet, version, start, headers, _TCP_CSUM_OFFSET)
+    base += _swap16(_PROTO_TCP)
+    ident = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
+    seq, _offset, flags = _TCP_FIELDS.unpack_from(packet, start)
+    flags_at = start + 13
+    seq_at = start + 4
+    csum_at = start + _TCP_CSUM_OFFSET
+    tcp_header = headers - start
+    middle = flags & ~(_FIN | _PSH | _CWR)
+    first = flags & ~(_FIN | _PSH)
+    last = flags & ~_CWR
+    out: list[bytes] = []
+    # An empty payload still makes one segment, as the kernel sends it unsplit.
+    offsets = range(headers, size, piece) if size > headers else range(headers, headers + 1)
+    final = offsets[-1]
+    for index, at in enumerate(offsets):
+        end = min(at + piece, size)
+        data = packet[at:end]
+        _finish_ip(h, version, start, headers + end - at, (ident + index) & 0xFFFF)
+        _U32.pack_into(h, seq_at, (seq + at - headers) & 0xFFFFFFFF)
+        if at == final:
+            h[flags_at] = flags if index == 0 else last
+        else:
+            h[flags_at] = first if index == 0 else middle
+        h[csum_at] = h[csum_at + 1] = 0
+        total = base + _swap16(tcp_header + end - at) + _sum(h[start:]) + _sum(data)
+        _U16_LE.pack_into(h, csum_at, -total % 0xFFFF)
+        out.append(bytes(h) + data)
+    return out
+
+
+def _split_udp(packet: memoryview, version: int, start: int, piece: int) -> list[bytes]:
+    size = len(packet)
+    headers = start + 8
+    h, base = _segment_template(packet, version, start, headers, _UDP_CSUM_OFFSET)
+    base += _swap16(_PROTO_UDP)
+    ident = _U16.unpack_from(packet, 4)[0] if version == 4 else 0
+    csum_at = start + _UDP_CSUM_OFFSET
+    out: list[bytes] = []
+    offsets = range(headers, size, piece) if size > headers else range(headers, headers + 1)
+    for index, at in enumerate(offsets):
+        end = min(at + piece, size)
+        data = packet[at:end]
+        length = 8 + end - at
+        _finish_ip(h, version, start, start + length, (ident + index) & 0xFFFF)
+        _U16.pack_into(h, start + 4, length)
+        h[csum_at] = h[csum_at + 1] = 0
+        total = base + _swap16(length) + _sum(h[start:]) + _sum(data)
+        _U16_LE.pack_into(h, csum_at, (-total % 0xFFFF) or 0xFFFF)
+        out.append(bytes(h) + data)
+    return out
+
+
+def _fill_checksum(
+    packet: bytes | memoryview, csum_start: int, csum_offset: int, *, mangle_zero: bool
+) -> bytes:
+    """Complete a checksum whose field holds the pseudo-header sum (CHECKSUM_PARTIAL)."""
+    at = csum_start + csum_offset
+    if at + 2 > len(packet):
+        raise MalformedError(
+            f"checksum at {csum_start}+{csum_offset} outside a {len(packet)}-byte packet"
+        )
+    # The field's current value is the pseudo-header sum and is meant to be
+    # summed along with the data, so nothing is zeroed first.
+    result = -_sum(packet[csum_start:]) % 0xFFFF
+    if mangle_zero and not result:
+        result = 0xFFFF
+    out = bytearray(packet)
+    _U16_LE.pack_into(out, at, result)
+    return bytes(out)
+
+
+def checksum_partial_fill(packet: bytes) -> bytes:
+    """Complete the TCP/UDP checksum of a DATA-CSUM-PARTIAL packet (DESIGN §3, 0x04).
+
+    The field holds only the pseudo-header sum, as the kernel leaves it for
+    CHECKSUM_PARTIAL. A computed 0 is written as 0xFFFF, as
+    ``skb_checksum_help`` does (and RFC 768 requires for UDP). `packet` is
+    network input: raises only MalformedError.
+    """
+    _version, start, proto = _ip_layout(packet)
+    if proto not in (_PROTO_TCP, _PROTO_UDP):
+        raise MalformedError(f"checksum partial on protocol {proto}")
+    offset = _TCP_CSUM_OFFSET if proto == _PROTO_TCP else _UDP_CSUM_OFFSET
+    return _fill_checksum(packet, start, offset, mangle_zero=True)
+
+
+class _Run:
+    """Segments of one flow being merged, in sequence order."""
+
+    __slots__ = (
+        "df_clear",
+        "first",
+        "gso_size",
+        "headers",
+        "ident",
+        "length",
+        "match",
+        "next_seq",
+        "payloads",
+        "psh",
+        "start",
+        "version",
+    )
+
+    def __init__(
+        self,
+        first: bytes,
+        version: int,
+        start: int,
+        headers: int,
+        match: bytes,
+        seq: int,
+        ident: int,
+        df_clear: bool,
+    ) -> None:
+        self.first = first
+        self.version = version
+        self.start = start
+        self.headers = headers
+        self.match = match
+        self.gso_size = len(first) - headers
+        self.next_seq = (seq + self.gso_size) & 0xFFFFFFFF
+        self.ident = ident
+        self.df_clear = df_clear
+        self.length = len(first)
+        self.payloads: list[memoryview] = [memoryview(first)[headers:]]
+        self.psh = False
+
+    def frame(self) -> bytes:
+        """virtio_net_hdr + the packet: NONE for a lone segment, a GSO packet otherwise."""
+        if len(self.payloads) == 1:
+            return _NONE_HDR + self.first
+        version, start = self.version, self.start
+        h = bytearray(self.first[: self.headers])
+        tcp_length = self.length - start
+        if version == 4:
+            _U16.pack_into(h, 2, self.length)
+            h[10] = h[11] = 0
+            _U16_LE.pack_into(h, 10, -_sum(h[:start]) % 0xFFFF)
+        else:
+            _U16.pack_into(h, 4, tcp_length)
+        if self.psh:
+            h[start + 13] |= _PSH
+        # NEEDS_CSUM wants the folded, uncomplemented pseudo-header sum in the field.
+        partial = _pseudo_sum(h, version, _PROTO_TCP, tcp_length) % 0xFFFF or 0xFFFF
+        _U16_LE.pack_into(h, start + _TCP_CSUM_OFFSET, partial)
+        vnet = VnetHdr(
+            flags=VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type=GsoType.TCPV4 if version == 4 else GsoType.TCPV6,
+            hdr_len=self.headers,
+            gso_size=self.gso_size,
+            csum_start=start,
+            csum_offset=_TCP_CSUM_OFFSET,
+            ecn=bool(h[start + 13] & _CWR),
+        )
+        return b"".join((vnet.pack(), h, *self.payloads))
+
+
+# What `_classify` found out about one packet.
+_PASS: Final = 0  # cannot hold TCP: pass through, touching no run
+_BARRIER: Final = 1  # might be TCP of any flow: pass through and end every run
+_FLOW_ONLY: Final = 2  # TCP of a known flow that cannot merge: ends that flow's run
+_CANDIDATE: Final = 3
+
+
+def coalesce(packets: Sequence[bytes], max_size: int = 65535) -> list[bytes]:
+    """Merge runs of TCP segments into GSO packets for a TUN opened with IFF_VNET_HDR.
+
+    Returns one frame (virtio_net_hdr + IP packet) per merged run or unmerged
+    packet. A run is emitted where its first segment arrived, so packets of
+    different flows may swap places but those of one flow never do: a packet
+    of a flow that does not join the flow's open run closes it, and a packet
+    whose flow cannot be told (a fragment, IPv6 extension headers, garbage)
+    closes every run. No merged packet exceeds `max_size` (nor 65535) bytes.
+    Never raises on bad packets: what cannot merge passes through unchanged.
+    """
+    limit = min(max_size, _MAX_IP_LEN)
+    out: list[bytes | _Run] = []
+    runs: dict[bytes, _Run] = {}
+    for packet in packets:
+        kind, key, info = _classify(packet)
+        if kind == _PASS:
+            out.append(_NONE_HDR + packet)
+            continue
+        if kind == _BARRIER:
+            runs.clear()
+            out.append(_NONE_HDR + packet)
+            continue
+        if kind == _FLOW_ONLY:
+            runs.pop(key, None)
+            out.append(_NONE_HDR + packet)
+            continue
+        assert info is not None
+        version, start, headers, match, seq, ident, df_clear, flags = info
+        payload = len(packet) - headers
+        run = runs.get(key)
+        if (
+            run is not None
+            and seq == run.next_seq
+            and match == run.match
+            and payload <= run.gso_size
+            and not flags & _CWR
+            and run.length + payload <= limit
+            and (not df_clear or ident == (run.ident + len(run.payloads)) & 0xFFFF)
+        ):
+            run.payloads.append(memoryview(packet)[headers:])
+            run.length += payload
+            run.next_seq = (seq + payload) & 0xFFFFFFFF
+            if flags & _PSH or payload < run.gso_size:
+                run.psh = bool(flags & _PSH)
+                del runs[key]  # nothing may follow a short or pushed segment
+            continue
+        if flags & _PSH:
+            runs.pop(key, None)
+            out.append(_NONE_HDR + packet)
+            continue
+        run = _Run(packet, version, start, headers, match, seq, ident, df_clear)
+        runs[key] = run
+        out.append(run)
+    return [item if isinstance(item, bytes) else item.frame() for item in out]
+
+
+_Info = tuple[int, int, int, bytes, int, int, bool, int]
+
+
+def _classify(packet: bytes) -> tuple[int, bytes, _Info | None]:
+    """Decide what `coalesce` may do with one packet; the key names its TCP flow."""
+    size = len(packet)
+    if size < 20:
+        return _BARRIER, b"", None
+    version = packet[0] >> 4
+    if version == 4:
+        first, total, ident, frag, proto = _IPV4_FIELDS.unpack_from(packet)
+        if proto != _PROTO_TCP:
+            return _PASS, b"", None
+        start = (first & 0x0F) * 4
+        if frag & _IPV4_MF_OFFSET or start < 20 or size < start + 20:
+            return _BARRIER, b"", None
+        key = packet[12:20] + packet[start : start + 4]
+        if start != 20 or total != size or _sum(packet[:20]) % 0xFFFF:
+            return _FLOW_ONLY, key, None
+        ip_match = packet[0:2] + packet[6:10]
+        addrs_at = 12
+        df_clear = not frag & _IPV4_DF
+    elif version == 6:
+        if size < 60:
+            return _BARRIER, b"", None
+        next_header = packet[6]
+        if next_header != _PROTO_TCP:
+            return (_PASS if next_header in _IPV6_FINAL_NON_TCP else _BARRIER), b"", None
+        start = 40
+        key = packet[8:40] + packet[40:44]
+        if _U16.unpack_from(packet, 4)[0] + 40 != size:
+            return _FLOW_ONLY, key, None
+        ip_match = packet[0:4] + packet[7:8]
+        addrs_at = 8
+        ident, df_clear = 0, False
+    else:
+        return _BARRIER, b"", None
+
+    seq, offset, flags = _TCP_FIELDS.unpack_from(packet, start)
+    headers = start + (offset >> 4) * 4
+    if (
+        headers < start + 20
+        or headers >= size  # pure ACKs carry nothing to merge
+        or flags & _NEVER_MERGED
+        or not flags & _ACK
+        # Checksum over the pseudo-header: the addresses are contiguous with the
+        # TCP header here (no IPv4 options, no IPv6 extension headers).
+        or (_sum(packet[addrs_at:]) + _swap16(_PROTO_TCP) + _swap16(size - start)) % 0xFFFF
+    ):
+        return _FLOW_ONLY, key, None
+    # Everything that must be equal along a run, PSH and CWR aside (they may
+    # close and open one); ports and addresses are already in the key.
+    match = (
+        ip_match
+        + packet[start + 8 : start + 13]
+        + bytes((flags & ~(_PSH | _CWR),))
+        + packet[start + 14 : start + 16]
+        + packet[start + 20 : headers]
+    )
+    return _CANDIDATE, key, (version, start, headers, match, seq, ident, df_clear, flags)
