@@ -19,6 +19,7 @@ from paft.packets import (
     TCP_SYN,
     build_ipv4,
     build_ipv6,
+    build_ipv6_options_header,
     build_tcp,
     build_udp,
     internet_checksum,
@@ -645,7 +646,8 @@ def test_coalesce_respects_max_size() -> None:
     a = run_of(10, size=1000)
     frames = coalesce(packets_of(list(a)), max_size=3100)
     assert [len(f) - VNET_HDR_LEN for f in frames] == [3040, 3040, 3040, 1040]
-    assert coalesce(packets_of(list(run_of(80, size=1000)))) != []
+    big = packets_of(list(run_of(80, size=1000)))
+    assert all(len(f) - VNET_HDR_LEN <= 65535 for f in coalesce(big, max_size=10**6))
     assert all(len(f) - VNET_HDR_LEN <= 65535 for f in coalesce(packets_of(list(run_of(80, 1000)))))
 
 
@@ -799,3 +801,17 @@ def test_coalesce_never_raises_on_mutated_packets() -> None:
             batch.append(bytes(mutated[: rng.choice([len(mutated), rng.randrange(len(mutated))])]))
         for frame in coalesce(batch):
             VnetHdr.unpack_untrusted(frame)
+
+
+@pytest.mark.parametrize("flag", [TCP_FIN, TCP_SYN, TCP_RST, TCP_URG, TCP_PSH])
+def test_coalesce_flag_on_every_segment_never_merges(flag: int) -> None:
+    items: list[Seg | bytes] = list(run_of(4, flags=TCP_ACK | flag))
+    assert coalesce(packets_of(items)) == frames_for(items, [[0], [1], [2], [3]])
+
+
+def test_coalesce_ipv6_extension_headers_are_a_barrier() -> None:
+    a = run_of(4, v6=True)
+    tcp = tcp_segment(SRC6, DST6, sport=a[0].sport, seq=a[2].seq, payload=b"e")
+    extended = build_ipv6(SRC6, DST6, 0, build_ipv6_options_header(PROTO_TCP) + tcp)
+    items: list[Seg | bytes] = [a[0], a[1], extended, a[2], a[3]]
+    assert coalesce(packets_of(items)) == frames_for(items, [[0, 1], [2], [3, 4]])
