@@ -12,7 +12,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script
+from nat.ruleset import anchor_ruleset, delete_script
 from upmt.errors import SetupError
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -33,14 +33,6 @@ def _nft(args: list[str], script: str | None = None) -> str:
         first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
         raise SetupError(f"nft refused the ruleset: {first}")
     return proc.stdout
-
-
-def list_table() -> str | None:
-    """The kernel's listing of the anchor's table, or None when there is none."""
-    try:
-        return _nft(["list", "table", TABLE_FAMILY, TABLE_NAME])
-    except SetupError:
-        return None
 
 
 @dataclass

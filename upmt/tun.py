@@ -87,15 +87,3 @@ def _disable_ipv6(name: str) -> None:
     # Without IPv6 in this kernel or namespace there is nothing to silence.
     with contextlib.suppress(OSError):
         path.write_text("1\n")
-
-
-def delete_link_if_exists(name: str) -> bool:
-    """Remove a leftover device of that name (e.g. made persistent by someone else)."""
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            return False
-        ipr.link("del", index=found[0])
-        return True
