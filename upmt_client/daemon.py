@@ -28,8 +28,6 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import trio
@@ -48,7 +46,7 @@ from signalling.bodies import (
     encode_body,
 )
 from signalling.message import build_request, new_branch, new_call_id, new_tag
-from signalling.tunnelauth import decode_key_untrusted, encode_key, sign
+from signalling.tunnelauth import sign
 from tunnel.addr import format_hostport
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
@@ -56,7 +54,6 @@ from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
-from upmt.inplace import Handover
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client.association import Associator
@@ -64,7 +61,12 @@ from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath, FlowChoice
 from upmt_client.flows import FlowBook, HandoverRecord
-from upmt_client.inplace import key_from_json, key_to_json, take_inherited, tunnel_socket
+from upmt_client.inplace import (
+    export_state,
+    import_registration,
+    import_tunnels_and_flows,
+    take_inherited,
+)
 from upmt_client.inplace import restart as restart_in_place
 from upmt_client.interfaces import Access, check_interfaces, default_route_interfaces, usable
 from upmt_client.netmon import (
@@ -81,6 +83,7 @@ from upmt_client.procscan import AppInfo
 from upmt_client.routing import FWMARK, TABLE, PolicyRouting
 from upmt_client.sockdiag import SockDiag, SocketOwner
 from upmt_client.steering import BLOCKED, Steering
+from upmt_client.tunnels import ClientTunnel, TunnelPhase
 
 log = logging.getLogger("upmt.client")
 Addr = tuple[str, int]
@@ -91,31 +94,6 @@ MAX_BACKOFF = 16.0
 REEVALUATE_INTERVAL = 0.5
 CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
 REEXAMINE_TRIES = 3
-
-
-class TunnelPhase(Enum):
-    WAITING = "waiting"  # the interface is down or has no address
-    SETTING_UP = "setting-up"
-    UP = "up"
-    DEAD = "dead"
-
-
-@dataclass
-class ClientTunnel:
-    name: str
-    number: int
-    phase: TunnelPhase = TunnelPhase.WAITING
-    sock: socket.socket | None = None
-    sip: SipChannel | None = None
-    scheduler: ProbeScheduler | None = None
-    tunnel_id: str | None = None
-    observed: str | None = None
-    local: str | None = None
-    setups: int = 0
-    down_reason: str = ""
-    retry: trio.Event = field(default_factory=trio.Event)
-    # A socket (and a live tunnel) handed over by an in-place restart.
-    inherited: socket.socket | None = None
 
 
 def run_client(config: ClientConfig) -> None:
@@ -181,7 +159,7 @@ class ClientDaemon:
                     self.link_addrs[access.name] = {access.address}
                 mtu = min(a.mtu for a in accesses) - TUNNEL_OVERHEAD
                 if inherited is not None:
-                    vipa = self._import_registration(inherited.state)
+                    vipa = import_registration(self.associator.registration, inherited.state)
                     self.tun = adopt_tun(cfg.tun_name, inherited.fds["tun"])
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
@@ -219,7 +197,7 @@ class ClientDaemon:
                 for number, name in enumerate(names, 1):
                     self.tunnels[name] = ClientTunnel(name, number)
                 if inherited is not None:
-                    self._import_tunnels_and_flows(inherited)
+                    import_tunnels_and_flows(self, inherited)
                 for name in names:
                     nursery.start_soon(self._interface_task, name)
                 nursery.start_soon(self._watch_links)
@@ -238,75 +216,9 @@ class ClientDaemon:
         log.info("restarting in place: TUN, tunnels, routing and flows are handed over")
         assert self.datapath is not None and self.tun is not None
         self.datapath.stop()
-        reg = self.associator.registration
-        now = trio.current_time()
-        fds = {"tun": self.tun.fd, "control": self._control_fd}
-        tunnels: dict[str, Any] = {}
-        for name, t in self.tunnels.items():
-            if t.sock is not None and t.phase is TunnelPhase.UP:
-                fds[f"tunnel:{name}"] = t.sock.fileno()
-                tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
-        with self.lock:
-            flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in self.paft]
-        state = {
-            "registration": {
-                "call_id": reg.call_id,
-                "from_tag": reg.from_tag,
-                "cseq": reg.cseq,
-                "vipa": reg.vipa,
-                "expires": reg.expires,
-                "expires_in": reg.expires_in(now),
-                "key": encode_key(reg.key),
-                "seq": reg.seq,
-                "via": reg.via,
-            },
-            "tunnels": tunnels,
-            "flows": flows,
-            "app_pins": [list(p) for p in self.steering.view.app_pins],
-            "flow_pins": [
-                [*key_to_json(k), i]
-                for k, i in self.steering.flow_pins.items()
-                if isinstance(k, FiveTuple)
-            ],
-        }
+        fds, state = export_state(self, self.tun.fd, self._control_fd)
         restart_in_place(
             fds=fds, extra={}, state=state, state_file=self.config.run_dir / "restart.json"
-        )
-
-    def _import_registration(self, state: dict[str, Any]) -> str:
-        item = state["registration"]
-        reg = self.associator.registration
-        reg.call_id, reg.from_tag = str(item["call_id"]), str(item["from_tag"])
-        reg.cseq, reg.seq = int(item["cseq"]), int(item["seq"])
-        reg.vipa, reg.expires, reg.via = str(item["vipa"]), int(item["expires"]), str(item["via"])
-        reg.key = decode_key_untrusted(str(item["key"]))
-        reg.registered_at = trio.current_time() - (reg.expires - float(item["expires_in"]))
-        return reg.vipa
-
-    def _import_tunnels_and_flows(self, handover: Handover) -> None:
-        state = handover.state
-        for name, item in state.get("tunnels", {}).items():
-            tunnel = self.tunnels.get(name)
-            fd = handover.fds.get(f"tunnel:{name}")
-            if tunnel is None or fd is None:
-                continue
-            tunnel.inherited = tunnel_socket(fd)
-            tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
-            tunnel.phase = TunnelPhase.UP
-        now = time.monotonic()
-        with self.lock:
-            for *key, iface, app, movable in state.get("flows", []):
-                entry = self.paft.learn(key_from_json(key), str(iface), now, app=app)
-                entry.movable = bool(movable)
-        for pattern, iface in reversed(state.get("app_pins", [])):
-            self.steering.pin_app(str(pattern), str(iface))
-        for *key, iface in state.get("flow_pins", []):
-            self.steering.pin_flow(key_from_json(key), str(iface))
-        log.info(
-            "restarted in place: VIPA %s, %d tunnels, %d flows taken over",
-            self.associator.registration.vipa,
-            len(state.get("tunnels", {})),
-            len(self.paft),
         )
 
     def _load_policy(self) -> Policy:

@@ -8,12 +8,24 @@ installed) to a fresh interpreter (`upmt.inplace`), with the association
 (VIPA, key), tunnels, flows and pins: nothing the kernel sees changes.
 """
 
+import logging
 import socket
+import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import trio
 
 from paft.flow import FiveTuple
+from signalling.tunnelauth import decode_key_untrusted, encode_key
 from upmt.inplace import Handover, exec_self, take_handover
+from upmt_client.association import Registration
+from upmt_client.tunnels import TunnelPhase
+
+if TYPE_CHECKING:
+    from upmt_client.daemon import ClientDaemon
+
+log = logging.getLogger("upmt.client")
 
 ENV = "UPMT_CLIENT_INHERIT"
 
@@ -43,4 +55,81 @@ def key_to_json(key: FiveTuple) -> list[Any]:
 def key_from_json(item: list[Any]) -> FiveTuple:
     return FiveTuple(
         int(item[0]), bytes.fromhex(item[1]), int(item[2]), bytes.fromhex(item[3]), int(item[4])
+    )
+
+
+def export_state(
+    daemon: "ClientDaemon", tun_fd: int, control_fd: int
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """The fds to keep across exec and the state the next process needs."""
+    reg = daemon.associator.registration
+    now = trio.current_time()
+    fds = {"tun": tun_fd, "control": control_fd}
+    tunnels: dict[str, Any] = {}
+    for name, t in daemon.tunnels.items():
+        if t.sock is not None and t.phase is TunnelPhase.UP:
+            fds[f"tunnel:{name}"] = t.sock.fileno()
+            tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
+    with daemon.lock:
+        flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in daemon.paft]
+    state = {
+        "registration": {
+            "call_id": reg.call_id,
+            "from_tag": reg.from_tag,
+            "cseq": reg.cseq,
+            "vipa": reg.vipa,
+            "expires": reg.expires,
+            "expires_in": reg.expires_in(now),
+            "key": encode_key(reg.key),
+            "seq": reg.seq,
+            "via": reg.via,
+        },
+        "tunnels": tunnels,
+        "flows": flows,
+        "app_pins": [list(p) for p in daemon.steering.view.app_pins],
+        "flow_pins": [
+            [*key_to_json(k), i]
+            for k, i in daemon.steering.flow_pins.items()
+            if isinstance(k, FiveTuple)
+        ],
+    }
+    return fds, state
+
+
+def import_registration(reg: Registration, state: dict[str, Any]) -> str:
+    """Restore the association (no REGISTER needed until the refresh is due); the VIPA."""
+    item = state["registration"]
+    reg.call_id, reg.from_tag = str(item["call_id"]), str(item["from_tag"])
+    reg.cseq, reg.seq = int(item["cseq"]), int(item["seq"])
+    reg.vipa, reg.expires, reg.via = str(item["vipa"]), int(item["expires"]), str(item["via"])
+    reg.key = decode_key_untrusted(str(item["key"]))
+    reg.registered_at = trio.current_time() - (reg.expires - float(item["expires_in"]))
+    return reg.vipa
+
+
+def import_tunnels_and_flows(daemon: "ClientDaemon", handover: Handover) -> None:
+    """Live tunnels (with their sockets), flows and pins of the previous process."""
+    state = handover.state
+    for name, item in state.get("tunnels", {}).items():
+        tunnel = daemon.tunnels.get(name)
+        fd = handover.fds.get(f"tunnel:{name}")
+        if tunnel is None or fd is None:
+            continue
+        tunnel.inherited = tunnel_socket(fd)
+        tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
+        tunnel.phase = TunnelPhase.UP
+    now = time.monotonic()
+    with daemon.lock:
+        for *key, iface, app, movable in state.get("flows", []):
+            entry = daemon.paft.learn(key_from_json(key), str(iface), now, app=app)
+            entry.movable = bool(movable)
+    for pattern, iface in reversed(state.get("app_pins", [])):
+        daemon.steering.pin_app(str(pattern), str(iface))
+    for *key, iface in state.get("flow_pins", []):
+        daemon.steering.pin_flow(key_from_json(key), str(iface))
+    log.info(
+        "restarted in place: VIPA %s, %d tunnels, %d flows taken over",
+        daemon.associator.registration.vipa,
+        len(state.get("tunnels", {})),
+        len(daemon.paft),
     )
