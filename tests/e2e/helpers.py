@@ -1,6 +1,7 @@
 """Small helpers shared by the end-to-end tests."""
 
 import json
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from lab.scenario import cbr_result as cbr_result
 from lab.scenario import sha256 as sha256
 from lab.scenario import start_cbr as start_cbr
 from lab.scenario import wait_until
-from lab.topology import CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
+from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
 
 
 def download(lab: Lab, blob: Path, role: str = "mh", *extra: str) -> Path:
@@ -133,4 +134,44 @@ def curl_under_way(client: Daemon, min_bytes: int = 2 << 20) -> None:
         20,
         "curl under way",
         (client,),
+    )
+
+
+def installed(lab: Lab) -> dict[str, str]:
+    """What the daemons may install, as the kernels of their namespaces list it."""
+    return {
+        "mh_links": lab.exec("mh", "ip", "-o", "link", "show").stdout,
+        "mh_rules": lab.exec("mh", "ip", "rule", "show").stdout,
+        "mh_table": lab.exec("mh", "ip", "route", "show", "table", "all").stdout,
+        "mh_rp_if0": lab.exec("mh", "cat", "/proc/sys/net/ipv4/conf/if0/rp_filter").stdout,
+        "an_links": lab.exec("an", "ip", "-o", "link", "show").stdout,
+        "an_tables": lab.exec("an", "nft", "list", "tables").stdout,
+        "an_routes": lab.exec("an", "ip", "route", "show", "table", "all").stdout,
+        "an_forward": lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout,
+    }
+
+
+def run_sipp(lab: Lab, scenario: Path, port: int, log: Path) -> "subprocess.CompletedProcess[str]":
+    """Run one SIPp scenario from extra host h0 against the anchor's SIP port."""
+    return lab.exec(
+        "h0",
+        "sipp",
+        "-sf",
+        str(scenario),
+        "-m",
+        "1",
+        "-i",
+        lab.extra_host_addr(0)[0],
+        "-p",
+        str(port),
+        "-timeout",
+        "15",
+        "-timeout_error",
+        "-nostdin",
+        "-trace_logs",
+        "-log_file",
+        str(log),
+        f"{AN_ADDR}:5060",
+        check=False,
+        timeout=60,
     )

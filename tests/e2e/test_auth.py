@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from lab.scenario import tunnels_up, wait_until
-from lab.topology import AN_ADDR, Lab
-from tests.e2e.helpers import udp_request
+from lab.topology import Lab
+from tests.e2e.helpers import run_sipp, udp_request
 
 pytestmark = pytest.mark.e2e
 SIPP = Path(__file__).parent / "sipp"
@@ -81,28 +81,7 @@ def test_sipp_register_without_credentials_gets_a_digest_challenge(lab: Lab) -> 
     anchor = lab.start_anchor("--users", str(users))
     wait_until(anchor.status, 20, "anchor up", (anchor,))
     log = lab.workdir / "sipp.log"
-    proc = lab.exec(
-        "h0",
-        "sipp",
-        "-sf",
-        str(SIPP / "register_unauthenticated.xml"),
-        "-m",
-        "1",
-        "-i",
-        lab.extra_host_addr(0)[0],
-        "-p",
-        "5071",
-        "-timeout",
-        "15",
-        "-timeout_error",
-        "-nostdin",
-        "-trace_logs",
-        "-log_file",
-        str(log),
-        f"{AN_ADDR}:5060",
-        check=False,
-        timeout=60,
-    )
+    proc = run_sipp(lab, SIPP / "register_unauthenticated.xml", 5071, log)
     assert proc.returncode == 0, (proc.stdout[-1500:], proc.stderr[-1500:])
     challenge = log.read_text()
     assert "CHALLENGE Digest" in challenge and 'realm="upmt"' in challenge

@@ -19,6 +19,7 @@ import pytest
 
 from lab.scenario import wait_until
 from lab.topology import AN_ADDR, Daemon, Lab
+from tests.e2e.helpers import installed
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +28,6 @@ CLIENT_PREFIX = "upmt-client: error:"
 # What `upmt.cli.setup_logging` prints: "2024-01-02 03:04:05,678 upmt.anchor INFO ...".
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 EXIT_TIMEOUT = 30.0
-
-
-def _installed(lab: Lab) -> dict[str, str]:
-    """What the daemons may install, as the kernels of their namespaces list it."""
-    return {
-        "mh_links": lab.exec("mh", "ip", "-o", "link", "show").stdout,
-        "mh_rules": lab.exec("mh", "ip", "rule", "show").stdout,
-        "mh_table": lab.exec("mh", "ip", "route", "show", "table", "all").stdout,
-        "mh_rp_if0": lab.exec("mh", "cat", "/proc/sys/net/ipv4/conf/if0/rp_filter").stdout,
-        "an_links": lab.exec("an", "ip", "-o", "link", "show").stdout,
-        "an_tables": lab.exec("an", "nft", "list", "tables").stdout,
-        "an_routes": lab.exec("an", "ip", "route", "show", "table", "all").stdout,
-        "an_forward": lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout,
-    }
 
 
 def _anchor_argv(lab: Lab, *args: str, name: str = "anchor") -> list[str]:
@@ -93,7 +80,7 @@ def _failed_start(lab: Lab, daemon: Daemon, prefix: str = ANCHOR_PREFIX) -> str:
 
 
 def test_anchor_without_dev_net_tun(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     # `ip netns exec` already gives the daemon a mount namespace of its own (a
     # slave of the host's); `unshare --mount --propagation private` adds a
     # private one inside it, in which a tmpfs hides /dev/net — so /dev/net/tun
@@ -112,31 +99,31 @@ def test_anchor_without_dev_net_tun(lab: Lab) -> None:
     anchor = lab.start("an", "anchor", wrapper + _anchor_argv(lab))
     line = _failed_start(lab, anchor)
     assert "/dev/net/tun" in line, line
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
     assert Path("/dev/net/tun").exists()  # hidden from the daemon only
 
 
 def test_anchor_without_cap_net_admin(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     # Dropped from the bounding and inheritable sets, CAP_NET_ADMIN is not in
     # the permitted set root's exec of python would otherwise get.
     wrapper = ["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin"]
     anchor = lab.start("an", "anchor", wrapper + _anchor_argv(lab))
     line = _failed_start(lab, anchor)
     assert "CAP_NET_ADMIN" in line, line
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
 
 
 def test_anchor_without_nft(lab: Lab) -> None:
     # Forwarding off beforehand, so that a daemon that left it on is seen.
     lab.sysctl("an", "net.ipv4.ip_forward", "0")
-    pristine = _installed(lab)
+    pristine = installed(lab)
     # The interpreter by absolute path, a PATH where no `nft` can be found.
     anchor = lab.start("an", "anchor", ["env", "PATH=/nonexistent", *_anchor_argv(lab)])
     line = _failed_start(lab, anchor)
     assert "nft" in line, line
     # The TUN it created before noticing is gone, forwarding is back off.
-    after = _installed(lab)
+    after = installed(lab)
     assert "upmt-an" not in after["an_links"]
     assert after["an_forward"].strip() == "0"
     assert after == pristine
@@ -153,11 +140,11 @@ def test_anchor_port_in_use(lab: Lab, port: int) -> None:
     wait_until(
         lambda: "listening" in squatter.log.read_text(), 20, "the squatter bound", (squatter,)
     )
-    pristine = _installed(lab)
+    pristine = installed(lab)
     anchor = lab.start_anchor()
     line = _failed_start(lab, anchor)
     assert str(port) in line, line
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
     # The squatter keeps its port and keeps answering.
     assert squatter.running()
     reply = lab.exec(
@@ -179,7 +166,7 @@ def test_anchor_port_in_use(lab: Lab, port: int) -> None:
 def test_anchor_bad_command_line(
     lab: Lab, args: tuple[str, ...], expected_code: int | None, mentions: str
 ) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     proc = lab.exec("an", *_anchor_argv(lab, *args), check=False, timeout=60)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout == "", proc.stdout
@@ -189,7 +176,7 @@ def test_anchor_bad_command_line(
     assert proc.returncode != 0
     if expected_code is not None:
         assert proc.returncode == expected_code, proc.stderr
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
     assert not (lab.workdir / "anchor.sock").exists()
 
 
@@ -198,21 +185,21 @@ def test_client_unknown_interface(lab: Lab) -> None:
     # (and still be running) instead of failing for another reason.
     anchor = lab.start_anchor()
     wait_until(anchor.status, 20, "the anchor's control socket", (anchor,))
-    pristine = _installed(lab)
+    pristine = installed(lab)
     client = lab.start_client(interfaces=("if0", "nosuchif"))
     line = _failed_start(lab, client, CLIENT_PREFIX)
     assert "nosuchif" in line, line
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
     assert anchor.running(), anchor.log_tail()
     assert anchor.status()["terminals"] == []
 
 
 def test_anchor_sighup_keeps_running_and_sigterm_cleans_up(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     anchor = lab.start_anchor()
     wait_until(anchor.status, 20, "the anchor's control socket", (anchor,))
     assert anchor.popen is not None
-    running = _installed(lab)
+    running = installed(lab)
     assert "upmt-an" in running["an_links"] and "table ip upmt" in running["an_tables"]
 
     anchor.popen.send_signal(signal.SIGHUP)
@@ -222,7 +209,7 @@ def test_anchor_sighup_keeps_running_and_sigterm_cleans_up(lab: Lab) -> None:
         time.sleep(1.0)
         assert anchor.running(), anchor.log_tail()
         assert anchor.status()["ok"] is True
-    assert _installed(lab) == running
+    assert installed(lab) == running
 
     anchor.popen.send_signal(signal.SIGTERM)
     code = _exit_code(anchor)
@@ -230,5 +217,5 @@ def test_anchor_sighup_keeps_running_and_sigterm_cleans_up(lab: Lab) -> None:
     assert code == 0, log
     assert "Traceback" not in log and ANCHOR_PREFIX not in log, log
     assert "SIGTERM received" in log, log
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
     assert not anchor.control.exists()

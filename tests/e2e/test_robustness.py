@@ -7,7 +7,7 @@ import pytest
 
 from lab.scenario import start_overlay, wait_until
 from lab.topology import AN_ADDR, Lab
-from tests.e2e.helpers import udp_request
+from tests.e2e.helpers import installed, run_sipp, udp_request
 
 pytestmark = pytest.mark.e2e
 SIPP_SCENARIO = Path(__file__).parent / "sipp" / "register.xml"
@@ -19,30 +19,8 @@ def test_sipp_register_gets_200_with_vipaddr(lab: Lab) -> None:
         pytest.fail("sipp (Debian sip-tester) is not installed; ./run installs it")
     anchor = lab.start_anchor()
     wait_until(anchor.status, 20, "anchor up", (anchor,))
-    local_ip = lab.extra_host_addr(0)[0]
     log = lab.workdir / "sipp.log"
-    proc = lab.exec(
-        "h0",
-        "sipp",
-        "-sf",
-        str(SIPP_SCENARIO),
-        "-m",
-        "1",
-        "-i",
-        local_ip,
-        "-p",
-        "5070",
-        "-timeout",
-        "15",
-        "-timeout_error",
-        "-nostdin",
-        "-trace_logs",
-        "-log_file",
-        str(log),
-        f"{AN_ADDR}:5060",
-        check=False,
-        timeout=60,
-    )
+    proc = run_sipp(lab, SIPP_SCENARIO, 5070, log)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "VIPA 100.64." in log.read_text()
     assert "sipp-terminal" in {t["terminal_id"] for t in anchor.status()["terminals"]}
@@ -84,24 +62,10 @@ def test_random_datagrams_are_dropped_and_counted(lab: Lab) -> None:
     assert udp_request(lab, "still here") == ["still here"]
 
 
-def _installed(lab: Lab) -> dict[str, str]:
-    """What the daemons may install, as the kernels of their namespaces list it."""
-    return {
-        "mh_links": lab.exec("mh", "ip", "-o", "link", "show").stdout,
-        "mh_rules": lab.exec("mh", "ip", "rule", "show").stdout,
-        "mh_table": lab.exec("mh", "ip", "route", "show", "table", "all").stdout,
-        "mh_rp_if0": lab.exec("mh", "cat", "/proc/sys/net/ipv4/conf/if0/rp_filter").stdout,
-        "an_links": lab.exec("an", "ip", "-o", "link", "show").stdout,
-        "an_tables": lab.exec("an", "nft", "list", "tables").stdout,
-        "an_routes": lab.exec("an", "ip", "route", "show", "table", "all").stdout,
-        "an_forward": lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout,
-    }
-
-
 def test_daemons_remove_everything_they_installed(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     anchor, client = start_overlay(lab)
-    running = _installed(lab)
+    running = installed(lab)
     assert "upmt0" in running["mh_links"] and "upmt-an" in running["an_links"]
     assert "lookup 7570" in running["mh_rules"]
     assert "suppress_prefixlength 0" in running["mh_rules"]
@@ -109,31 +73,31 @@ def test_daemons_remove_everything_they_installed(lab: Lab) -> None:
     assert running["mh_rp_if0"].strip() == "2"
     assert client.stop() == 0
     assert anchor.stop() == 0
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
 
 
 def test_restart_after_kill_9_cleans_up_leftovers(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     anchor, client = start_overlay(lab)
     client.kill()
     anchor.kill()
-    left = _installed(lab)
+    left = installed(lab)
     # The kernel removed the TUNs with their fds; rules and the nft table remain.
     assert "lookup 7570" in left["mh_rules"] and "table ip upmt" in left["an_tables"]
     anchor, client = start_overlay(lab)
-    again = _installed(lab)
+    again = installed(lab)
     assert again["mh_rules"].count("lookup 7570") == 1
     assert again["mh_rules"].count("suppress_prefixlength") == 1
     assert again["an_tables"].count("table ip upmt") == 1
     assert client.stop() == 0
     assert anchor.stop() == 0
-    after = _installed(lab)
+    after = installed(lab)
     # rp_filter was loosened by the killed run and is put back from its record.
     assert after == pristine
 
 
 def test_client_without_an_anchor_exits_with_one_line_and_leaves_nothing(lab: Lab) -> None:
-    pristine = _installed(lab)
+    pristine = installed(lab)
     client = lab.start_client("--register-timeout", "1", anchor="198.51.100.99")
     assert client.popen is not None
     code = client.popen.wait(30)
@@ -142,4 +106,4 @@ def test_client_without_an_anchor_exits_with_one_line_and_leaves_nothing(lab: La
     assert "Traceback" not in log
     errors = [line for line in log.splitlines() if line.startswith("upmt-client: error:")]
     assert len(errors) == 1 and "cannot reach the anchor" in errors[0], log
-    assert _installed(lab) == pristine
+    assert installed(lab) == pristine
