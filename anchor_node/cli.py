@@ -8,7 +8,9 @@ import click
 from anchor_node.user_cli import user
 from upmt.cli import (
     LOG_LEVELS,
+    control_option,
     flow_rows,
+    json_option,
     print_json,
     query,
     restart_and_wait,
@@ -46,13 +48,7 @@ def cli() -> None:
     show_default=True,
     help="SQLite file keeping the VIPA leases.",
 )
-@click.option(
-    "--control",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-    help="Control socket.",
-)
+@control_option(DEFAULT_CONTROL)
 @click.option(
     "--users",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -146,13 +142,8 @@ def run(
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option(
-    "--control",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-)
+@json_option
+@control_option(DEFAULT_CONTROL)
 def status(as_json: bool, control: Path) -> None:
     """Terminals, tunnels, flows and drop counters of a running anchor node."""
     answer = query(control, {"cmd": "status"})
@@ -164,12 +155,7 @@ def status(as_json: bool, control: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--control",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-)
+@control_option(DEFAULT_CONTROL)
 def restart(control: Path) -> None:
     """Restart the running anchor in place, keeping its connections (TUN, sockets, NAT)."""
     status = restart_and_wait(control)

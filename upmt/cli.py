@@ -4,6 +4,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -51,6 +52,18 @@ def setup_logging(level: str) -> None:
 
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def control_option(default: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The `--control SOCKET` option of every command that talks to a daemon."""
+    return click.option(
+        "--control",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=default,
+        show_default=True,
+        help="The daemon's control socket.",
+    )
 
 
 def query(control: Path, request: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import click
 from upmt.cli import (
     LOG_LEVELS,
     flow_rows,
+    json_option,
     print_json,
     query,
     restart_and_wait,
@@ -15,19 +16,13 @@ from upmt.cli import (
     setup_logging,
     table,
 )
+from upmt.cli import control_option as shared_control_option
 
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
 DEFAULT_RUN_DIR = Path("/run/upmt/client")
 
-control_option = click.option(
-    "--control",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_CONTROL,
-    show_default=True,
-    help="The running client's control socket.",
-)
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+control_option = shared_control_option(DEFAULT_CONTROL)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,6 +6,7 @@ account, not the client's.
 """
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -281,20 +282,23 @@ def test_policy_reload_and_single_flow_handover(lab: Lab) -> None:
     def where() -> set[str]:
         return {f["interface"] for f in client.status()["flows"] if f["app"] == "cbr-recv"}
 
+    def reload() -> "subprocess.CompletedProcess[str]":
+        return lab.exec(
+            "mh",
+            lab.python(),
+            "-m",
+            "upmt_client",
+            "policy",
+            "reload",
+            "--control",
+            str(client.control),
+            check=False,
+        )
+
     assert where() == {"if0"}
     # A bad file is refused in one line and the old policy stays.
     policy.write_text("[apps.cbr-recv]\ninterfaces = []\n")
-    proc = lab.exec(
-        "mh",
-        lab.python(),
-        "-m",
-        "upmt_client",
-        "policy",
-        "reload",
-        "--control",
-        str(client.control),
-        check=False,
-    )
+    proc = reload()
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "apps.cbr-recv.interfaces" in proc.stderr and "Traceback" not in proc.stderr
@@ -302,16 +306,7 @@ def test_policy_reload_and_single_flow_handover(lab: Lab) -> None:
     assert where() == {"if0"}
     # A good one applies to running flows at once.
     policy.write_text('[apps.cbr-recv]\ninterfaces = ["if1", "if0"]\n')
-    proc = lab.exec(
-        "mh",
-        lab.python(),
-        "-m",
-        "upmt_client",
-        "policy",
-        "reload",
-        "--control",
-        str(client.control),
-    )
+    assert reload().returncode == 0
     wait_until(lambda: where() == {"if1"}, 5, "policy applied", (client,))
     # One flow, by id, back to if0 (pinned there against the policy).
     flow_id = next(f["id"] for f in client_cli(lab, client, "flows") if f["app"] == "cbr-recv")

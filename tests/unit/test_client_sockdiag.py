@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paft.flow import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FiveTuple
+from tests.unit.conftest import needs_ipv6
 from upmt.errors import MalformedError
 from upmt_client.sockdiag import (
     SockDiag,
@@ -210,26 +211,6 @@ def diag() -> Iterator[SockDiag]:
         pytest.skip(f"NETLINK_SOCK_DIAG is unavailable here: {exc}")
     with opened:
         yield opened
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) here")
 
 
 def inode_of(sock: socket.socket) -> int:

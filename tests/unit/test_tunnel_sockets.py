@@ -6,33 +6,16 @@ import errno
 import os
 import re
 import socket
-from collections.abc import Iterator
 
 import pytest
 
+from tests.unit.conftest import needs_ipv6
 from tunnel.sockets import open_tunnel_socket
 from upmt.errors import SetupError
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="SO_BINDTODEVICE/SO_MARK need root (CAP_NET_RAW, CAP_NET_ADMIN)"
 )
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 def test_loopback_without_interface(sockets: list[socket.socket]) -> None:
@@ -59,7 +42,7 @@ def test_default_bind_is_wildcard(sockets: list[socket.socket]) -> None:
     assert port != 0
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
+@needs_ipv6
 def test_ipv6(sockets: list[socket.socket]) -> None:
     sock = open_tunnel_socket(interface=None, mark=None, family=socket.AF_INET6)
     sockets.append(sock)
