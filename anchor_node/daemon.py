@@ -46,6 +46,7 @@ TUN_OVERHEAD = 28
 TUN_MTU = 1500 - TUN_OVERHEAD
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_SIP_TRANSACTIONS = 16384
+RECOUNT_ROUNDS = 30  # housekeeping rounds between exact per-terminal flow counts
 
 
 def run_anchor(config: AnchorConfig) -> None:
@@ -252,8 +253,10 @@ class AnchorNode:
             return self.registrar.on_tunnel_message(request, tunnel, trio.current_time())
 
     async def _housekeeping(self) -> None:
+        rounds = 0
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
+            rounds += 1
             if self.datapath.crashed is not None:
                 raise SetupError(f"data path failed: {self.datapath.crashed!r}")
             now = time.monotonic()
@@ -261,9 +264,14 @@ class AnchorNode:
                 self.registrar.expire(
                     trio.current_time(), self._last_heard_trio(now), self.config.tunnel_idle_timeout
                 )
-                self.paft.expire_with(now, self.config.aging.timeout)
-                # The exact per-terminal flow counts, replacing the data path's running ones.
-                self.datapath.flow_count = dict(Counter(key.src for key in self.paft.entries))
+                gone = self.paft.expire_with(now, self.config.aging.timeout)
+                counts = self.datapath.flow_count
+                for key in gone:
+                    counts[key.src] = counts.get(key.src, 1) - 1
+                # Now and then the exact counts replace the running ones: the
+                # registrar also drops flows, and the two threads' updates race.
+                if rounds % RECOUNT_ROUNDS == 0:
+                    self.datapath.flow_count = dict(Counter(k.src for k in self.paft.entries))
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.
