@@ -9,8 +9,10 @@ from anchor_node.user_cli import user
 from upmt.cli import (
     LOG_LEVELS,
     control_option,
+    datapath_line,
     flow_rows,
     json_option,
+    offload_option,
     print_json,
     query,
     restart_and_wait,
@@ -97,6 +99,7 @@ def cli() -> None:
     show_default=True,
     help="SIP messages per second accepted from one source address (burst: twice).",
 )
+@offload_option
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
     listen: str,
@@ -114,6 +117,7 @@ def run(
     max_flows_per_terminal: int,
     max_tunnels_per_terminal: int,
     sip_rate: float,
+    offload: str,
     log_level: str,
 ) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
@@ -136,6 +140,7 @@ def run(
         max_flows_per_terminal=max_flows_per_terminal,
         max_tunnels_per_terminal=max_tunnels_per_terminal,
         sip_rate=sip_rate,
+        offload=offload,
     )
     setup_logging(log_level)
     run_anchor(config)
@@ -165,7 +170,8 @@ def restart(control: Path) -> None:
 def format_status(st: dict[str, Any]) -> str:
     out = [
         f"anchor {st['listen']}  sip :{st['sip_port']}  tunnels :{st['tunnel_port']}  "
-        f"pool {st['pool']}  uptime {st['uptime_s']:.0f} s"
+        f"pool {st['pool']}  uptime {st['uptime_s']:.0f} s",
+        datapath_line(st.get("datapath", {})),
     ]
     rows = []
     for t in st["terminals"]:

@@ -28,6 +28,7 @@ class AnchorConfig:
     max_tunnels_per_terminal: int = 8
     max_flows_per_terminal: int = 65536
     sip_rate: float = 50.0
+    offload: str = "auto"  # auto | on | off (upmt.offload.OFFLOAD_SETTINGS)
 
     @classmethod
     def build(
@@ -48,6 +49,7 @@ class AnchorConfig:
         max_flows_per_terminal: int = 65536,
         max_tunnels_per_terminal: int = 8,
         sip_rate: float = 50.0,
+        offload: str = "auto",
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -72,4 +74,5 @@ class AnchorConfig:
             max_tunnels_per_terminal=max_tunnels_per_terminal,
             max_flows_per_terminal=max_flows_per_terminal,
             sip_rate=sip_rate,
+            offload=offload,
         )

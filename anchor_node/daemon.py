@@ -37,12 +37,14 @@ from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
+from upmt.offload import offload_refusals, offload_status, set_udp_gro, udp_gso_refusal
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
 from upmt.tun import adopt_tun, open_tun
 
 log = logging.getLogger("upmt.anchor")
-TUN_OVERHEAD = 28
+# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1).
+TUN_OVERHEAD = 29
 TUN_MTU = 1500 - TUN_OVERHEAD
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_SIP_TRANSACTIONS = 16384
@@ -60,6 +62,7 @@ class AnchorNode:
         self.paft: Paft[Addr] = Paft(max_entries=1_000_000)
         self.lock = threading.Lock()
         self.started = time.monotonic()
+        self._offload: dict[str, str] = {}
         self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0}
         # Per source address, on the SIP port and for SIP inside tunnels.
         self.sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
@@ -114,8 +117,19 @@ class AnchorNode:
                     address=str(anchor_address(cfg.pool)),
                     prefixlen=cfg.pool.prefixlen,
                     mtu=TUN_MTU,
+                    vnet_hdr=cfg.offload != "off",
                 )
             stack.callback(tun.close)
+            # Also off explicitly: a socket handed over by exec keeps the option.
+            gro_refused = set_udp_gro(tunnel_sock, tun.vnet_hdr)
+            refusals = offload_refusals(
+                tun.vnet_hdr, tun.offload, gro_refused, udp_gso_refusal(tunnel_sock)
+            )
+            if cfg.offload == "on" and refusals:
+                raise SetupError(f"--offload on: {'; '.join(refusals)}")
+            self._offload = offload_status(
+                cfg.offload, tun.vnet_hdr, tun.offload, tun.offload_refused, gro_refused
+            )
             self._kept_fds = {
                 "tun": tun.fd,
                 "sip": sip_sock.fileno(),
@@ -138,6 +152,8 @@ class AnchorNode:
                 self.lock,
                 on_control=self.handoff,
                 max_flows_per_terminal=cfg.max_flows_per_terminal,
+                offload=tun.vnet_hdr,
+                mtu=TUN_MTU,
             )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
@@ -169,6 +185,13 @@ class AnchorNode:
                 cfg.pool,
                 cfg.tun_name,
                 cfg.state,
+            )
+            log.info(
+                "data path: %s (TUN offloads %s, UDP GRO %s, UDP GSO %s)",
+                self._offload["mode"],
+                self._offload["tun_offload"],
+                self._offload["udp_gro"],
+                self.datapath.udp_gso,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -308,6 +331,7 @@ class AnchorNode:
             "uptime_s": now - self.started,
             "terminals": terminals,
             "flows": flows,
+            "datapath": {**self._offload, "udp_gso": self.datapath.udp_gso},
             "counters": counters,
         }
 

@@ -9,6 +9,14 @@ TUN is looked up by its reversed 5-tuple; a flow not learnt yet goes on the
 terminal's last-heard tunnel. PROBEs from known tunnels are answered here,
 so that the RTT the client measures is the path's, not the control plane's;
 every other frame goes to the control plane through `on_control`.
+
+With `offload` (a TUN opened with IFF_VNET_HDR) both directions move whole
+batches: a TUN read may be a 64 KB TCP super-packet, cut into MTU-sized
+inner packets and sent with one UDP_SEGMENT sendmsg (frame 0x04 when the
+kernel left the checksum to the device); a UDP_GRO receive may hold dozens of
+datagrams, whose TCP segments are merged per flow and written to the TUN as
+one GSO packet. Learning, anti-spoofing and accounting apply to every inner
+packet: a merged frame only ever holds segments of one 5-tuple.
 """
 
 import os
@@ -22,7 +30,21 @@ from paft.aging import TCP_FIN, TCP_RST, tcp_flags
 from paft.flow import PROTO_TCP, flow_of_packet_untrusted
 from paft.table import Paft
 from tunnel.frames import FrameType, Probe, ProbeAck, decode_frame_untrusted, encode_frame
+from tunnel.offload import (
+    VNET_HDR_LEN,
+    checksum_partial_fill,
+    coalesce,
+    tunnel_segments_untrusted,
+)
 from upmt.errors import MalformedError
+from upmt.offload import (
+    GRO_BUFFER,
+    TUN_READ_SIZE,
+    GsoSender,
+    frame_segments,
+    recv_batch,
+    sort_batch,
+)
 from upmt.pump import Pump
 
 Addr = tuple[str, int]
@@ -45,6 +67,8 @@ class AnchorCounters:
     no_route: int = 0
     send_dropped: int = 0
     flow_limit: int = 0
+    gso_reads: int = 0  # TUN reads that were super-packets
+    gro_batches: int = 0  # receives that held more than one inner packet
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -60,6 +84,9 @@ class AnchorDataPath:
         on_control: Callable[[Addr, bytes], None],
         *,
         max_flows_per_terminal: int = 65536,
+        offload: bool = False,
+        udp_gso: bool = True,
+        mtu: int = 1500,
     ) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
@@ -77,9 +104,17 @@ class AnchorDataPath:
         self.max_flows_per_terminal = max_flows_per_terminal
         self.flow_count: dict[bytes, int] = {}
         self.counters = AnchorCounters()
+        self.offload = offload
+        self.mtu = mtu
+        self._sender = GsoSender(sock, gso=udp_gso)
+        self._buffer = bytearray(GRO_BUFFER)
         self._pump = Pump("anchor-data")
-        self._pump.add(sock.fileno(), self._drain_socket)
-        self._pump.add(tun_fd, self._drain_tun)
+        if offload:
+            self._pump.add(sock.fileno(), self._drain_socket_offload)
+            self._pump.add(tun_fd, self._drain_tun_offload)
+        else:
+            self._pump.add(sock.fileno(), self._drain_socket)
+            self._pump.add(tun_fd, self._drain_tun)
 
     def start(self) -> None:
         self._pump.start()
@@ -91,17 +126,18 @@ class AnchorDataPath:
     def crashed(self) -> BaseException | None:
         return self._pump.crashed
 
+    @property
+    def udp_gso(self) -> str:
+        """ "on", or why datagrams leave one by one."""
+        return "on" if self._sender.gso else f"off ({self._sender.fallback_reason})"
+
     # -- hot path ----------------------------------------------------------
     def _drain_socket(self) -> None:
         recvfrom = self.sock.recvfrom
         write = os.write
         fd = self.tun_fd
-        entries = self.paft.entries
         tunnel_vipa = self.tunnel_vipa
-        default_tunnel = self.default_tunnel
-        last_heard = self.last_heard
-        flow_count = self.flow_count
-        limit = self.max_flows_per_terminal
+        accept = self._accept_upstream
         c = self.counters
         now = time.monotonic()
         while True:
@@ -117,46 +153,102 @@ class AnchorDataPath:
                 continue
             version = data[0] >> 4
             if version != 4 and version != 6:
-                self._control_frame(data, addr, now)
-                continue
+                if data[0] != FrameType.DATA_CSUM_PARTIAL:
+                    self._control_frame(data, addr, now)
+                    continue
+                try:
+                    data = checksum_partial_fill(data[1:])
+                except MalformedError:
+                    c.malformed_packets += 1
+                    continue
             vipa = tunnel_vipa.get(addr)
             if vipa is None:
                 c.unknown_tunnel += 1
                 continue
+            if accept(data, vipa, addr, now, 1, len(data)):
+                try:
+                    write(fd, data)
+                except OSError:
+                    c.send_dropped += 1
+
+    def _drain_socket_offload(self) -> None:
+        """Like `_drain_socket`, for GRO batches in and vnet-header frames out."""
+        sock = self.sock
+        buf = self._buffer
+        write = os.write
+        fd = self.tun_fd
+        accept = self._accept_upstream
+        c = self.counters
+        now = time.monotonic()
+        while True:
             try:
-                key = flow_of_packet_untrusted(data)
-            except MalformedError:
-                c.malformed_packets += 1
-                continue
-            if key.src != vipa:
-                c.spoofed_source += 1
-                continue
-            entry = entries.get(key)
-            if entry is None:
-                count = flow_count.get(vipa, 0)
-                if count >= limit:
-                    c.flow_limit += 1
-                    continue
-                flow_count[vipa] = count + 1
-                with self.lock:
-                    entry = self.paft.learn(key, addr, now)
-            elif entry.tunnel != addr:
-                entry.tunnel = addr
-            if key.proto == PROTO_TCP and tcp_flags(data) & CLOSING:
-                entry.closed_at = now
-            size = len(data)
-            entry.packets_up += 1
-            entry.bytes_up += size
-            entry.last_seen = now
-            c.tunnel_packets += 1
-            c.tunnel_bytes += size
-            last_heard[addr] = now
-            if default_tunnel.get(vipa) != addr:
-                default_tunnel[vipa] = addr
-            try:
-                write(fd, data)
+                datagrams, addr = recv_batch(sock, buf)
+            except BlockingIOError:
+                return
             except OSError:
-                c.send_dropped += 1
+                c.malformed_frames += 1
+                continue
+            packets, partial, other = sort_batch(datagrams)
+            for data in other:
+                if data:
+                    self._control_frame(data, addr, now)
+                else:
+                    c.malformed_frames += 1
+            if not packets:
+                continue
+            vipa = self.tunnel_vipa.get(addr)
+            if vipa is None:
+                c.unknown_tunnel += len(packets)
+                continue
+            if len(packets) > 1:
+                c.gro_batches += 1
+            # Every segment of a merged frame has the same 5-tuple (coalesce
+            # checks it), so the checks below hold for each inner packet.
+            for frame in coalesce(packets, partial=partial):
+                count, size = frame_segments(frame)
+                if accept(frame[VNET_HDR_LEN:], vipa, addr, now, count, size):
+                    try:
+                        write(fd, frame)
+                    except OSError:
+                        c.send_dropped += count
+
+    def _accept_upstream(
+        self, packet: bytes, vipa: bytes, addr: Addr, now: float, count: int, size: int
+    ) -> bool:
+        """Anti-spoofing, learning and accounting of `count` inner packets of one flow."""
+        c = self.counters
+        try:
+            key = flow_of_packet_untrusted(packet)
+        except MalformedError:
+            c.malformed_packets += count
+            return False
+        if key.src != vipa:
+            c.spoofed_source += count
+            return False
+        entry = self.paft.entries.get(key)
+        if entry is None:
+            flow_count = self.flow_count
+            known = flow_count.get(vipa, 0)
+            if known >= self.max_flows_per_terminal:
+                c.flow_limit += count
+                return False
+            flow_count[vipa] = known + 1
+            with self.lock:
+                entry = self.paft.learn(key, addr, now)
+        elif entry.tunnel != addr:
+            entry.tunnel = addr
+        if key.proto == PROTO_TCP and tcp_flags(packet) & CLOSING:
+            entry.closed_at = now
+        entry.packets_up += count
+        entry.bytes_up += size
+        entry.last_seen = now
+        c.tunnel_packets += count
+        c.tunnel_bytes += size
+        self.last_heard[addr] = now
+        default_tunnel = self.default_tunnel
+        if default_tunnel.get(vipa) != addr:
+            default_tunnel[vipa] = addr
+        return True
 
     def _control_frame(self, data: bytes, addr: Addr, now: float) -> None:
         c = self.counters
@@ -187,8 +279,7 @@ class AnchorDataPath:
         read = os.read
         fd = self.tun_fd
         sendto = self.sock.sendto
-        entries = self.paft.entries
-        default_tunnel = self.default_tunnel
+        route = self._route_downstream
         c = self.counters
         now = time.monotonic()
         while True:
@@ -199,29 +290,60 @@ class AnchorDataPath:
             except OSError:
                 c.malformed_packets += 1
                 return
-            size = len(packet)
-            c.tun_packets += 1
-            c.tun_bytes += size
+            addr = route(packet, now, 1, len(packet))
+            if addr is not None:
+                try:
+                    sendto(packet, addr)
+                except OSError:
+                    c.send_dropped += 1
+
+    def _drain_tun_offload(self) -> None:
+        """Like `_drain_tun`, for vnet-header reads sent with UDP_SEGMENT."""
+        read = os.read
+        fd = self.tun_fd
+        route = self._route_downstream
+        send = self._sender.send
+        mtu = self.mtu
+        c = self.counters
+        now = time.monotonic()
+        while True:
             try:
-                key = flow_of_packet_untrusted(packet).reversed()
+                frame = read(fd, TUN_READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                c.malformed_packets += 1
+                return
+            try:
+                segments = tunnel_segments_untrusted(frame, mtu)
             except MalformedError:
                 c.malformed_packets += 1
                 continue
-            entry = entries.get(key)
-            if entry is not None:
-                addr = entry.tunnel
-                if key.proto == PROTO_TCP and tcp_flags(packet) & CLOSING:
-                    entry.closed_at = now
-                entry.packets_down += 1
-                entry.bytes_down += size
-                entry.last_seen = now
-            else:
-                found = default_tunnel.get(key.src)
-                if found is None:
-                    c.no_route += 1
-                    continue
-                addr = found
-            try:
-                sendto(packet, addr)
-            except OSError:
-                c.send_dropped += 1
+            if segments.count > 1:
+                c.gso_reads += 1
+            addr = route(frame[VNET_HDR_LEN:], now, segments.count, segments.inner_bytes)
+            if addr is not None:
+                c.send_dropped += send(segments, addr)
+
+    def _route_downstream(self, packet: bytes, now: float, count: int, size: int) -> Addr | None:
+        """The tunnel for `count` inner packets of one flow (accounted), or None."""
+        c = self.counters
+        c.tun_packets += count
+        c.tun_bytes += size
+        try:
+            key = flow_of_packet_untrusted(packet).reversed()
+        except MalformedError:
+            c.malformed_packets += count
+            return None
+        entry = self.paft.entries.get(key)
+        if entry is None:
+            found = self.default_tunnel.get(key.src)
+            if found is None:
+                c.no_route += count
+            return found
+        if key.proto == PROTO_TCP and tcp_flags(packet) & CLOSING:
+            entry.closed_at = now
+        entry.packets_down += count
+        entry.bytes_down += size
+        entry.last_seen = now
+        return entry.tunnel

@@ -16,7 +16,11 @@ The paths run one after another, each alone (its predecessor torn down):
   OpenVPN subnet out of its ``eth0`` with its own nftables table
   (``ip ovpnbench``, deleted afterwards); the MH routes only the CH's /32
   through the OpenVPN TUN. The UPMT daemons are not running meanwhile.
-* ``upmt``: the UPMT overlay's plain data path (`lab.scenario.start_overlay`).
+* ``upmt-plain``: the UPMT overlay with ``--offload off`` on both daemons:
+  one read, one classification and one send per packet.
+* ``upmt``: the UPMT overlay with its default fast data path (TUN TSO with
+  virtio_net_hdr, UDP_SEGMENT sends, UDP_GRO receives merged per flow);
+  `lab.scenario.start_overlay`.
 
 Per path: idle round-trip time (``ping -c 50 -i 0.05`` to the CH: avg, p50,
 and what the path adds to the direct path's), iperf3 TCP with 1 and with 4
@@ -324,7 +328,19 @@ class UpmtPath(BenchPath):
 
 def default_paths() -> list[BenchPath]:
     """The paths, in the order they run (direct first: before any tunnel exists)."""
-    return [DirectPath(), OpenVpnPath(), UpmtPath()]
+    return [
+        DirectPath(),
+        OpenVpnPath(),
+        UpmtPath(
+            "upmt-plain",
+            "UPMT plain",
+            client_args=("--offload", "off"),
+            anchor_args=("--offload", "off"),
+        ),
+        UpmtPath(
+            "upmt", "UPMT offload", client_args=("--offload", "on"), anchor_args=("--offload", "on")
+        ),
+    ]
 
 
 # --- measurements -----------------------------------------------------------------
@@ -520,6 +536,8 @@ def summarize(measured: dict[str, JSONDict]) -> JSONDict:
     if "upmt" in vs:
         out["upmt_over_openvpn"] = vs["upmt"].get("vs_openvpn")
         out["upmt_over_direct"] = vs["upmt"].get("vs_direct")
+    if "upmt" in figures and "upmt-plain" in figures:
+        out["offload_over_plain"] = ratios(figures["upmt"], figures["upmt-plain"])
     return out
 
 

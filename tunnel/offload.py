@@ -10,6 +10,13 @@ run, so the TUN is written once per run instead of once per segment.
 `checksum_partial_fill` completes the checksum of a DATA-CSUM-PARTIAL frame
 (DESIGN §3, frame 0x04).
 
+`tunnel_segments_untrusted` is the cut the tunnel sends: when the kernel
+left the checksum to the device (NEEDS_CSUM), every segment goes out as a
+DATA-CSUM-PARTIAL frame holding only its pseudo-header sum, so the payload is
+neither summed nor copied (the outer UDP checksum covers it on the way), and
+`coalesce` hands such segments back to the receiving kernel with NEEDS_CSUM,
+which completes the checksum wherever the packet goes next.
+
 ``struct virtio_net_hdr`` (include/uapi/linux/virtio_net.h), 10 bytes, the
 variant without ``num_buffers``. TUN uses the host's byte order unless
 ``TUNSETVNETLE``/``TUNSETVNETBE`` says otherwise; on x86 that is little-endian::
@@ -64,11 +71,13 @@ Everything below stays in that swapped domain and is written with ``"<H"``.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from itertools import repeat
 from typing import Final
 
+from tunnel.frames import FrameType
 from upmt.errors import MalformedError
 
 __all__ = [
@@ -77,10 +86,12 @@ __all__ = [
     "VIRTIO_NET_HDR_GSO_ECN",
     "VNET_HDR_LEN",
     "GsoType",
+    "Segments",
     "VnetHdr",
     "checksum_partial_fill",
     "coalesce",
     "split_untrusted",
+    "tunnel_segments_untrusted",
 ]
 
 VNET_HDR_LEN: Final = 10
@@ -241,14 +252,26 @@ def split_untrusted(frame: bytes, mtu: int) -> list[bytes]:
     size = len(packet)
     if hdr.hdr_len > size:
         raise MalformedError(f"hdr_len {hdr.hdr_len} beyond a {size}-byte packet")
-    needs_csum = bool(hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
-    gso_type = hdr.gso_type
-    if gso_type is GsoType.NONE:
+    if hdr.gso_type is GsoType.NONE:
         if size > mtu:
             raise MalformedError(f"{size}-byte packet without GSO over MTU {mtu}")
-        if not needs_csum:
+        if not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
             return [bytes(packet)]
         return [_fill_checksum(packet, hdr.csum_start, hdr.csum_offset, mangle_zero=True)]
+    version, start, proto, headers, piece = _plan(hdr, packet, mtu)
+    if proto == _PROTO_TCP:
+        return _split_tcp(packet, version, start, headers, piece)
+    return _split_udp(packet, version, start, piece)
+
+
+def _plan(hdr: VnetHdr, packet: memoryview, mtu: int) -> tuple[int, int, int, int, int]:
+    """Check a GSO packet against its header; (version, start, proto, headers, piece).
+
+    `headers` is the length of the IP and transport headers every segment
+    repeats, `piece` the payload bytes per segment once `mtu` is applied.
+    """
+    size = len(packet)
+    gso_type = hdr.gso_type
     if gso_type is GsoType.UDP:
         raise MalformedError("UFO (gso_type UDP) is not negotiated on this TUN")
     if hdr.gso_size == 0:
@@ -276,7 +299,9 @@ def split_untrusted(frame: bytes, mtu: int) -> list[bytes]:
         headers = start + (packet[start + 12] >> 4) * 4
         if headers < start + 20 or headers > size:
             raise MalformedError("TCP data offset out of range")
-    if needs_csum and (hdr.csum_start != start or hdr.csum_offset != csum_offset):
+    if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and (
+        hdr.csum_start != start or hdr.csum_offset != csum_offset
+    ):
         raise MalformedError(
             f"csum_start/offset {hdr.csum_start}/{hdr.csum_offset}, transport header at {start}"
         )
@@ -291,9 +316,7 @@ def split_untrusted(frame: bytes, mtu: int) -> list[bytes]:
             raise MalformedError(f"{headers} bytes of headers leave no room in MTU {mtu}")
         else:
             piece = mtu - headers
-    if proto == _PROTO_TCP:
-        return _split_tcp(packet, version, start, headers, piece)
-    return _split_udp(packet, version, start, piece)
+    return version, start, proto, headers, piece
 
 
 def _segment_template(
@@ -376,6 +399,205 @@ def _split_udp(packet: memoryview, version: int, start: int, piece: int) -> list
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """What one TUN read becomes on the tunnel: datagrams for one ``UDP_SEGMENT`` send.
+
+    `buffers` is a gather list; concatenated, it is the datagrams back to
+    back. Every datagram is `size` bytes long except the last, which may be
+    shorter; `inner_bytes` adds up the inner IP packets alone (no frame-type
+    byte), for accounting.
+    """
+
+    buffers: list[bytes | memoryview]
+    size: int
+    count: int
+    inner_bytes: int
+
+
+_PARTIAL_TYPE: Final = bytes((FrameType.DATA_CSUM_PARTIAL,))
+
+
+def tunnel_segments_untrusted(frame: bytes, mtu: int) -> Segments:
+    """Turn one TUN read (virtio_net_hdr + IP packet) into tunnel datagrams.
+
+    With NEEDS_CSUM and ``csum_start``/``csum_offset`` pointing at the TCP or
+    UDP checksum, every datagram is a DATA-CSUM-PARTIAL frame (0x04 + inner
+    packet) whose checksum field holds the folded, uncomplemented
+    pseudo-header sum for that segment's own length, as the kernel's
+    CHECKSUM_PARTIAL leaves it (a fold of 0 is written as 0xFFFF, the value
+    ``csum_fold`` yields for any non-zero sum). No payload byte is read: the
+    outer UDP checksum covers the bytes in flight and the receiving kernel
+    completes the inner one. The IP and transport headers are finished per
+    segment as `split_untrusted` finishes them, checksum aside, and the
+    payload travels as `memoryview` slices of `frame`, which must therefore
+    not change until the datagrams are sent.
+
+    Without NEEDS_CSUM the datagrams are DATA frames, exactly the packets of
+    `split_untrusted`. A GSO NONE packet with NEEDS_CSUM whose checksum does
+    not sit where TCP or UDP puts it (an IPv6 extension header, another
+    protocol) is completed here and sent as DATA; a GSO packet whose
+    checksum position disagrees with its headers is malformed, as in
+    `split_untrusted`. `mtu` bounds the inner packets, with the same rules.
+    Raises only MalformedError.
+    """
+    hdr = VnetHdr.unpack_untrusted(frame)
+    if not hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return _whole(split_untrusted(frame, mtu))
+    packet = memoryview(frame)[VNET_HDR_LEN:]
+    size = len(packet)
+    if hdr.gso_type is GsoType.NONE:
+        if hdr.hdr_len <= size <= mtu and _partial_layout(packet) == (
+            hdr.csum_start,
+            hdr.csum_offset,
+        ):
+            return Segments([_PARTIAL_TYPE, packet], size + 1, 1, size)
+        return _whole(split_untrusted(frame, mtu))
+    if hdr.hdr_len > size:
+        raise MalformedError(f"hdr_len {hdr.hdr_len} beyond a {size}-byte packet")
+    version, start, proto, headers, piece = _plan(hdr, packet, mtu)
+    if proto == _PROTO_TCP:
+        return _partial_tcp(packet, version, start, headers, piece)
+    return _partial_udp(packet, version, start, piece)
+
+
+def _whole(packets: list[bytes]) -> Segments:
+    """DATA datagrams: the inner packets themselves."""
+    buffers: list[bytes | memoryview] = list(packets)
+    total = sum(map(len, packets))
+    return Segments(buffers, len(packets[0]), len(packets), total)
+
+
+def _partial_layout(packet: bytes | memoryview) -> tuple[int, int] | None:
+    """(csum_start, csum_offset) of a whole TCP or UDP packet, None if it is not one."""
+    try:
+        _version, start, proto = _ip_layout(packet)
+    except MalformedError:
+        return None
+    size = len(packet)
+    if proto == _PROTO_TCP:
+        if size < start + 20:
+            return None
+        tcp_header = (packet[start + 12] >> 4) * 4
+        if tcp_header < 20 or start + tcp_header > size:
+            return None
+        return start, _TCP_CSUM_OFFSET
+    if proto == _PROTO_UDP:
+        if size < start + 8 or _U16.unpack_from(packet, start + 4)[0] != size - start:
+            return None
+        return start, _UDP_CSUM_OFFSET
+    return None
+
+
+def _partial_template(
+    packet: memoryview, version: int, start: int, headers: int, proto: int
+) -> tuple[bytearray, int, int, int]:
+    """The frame byte and headers to finish per segment, and the sums that do not change.
+
+    Returns 0x04 + the headers, the IPv4 header's sum without its total
+    length, identification and checksum (0 for IPv6), the first
+    identification, and the pseudo-header's sum without its length, so that
+    each segment adds only its own values. These sums cover headers alone,
+    whole 16-bit words at even offsets, so unlike the rest of the module they
+    are taken in network byte order (``"big"``) and written with ``"!H"``.
+    """
+    h = bytearray(_PARTIAL_TYPE)
+    h += packet[:headers]
+    if version == 4:
+        h[3:7] = bytes(4)  # total length, identification (after the frame byte)
+        h[11:13] = bytes(2)  # header checksum
+        ip_base = int.from_bytes(h[1 : 1 + start], "big")
+        ident = _U16.unpack_from(packet, 4)[0]
+        addrs = packet[12:20]
+    else:
+        ip_base = ident = 0
+        addrs = packet[8:40]
+    return h, ip_base, ident, int.from_bytes(addrs, "big") + proto
+
+
+# Per-segment fields, each struct starting at a 16-bit word of its header.
+_IPV4_MUTABLE: Final = struct.Struct("!HHHBBH")  # bytes 2-11: length, id, frag, TTL, proto, csum
+_TCP_MUTABLE: Final = struct.Struct("!IIBBHH")  # bytes 4-17: seq, ack, offset, flags, window, csum
+_UDP_MUTABLE: Final = struct.Struct("!HH")  # bytes 4-7: length, checksum
+
+
+def _partial_tcp(
+    packet: memoryview, version: int, start: int, headers: int, piece: int
+) -> Segments:
+    size = len(packet)
+    h, ip_base, ident, pseudo = _partial_template(packet, version, start, headers, _PROTO_TCP)
+    frag, ttl = _U16.unpack_from(packet, 6)[0], packet[8]
+    seq, ack, offset, flags, window, _check = _TCP_MUTABLE.unpack_from(packet, start + 4)
+    tcp_at = start + 5  # TCP byte 4, after the frame byte
+    payload = size - headers
+    count = max(-(-payload // piece), 1)  # an empty payload still makes one segment
+    final = count - 1
+    full = headers + piece
+    full_partial = (pseudo + full - start) % 0xFFFF or 0xFFFF
+    first = flags & ~(_FIN | _PSH)
+    middle = first & ~_CWR
+    pack_ip = _IPV4_MUTABLE.pack_into
+    pack_tcp = _TCP_MUTABLE.pack_into
+    buffers: list[bytes | memoryview] = []
+    append = buffers.append
+    for index in range(count):
+        at = headers + index * piece
+        if index == final:
+            end = size
+            length = headers + size - at
+            partial = (pseudo + length - start) % 0xFFFF or 0xFFFF
+            seg_flags = flags if index == 0 else flags & ~_CWR
+        else:
+            end = at + piece
+            length = full
+            partial = full_partial
+            seg_flags = first if index == 0 else middle
+        if version == 4:
+            seg_ident = (ident + index) & 0xFFFF
+            check = -(ip_base + length + seg_ident) % 0xFFFF
+            pack_ip(h, 3, length, seg_ident, frag, ttl, _PROTO_TCP, check)
+        else:
+            _U16.pack_into(h, 5, length - 40)
+        seg_seq = (seq + at - headers) & 0xFFFFFFFF
+        pack_tcp(h, tcp_at, seg_seq, ack, offset, seg_flags, window, partial)
+        append(bytes(h))
+        if end > at:
+            append(packet[at:end])
+    datagram = 1 + (full if count > 1 else size)
+    return Segments(buffers, datagram, count, count * headers + payload)
+
+
+def _partial_udp(packet: memoryview, version: int, start: int, piece: int) -> Segments:
+    size = len(packet)
+    headers = start + 8
+    h, ip_base, ident, pseudo = _partial_template(packet, version, start, headers, _PROTO_UDP)
+    frag, ttl = _U16.unpack_from(packet, 6)[0], packet[8]
+    udp_at = start + 5  # UDP byte 4, after the frame byte
+    payload = size - headers
+    count = max(-(-payload // piece), 1)
+    pack_ip = _IPV4_MUTABLE.pack_into
+    pack_udp = _UDP_MUTABLE.pack_into
+    buffers: list[bytes | memoryview] = []
+    append = buffers.append
+    for index in range(count):
+        at = headers + index * piece
+        end = min(at + piece, size)
+        udp_length = 8 + end - at
+        if version == 4:
+            length = start + udp_length
+            seg_ident = (ident + index) & 0xFFFF
+            check = -(ip_base + length + seg_ident) % 0xFFFF
+            pack_ip(h, 3, length, seg_ident, frag, ttl, _PROTO_UDP, check)
+        else:
+            _U16.pack_into(h, 5, udp_length)
+        pack_udp(h, udp_at, udp_length, (pseudo + udp_length) % 0xFFFF or 0xFFFF)
+        append(bytes(h))
+        if end > at:
+            append(packet[at:end])
+    datagram = 1 + (headers + piece if count > 1 else size)
+    return Segments(buffers, datagram, count, count * headers + payload)
+
+
 def _fill_checksum(
     packet: bytes | memoryview, csum_start: int, csum_offset: int, *, mangle_zero: bool
 ) -> bytes:
@@ -422,6 +644,7 @@ class _Run:
         "length",
         "match",
         "next_seq",
+        "partial",
         "payloads",
         "psh",
         "start",
@@ -438,8 +661,10 @@ class _Run:
         seq: int,
         ident: int,
         df_clear: bool,
+        partial: bool,
     ) -> None:
         self.first = first
+        self.partial = partial
         self.version = version
         self.start = start
         self.headers = headers
@@ -453,8 +678,10 @@ class _Run:
         self.psh = False
 
     def frame(self) -> bytes:
-        """virtio_net_hdr + the packet: NONE for a lone segment, a GSO packet otherwise."""
+        """virtio_net_hdr + the packet: a lone segment as it came, a GSO packet otherwise."""
         if len(self.payloads) == 1:
+            if self.partial:
+                return _partial_vnet(self.start, _TCP_CSUM_OFFSET) + self.first
             return _NONE_HDR + self.first
         version, start = self.version, self.start
         h = bytearray(self.first[: self.headers])
@@ -489,7 +716,9 @@ _FLOW_ONLY: Final = 2  # TCP of a known flow that cannot merge: ends that flow's
 _CANDIDATE: Final = 3
 
 
-def coalesce(packets: Sequence[bytes], max_size: int = 65535) -> list[bytes]:
+def coalesce(
+    packets: Sequence[bytes], max_size: int = 65535, *, partial: Sequence[bool] | None = None
+) -> list[bytes]:
     """Merge runs of TCP segments into GSO packets for a TUN opened with IFF_VNET_HDR.
 
     Returns one frame (virtio_net_hdr + IP packet) per merged run or unmerged
@@ -499,22 +728,35 @@ def coalesce(packets: Sequence[bytes], max_size: int = 65535) -> list[bytes]:
     whose flow cannot be told (a fragment, IPv6 extension headers, garbage)
     closes every run. No merged packet exceeds `max_size` (nor 65535) bytes.
     Never raises on bad packets: what cannot merge passes through unchanged.
+
+    ``partial[i]`` true says that ``packets[i]`` came in a DATA-CSUM-PARTIAL
+    frame: its checksum field holds only the pseudo-header sum, and the outer
+    UDP checksum covered its bytes in flight. Such a segment is merged under
+    the same rules, its TCP checksum aside, and may share a run with complete
+    ones, since the merged packet gets a fresh pseudo-header sum and NEEDS_CSUM
+    anyway. Left alone, it goes out with NEEDS_CSUM, GSO NONE and the
+    checksum position of its TCP or UDP header, so that the kernel completes
+    the checksum; one whose layout cannot be parsed goes out with the plain
+    header, and the kernel drops it on its checksum. ValueError if `partial`
+    and `packets` differ in length.
     """
+    if partial is None:
+        marks: Iterable[bool] = repeat(False)
+    elif len(partial) != len(packets):
+        raise ValueError(f"{len(partial)} partial marks for {len(packets)} packets")
+    else:
+        marks = partial
     limit = min(max_size, _MAX_IP_LEN)
     out: list[bytes | _Run] = []
     runs: dict[bytes, _Run] = {}
-    for packet in packets:
-        kind, key, info = _classify(packet)
-        if kind == _PASS:
-            out.append(_NONE_HDR + packet)
-            continue
-        if kind == _BARRIER:
-            runs.clear()
-            out.append(_NONE_HDR + packet)
-            continue
-        if kind == _FLOW_ONLY:
-            runs.pop(key, None)
-            out.append(_NONE_HDR + packet)
+    for packet, is_partial in zip(packets, marks, strict=False):  # marks may be endless
+        kind, key, info = _classify(packet, is_partial)
+        if kind != _CANDIDATE:
+            if kind == _BARRIER:
+                runs.clear()
+            elif kind == _FLOW_ONLY:
+                runs.pop(key, None)
+            out.append((_lone_partial_vnet(packet) if is_partial else _NONE_HDR) + packet)
             continue
         assert info is not None
         version, start, headers, match, seq, ident, df_clear, flags = info
@@ -538,19 +780,35 @@ def coalesce(packets: Sequence[bytes], max_size: int = 65535) -> list[bytes]:
             continue
         if flags & _PSH:
             runs.pop(key, None)
-            out.append(_NONE_HDR + packet)
+            vnet = _partial_vnet(start, _TCP_CSUM_OFFSET) if is_partial else _NONE_HDR
+            out.append(vnet + packet)
             continue
-        run = _Run(packet, version, start, headers, match, seq, ident, df_clear)
+        run = _Run(packet, version, start, headers, match, seq, ident, df_clear, is_partial)
         runs[key] = run
         out.append(run)
     return [item if isinstance(item, bytes) else item.frame() for item in out]
 
 
+def _partial_vnet(csum_start: int, csum_offset: int) -> bytes:
+    """The header for one packet whose checksum the kernel is to complete."""
+    return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, csum_start, csum_offset)
+
+
+def _lone_partial_vnet(packet: bytes) -> bytes:
+    """NEEDS_CSUM at the packet's TCP/UDP checksum, or NONE when there is none to find."""
+    layout = _partial_layout(packet)
+    return _NONE_HDR if layout is None else _partial_vnet(*layout)
+
+
 _Info = tuple[int, int, int, bytes, int, int, bool, int]
 
 
-def _classify(packet: bytes) -> tuple[int, bytes, _Info | None]:
-    """Decide what `coalesce` may do with one packet; the key names its TCP flow."""
+def _classify(packet: bytes, partial: bool) -> tuple[int, bytes, _Info | None]:
+    """Decide what `coalesce` may do with one packet; the key names its TCP flow.
+
+    The TCP checksum is verified unless the packet is `partial` (its field
+    holds the pseudo-header sum); every other check applies to both.
+    """
     size = len(packet)
     if size < 20:
         return _BARRIER, b"", None
@@ -593,7 +851,10 @@ def _classify(packet: bytes) -> tuple[int, bytes, _Info | None]:
         or not flags & _ACK
         # Checksum over the pseudo-header: the addresses are contiguous with the
         # TCP header here (no IPv4 options, no IPv6 extension headers).
-        or (_sum(packet[addrs_at:]) + _swap16(_PROTO_TCP) + _swap16(size - start)) % 0xFFFF
+        or (
+            not partial
+            and (_sum(packet[addrs_at:]) + _swap16(_PROTO_TCP) + _swap16(size - start)) % 0xFFFF
+        )
     ):
         return _FLOW_ONLY, key, None
     # Everything that must be equal along a run, PSH and CWR aside (they may

@@ -53,6 +53,14 @@ def setup_logging(level: str) -> None:
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+offload_option = click.option(
+    "--offload",
+    type=click.Choice(["auto", "on", "off"]),  # upmt.offload.OFFLOAD_SETTINGS
+    default="auto",
+    show_default=True,
+    help="Fast data path with TUN segmentation offload, UDP GSO and GRO: auto uses what "
+    "the kernel offers, on refuses to start without all of it, off is the plain path.",
+)
 
 
 def control_option(default: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -117,3 +125,17 @@ def restart_and_wait(control: Path, timeout: float = 30.0) -> dict[str, Any]:
         if status["uptime_s"] < before:
             return status
     raise UpmtError(f"the daemon did not come back within {timeout:g} s")
+
+
+def datapath_line(dp: dict[str, Any]) -> str:
+    """One status line saying which data path runs and, if offload, what the kernel gave."""
+    if dp.get("mode") != "offload":
+        return f"data path: {dp.get('mode', '?')} (--offload {dp.get('setting', '?')})"
+    parts = [f"data path: offload, TUN {dp['tun_offload']}"]
+    if "udp_gro" in dp:
+        parts.append(f"UDP GRO {dp['udp_gro']}, GSO {dp['udp_gso']}")
+    for name, t in sorted(dp.get("tunnels", {}).items()):
+        parts.append(f"{name}: UDP GRO {t['udp_gro']}, GSO {t['udp_gso']}")
+    if dp.get("tun_refused"):
+        parts.append(f"refused: {dp['tun_refused']}")
+    return "; ".join(parts)

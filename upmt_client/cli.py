@@ -7,8 +7,10 @@ import click
 
 from upmt.cli import (
     LOG_LEVELS,
+    datapath_line,
     flow_rows,
     json_option,
+    offload_option,
     print_json,
     query,
     restart_and_wait,
@@ -102,6 +104,7 @@ def cli() -> None:
     show_default=True,
     help="Seconds to wait for the anchor's answer to REGISTER on one interface.",
 )
+@offload_option
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
     anchor: str,
@@ -119,6 +122,7 @@ def run(
     hold_down: float,
     expires: int,
     register_timeout: float,
+    offload: str,
     log_level: str,
 ) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
@@ -144,6 +148,7 @@ def run(
         policy=policy,
         hold_down=hold_down,
         password_file=password_file,
+        offload=offload,
     )
     if policy is not None:
         load_policy(policy, fallback_interfaces=interfaces)  # a bad file stops us here
@@ -269,7 +274,8 @@ def format_status(st: dict[str, Any]) -> str:
     out = [
         f"terminal {st['terminal_id']}  VIPA {st['vipa']} on {st['tun']}  "
         f"anchor {st['anchor']}  registration {st['registration_expires_in_s']:.0f} s  "
-        f"policy {st['policy']}"
+        f"policy {st['policy']}",
+        datapath_line(st.get("datapath", {})),
     ]
     rows = [
         [

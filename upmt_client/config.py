@@ -28,6 +28,7 @@ class ClientConfig:
     policy: Path | None = None
     hold_down: float = 10.0
     password: str | None = field(default=None, repr=False)
+    offload: str = "auto"  # auto | on | off (upmt.offload.OFFLOAD_SETTINGS)
 
     @classmethod
     def build(
@@ -48,6 +49,7 @@ class ClientConfig:
         policy: Path | None = None,
         hold_down: float = 10.0,
         password_file: Path | None = None,
+        offload: str = "auto",
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -77,6 +79,7 @@ class ClientConfig:
             policy=policy,
             hold_down=hold_down,
             password=read_password(password_file) if password_file is not None else None,
+            offload=offload,
         )
 
 

@@ -54,6 +54,7 @@ from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
+from upmt.offload import offload_refusals, offload_status, probe_udp_offload
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client.association import Associator
@@ -87,7 +88,8 @@ from upmt_client.tunnels import ClientTunnel, TunnelPhase
 
 log = logging.getLogger("upmt.client")
 Addr = tuple[str, int]
-TUNNEL_OVERHEAD = 28
+# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1).
+TUNNEL_OVERHEAD = 29
 JSON_TYPE = "application/json"
 SETUP_TIMEOUT = 6.0
 MAX_BACKOFF = 16.0
@@ -165,10 +167,21 @@ class ClientDaemon:
                     stack.callback(routing.remove)
                 else:
                     vipa = await self.associator.associate(accesses, initial=True)
-                    self.tun = open_tun(cfg.tun_name, address=vipa, prefixlen=32, mtu=mtu)
+                    self.tun = open_tun(
+                        cfg.tun_name,
+                        address=vipa,
+                        prefixlen=32,
+                        mtu=mtu,
+                        vnet_hdr=cfg.offload != "off",
+                    )
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
                     routing.install(self.tun.ifindex, vipa, names)
+                refusals = offload_refusals(self.tun.vnet_hdr, self.tun.offload, None, None) + (
+                    probe_udp_offload() if self.tun.vnet_hdr else []
+                )
+                if cfg.offload == "on" and refusals:
+                    raise SetupError(f"--offload on: {'; '.join(refusals)}")
                 self.handoff = ControlHandoff[str](self._control_frame)
                 self.datapath = ClientDataPath(
                     self.tun.fd,
@@ -178,6 +191,8 @@ class ClientDaemon:
                     self._fallback,
                     self.handoff,
                     blocked=BLOCKED,
+                    offload=self.tun.vnet_hdr,
+                    mtu=self.tun.mtu,
                 )
                 stack.callback(self.datapath.stop)
                 self.datapath.start()
@@ -187,12 +202,14 @@ class ClientDaemon:
                 classifier_thread.start()
                 stack.callback(self._classify_queue.put, (None, None))  # type: ignore[arg-type]
                 log.info(
-                    "VIPA %s on %s (MTU %d), anchor %s, policy %s",
+                    "VIPA %s on %s (MTU %d), anchor %s, policy %s, data path %s%s",
                     vipa,
                     cfg.tun_name,
-                    mtu,
+                    self.tun.mtu,
                     format_hostport(self.associator.anchor_sip),
                     self.policy.source,
+                    "offload" if self.tun.vnet_hdr else "plain",
+                    f" without {'; '.join(refusals)}" if refusals and self.tun.vnet_hdr else "",
                 )
                 for number, name in enumerate(names, 1):
                     self.tunnels[name] = ClientTunnel(name, number)
@@ -774,8 +791,19 @@ class ClientDaemon:
             "tunnels": tunnels,
             "flows": self._flows_json(),
             "handovers": [r.to_json() for r in self.book.history],
+            "datapath": self._datapath_json(),
             "counters": counters,
         }
+
+    def _datapath_json(self) -> JSON:
+        if self.tun is None or self.datapath is None:
+            return {"mode": "starting"}
+        tun = self.tun
+        found = offload_status(
+            self.config.offload, tun.vnet_hdr, tun.offload, tun.offload_refused, None
+        )
+        del found["udp_gro"]  # per tunnel
+        return {**found, "tunnels": self.datapath.offload_json()}
 
 
 def _text(packed: bytes) -> str:

@@ -13,6 +13,12 @@ Downstream, DATA frames go to the TUN as they are; every other frame (SIGNAL,
 PROBE-ACK) is handed to the control plane through `on_control`. Runs in its
 own thread (`upmt.pump.Pump`); the control plane moves flows and holds
 `lock` while it walks the table, since inserting a flow here takes it too.
+
+With `offload` (a TUN opened with IFF_VNET_HDR) a TUN read may be a 64 KB
+TCP super-packet: it is classified once (all its segments share the
+5-tuple), cut into MTU-sized inner packets and sent with one UDP_SEGMENT
+sendmsg; a UDP_GRO receive is merged per flow and written to the TUN as GSO
+packets. Accounting counts every inner packet either way.
 """
 
 import contextlib
@@ -27,13 +33,33 @@ from typing import NamedTuple
 
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
+from tunnel.frames import FrameType
+from tunnel.offload import (
+    VNET_HDR_LEN,
+    Segments,
+    checksum_partial_fill,
+    coalesce,
+    tunnel_segments_untrusted,
+)
 from upmt.errors import MalformedError
+from upmt.offload import (
+    GRO_BUFFER,
+    TUN_READ_SIZE,
+    GsoSender,
+    frame_segments,
+    recv_batch,
+    set_udp_gro,
+    sort_batch,
+)
 from upmt.pump import Pump
 
 MAX_PACKET = 65535
 MAX_HELD_PACKETS = 64
 MAX_HELD_FLOWS = 4096
 TICK = 0.02
+
+# What goes up a tunnel: a plain packet, or the segments of one TUN read.
+Outbound = bytes | Segments
 
 
 class FlowChoice(NamedTuple):
@@ -57,6 +83,8 @@ class ClientCounters:
     tunnel_bytes: int = 0
     tunnel_malformed: int = 0
     control_frames: int = 0
+    gso_reads: int = 0  # TUN reads that were super-packets
+    gro_batches: int = 0  # receives that held more than one inner packet
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -74,6 +102,8 @@ class ClientDataPath:
         *,
         blocked: str = "!blocked",
         hold_timeout: float = 0.2,
+        offload: bool = False,
+        mtu: int = 1500,
     ) -> None:
         self.tun_fd = tun_fd
         self.paft = paft
@@ -83,13 +113,18 @@ class ClientDataPath:
         self.on_control = on_control
         self.blocked = blocked
         self.hold_timeout = hold_timeout
+        self.offload = offload
+        self.mtu = mtu
         self.sockets: dict[str, socket.socket] = {}
+        self.senders: dict[str, GsoSender] = {}
+        self.gro: dict[str, str] = {}
         self.counters = ClientCounters()
-        self._held: dict[FiveTuple, tuple[float, list[bytes]]] = {}
+        self._buffer = bytearray(GRO_BUFFER)
+        self._held: dict[FiveTuple, tuple[float, list[Outbound]]] = {}
         self._resolved: queue.SimpleQueue[tuple[FiveTuple, FlowChoice]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pump = Pump("upmt-client-data", tick=self._tick, tick_interval=TICK)
-        self._pump.add(tun_fd, self._drain_tun)
+        self._pump.add(tun_fd, self._drain_tun_offload if offload else self._drain_tun)
         self._pump.add(self._wake_r, self._drain_resolved)
 
     def start(self) -> None:
@@ -111,10 +146,27 @@ class ClientDataPath:
 
     def attach(self, ifname: str, sock: socket.socket) -> None:
         """Start carrying traffic on `sock` (connected to the anchor)."""
+        # Set both ways: a socket handed over by exec keeps the option, and a
+        # plain receive loop would take a GRO batch for one datagram.
+        refused = set_udp_gro(sock, self.offload)
+        self.gro[ifname] = "off" if not self.offload else f"off ({refused})" if refused else "on"
+        self.senders[ifname] = GsoSender(sock, gso=self.offload)
         self.sockets[ifname] = sock
-        self._pump.add(sock.fileno(), lambda: self._drain_tunnel(ifname, sock))
+        drain = self._drain_tunnel_offload if self.offload else self._drain_tunnel
+        self._pump.add(sock.fileno(), lambda: drain(ifname, sock))
+
+    def offload_json(self) -> dict[str, dict[str, str]]:
+        """Per tunnel: UDP GRO and GSO "on", or "off (why)"."""
+        return {
+            name: {
+                "udp_gro": self.gro.get(name, "off"),
+                "udp_gso": "on" if sender.gso else f"off ({sender.fallback_reason})",
+            }
+            for name, sender in list(self.senders.items())
+        }
 
     def detach(self, ifname: str) -> None:
+        self.senders.pop(ifname, None)
         sock = self.sockets.pop(ifname, None)
         if sock is not None:
             self._pump.remove(sock.fileno())
@@ -130,9 +182,7 @@ class ClientDataPath:
     def _drain_tun(self) -> None:
         read = os.read
         fd = self.tun_fd
-        entries = self.paft.entries
-        sockets = self.sockets
-        held = self._held
+        forward = self._forward
         c = self.counters
         now = time.monotonic()
         while True:
@@ -151,42 +201,73 @@ class ClientDataPath:
             except MalformedError:
                 c.tun_malformed += 1
                 continue
-            entry = entries.get(key)
-            if entry is None:
-                waiting = held.get(key)
-                if waiting is not None:
-                    if len(waiting[1]) < MAX_HELD_PACKETS:
-                        waiting[1].append(packet)
-                        c.held_packets += 1
-                    else:
-                        c.held_dropped += 1
-                    continue
-                choice = self.decide(key)
-                if choice is None:
-                    if len(held) < MAX_HELD_FLOWS:
-                        held[key] = (now, [packet])
-                        c.held_packets += 1
-                        continue
-                    choice = self.fallback(key)
-                if choice.tunnel is None:
-                    c.no_tunnel += 1
-                    continue
-                entry = self._learn(key, choice, now)
-            sock = sockets.get(entry.tunnel)
-            if sock is None:
-                if entry.tunnel == self.blocked:
-                    c.blocked += 1
-                else:
-                    c.no_tunnel += 1
-                continue
-            entry.packets_up += 1
-            entry.bytes_up += size
-            entry.last_seen = now
+            forward(key, packet, 1, size, now)
+
+    def _drain_tun_offload(self) -> None:
+        """Like `_drain_tun`, for vnet-header reads: one decision per super-packet."""
+        read = os.read
+        fd = self.tun_fd
+        forward = self._forward
+        mtu = self.mtu
+        c = self.counters
+        now = time.monotonic()
+        while True:
             try:
-                sock.send(packet)
+                frame = read(fd, TUN_READ_SIZE)
+            except BlockingIOError:
+                return
             except OSError:
-                # Full socket buffer or a link that just went away: UDP semantics, drop.
-                c.send_dropped += 1
+                c.tun_malformed += 1
+                return
+            try:
+                segments = tunnel_segments_untrusted(frame, mtu)
+                key = flow_of_packet_untrusted(frame[VNET_HDR_LEN:])
+            except MalformedError:
+                c.tun_malformed += 1
+                continue
+            count = segments.count
+            c.tun_packets += count
+            c.tun_bytes += segments.inner_bytes
+            if count > 1:
+                c.gso_reads += 1
+            forward(key, segments, count, segments.inner_bytes, now)
+
+    def _forward(self, key: FiveTuple, item: Outbound, count: int, size: int, now: float) -> None:
+        """Send `count` inner packets of flow `key` where its PAFT entry says, or hold them."""
+        c = self.counters
+        entry = self.paft.entries.get(key)
+        if entry is None:
+            held = self._held
+            waiting = held.get(key)
+            if waiting is not None:
+                if len(waiting[1]) < MAX_HELD_PACKETS:
+                    waiting[1].append(item)
+                    c.held_packets += count
+                else:
+                    c.held_dropped += count
+                return
+            choice = self.decide(key)
+            if choice is None:
+                if len(held) < MAX_HELD_FLOWS:
+                    held[key] = (now, [item])
+                    c.held_packets += count
+                    return
+                choice = self.fallback(key)
+            if choice.tunnel is None:
+                c.no_tunnel += count
+                return
+            entry = self._learn(key, choice, now)
+        sender = self.senders.get(entry.tunnel)
+        if sender is None:
+            if entry.tunnel == self.blocked:
+                c.blocked += count
+            else:
+                c.no_tunnel += count
+            return
+        entry.packets_up += count
+        entry.bytes_up += size
+        entry.last_seen = now
+        c.send_dropped += _transmit(sender, item)
 
     def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
         assert choice.tunnel is not None
@@ -229,33 +310,34 @@ class ClientDataPath:
             self._release(key, self.fallback(key), packets, now)
 
     def _release(
-        self, key: FiveTuple, choice: FlowChoice, packets: list[bytes], now: float
+        self, key: FiveTuple, choice: FlowChoice, items: list[Outbound], now: float
     ) -> None:
         c = self.counters
+        counts = [
+            (i.count, i.inner_bytes) if isinstance(i, Segments) else (1, len(i)) for i in items
+        ]
+        packets = sum(n for n, _size in counts)
         if choice.tunnel is None:
-            c.no_tunnel += len(packets)
+            c.no_tunnel += packets
             return
         entry = self._learn(key, choice, now)
-        sock = self.sockets.get(entry.tunnel)
-        if sock is None:
+        sender = self.senders.get(entry.tunnel)
+        if sender is None:
             if entry.tunnel == self.blocked:
-                c.blocked += len(packets)
+                c.blocked += packets
             else:
-                c.no_tunnel += len(packets)
+                c.no_tunnel += packets
             return
-        for packet in packets:
-            entry.packets_up += 1
-            entry.bytes_up += len(packet)
-            try:
-                sock.send(packet)
-            except OSError:
-                c.send_dropped += 1
+        entry.packets_up += packets
+        entry.bytes_up += sum(size for _n, size in counts)
+        for item in items:
+            c.send_dropped += _transmit(sender, item)
 
     def _drain_tunnel(self, ifname: str, sock: socket.socket) -> None:
         recv = sock.recv
         write = os.write
         fd = self.tun_fd
-        entries = self.paft.entries
+        account = self._account_down
         c = self.counters
         now = time.monotonic()
         while True:
@@ -271,22 +353,80 @@ class ClientDataPath:
                 c.tunnel_malformed += 1
                 continue
             version = data[0] >> 4
-            if version == 4 or version == 6:
-                c.tunnel_packets += 1
-                c.tunnel_bytes += len(data)
+            if version != 4 and version != 6:
+                if data[0] != FrameType.DATA_CSUM_PARTIAL:
+                    c.control_frames += 1
+                    self.on_control(ifname, data)
+                    continue
                 try:
-                    entry = entries.get(flow_of_packet_untrusted(data).reversed())
+                    data = checksum_partial_fill(data[1:])
                 except MalformedError:
                     c.tunnel_malformed += 1
                     continue
-                if entry is not None:
-                    entry.packets_down += 1
-                    entry.bytes_down += len(data)
-                    entry.last_seen = now
+            if account(data, now, 1, len(data)):
                 try:
                     write(fd, data)
                 except OSError:
                     c.tunnel_malformed += 1
-            else:
-                c.control_frames += 1
-                self.on_control(ifname, data)
+
+    def _drain_tunnel_offload(self, ifname: str, sock: socket.socket) -> None:
+        """Like `_drain_tunnel`, for GRO batches in and vnet-header frames out."""
+        buf = self._buffer
+        write = os.write
+        fd = self.tun_fd
+        account = self._account_down
+        c = self.counters
+        now = time.monotonic()
+        while True:
+            try:
+                datagrams, _addr = recv_batch(sock, buf)
+            except BlockingIOError:
+                return
+            except OSError:
+                c.tunnel_malformed += 1
+                continue
+            packets, partial, other = sort_batch(datagrams)
+            for data in other:
+                if data:
+                    c.control_frames += 1
+                    self.on_control(ifname, data)
+                else:
+                    c.tunnel_malformed += 1
+            if len(packets) > 1:
+                c.gro_batches += 1
+            for frame in coalesce(packets, partial=partial):
+                count, size = frame_segments(frame)
+                if account(frame[VNET_HDR_LEN:], now, count, size):
+                    try:
+                        write(fd, frame)
+                    except OSError:
+                        c.tunnel_malformed += count
+
+    def _account_down(self, packet: bytes, now: float, count: int, size: int) -> bool:
+        """Count `count` inner packets of one flow against its PAFT entry; False if malformed."""
+        c = self.counters
+        try:
+            key = flow_of_packet_untrusted(packet).reversed()
+        except MalformedError:
+            c.tunnel_malformed += count
+            return False
+        c.tunnel_packets += count
+        c.tunnel_bytes += size
+        entry = self.paft.entries.get(key)
+        if entry is not None:
+            entry.packets_down += count
+            entry.bytes_down += size
+            entry.last_seen = now
+        return True
+
+
+def _transmit(sender: GsoSender, item: Outbound) -> int:
+    """Send one packet or one read's segments; returns the datagrams dropped."""
+    if isinstance(item, Segments):
+        return sender.send(item)
+    try:
+        sender.sock.send(item)
+    except OSError:
+        # Full socket buffer or a link that just went away: UDP semantics, drop.
+        return 1
+    return 0

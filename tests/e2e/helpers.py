@@ -175,3 +175,39 @@ def run_sipp(lab: Lab, scenario: Path, port: int, log: Path) -> "subprocess.Comp
         check=False,
         timeout=60,
     )
+
+
+def upload(lab: Lab, blob: Path, port: int = 5300) -> Path:
+    """Send `blob` from the MH to a TCP receiver on the CH; returns the file received."""
+    out = lab.workdir / f"upload-{port}.bin"
+    ready = lab.workdir / f"upload-{port}.ready"
+    receiver = lab.start(
+        "ch",
+        f"tcp-recv-{port}",
+        [
+            lab.python(),
+            "-m",
+            "lab.apps.tcp_stream",
+            "recv",
+            "--bind",
+            CH_ADDR,
+            "--port",
+            str(port),
+            "--out",
+            str(out),
+            "--ready",
+            str(ready),
+        ],
+    )
+    wait_until(ready.exists, 10, "the TCP receiver to listen", (receiver,))
+    lab.exec("mh", lab.python(), "-m", "lab.apps.tcp_stream", "send", CH_ADDR, str(port), str(blob))
+    wait_until(lambda: not receiver.running(), 30, "the TCP receiver to finish", (receiver,))
+    return out
+
+
+def assert_offload_used(anchor: Daemon, client: Daemon) -> None:
+    """Both daemons run the fast data path, and downstream super-packets went through it."""
+    an, mh = anchor.status(), client.status()
+    assert an["datapath"]["mode"] == mh["datapath"]["mode"] == "offload"
+    assert an["counters"]["gso_reads"] > 0, an["counters"]
+    assert mh["counters"]["gro_batches"] > 0, mh["counters"]

@@ -14,6 +14,7 @@ import pytest
 from lab.scenario import start_overlay, wait_until
 from lab.topology import AN_ADDR, Lab
 from tests.e2e.helpers import (
+    assert_offload_used,
     cbr_result,
     client_cli,
     curl_under_way,
@@ -72,7 +73,7 @@ interfaces = ["if0", "if1"]
 
 def test_cli_handover_moves_a_running_download_and_leaves_the_other_app(lab: Lab) -> None:
     blob = lab.start_servers(file_size=12 * MB)
-    _anchor, client = start_overlay(lab)
+    anchor, client = start_overlay(lab)
     before = down_bytes(lab)
     cbr, ready = start_cbr(lab, pps=500, count=3000, size=200)
     curl, out = start_download(lab, blob, rate="2M")
@@ -100,6 +101,7 @@ def test_cli_handover_moves_a_running_download_and_leaves_the_other_app(lab: Lab
     assert any(
         h["app"] == "curl" and h["to"] == "if1" and h["reason"] == "user" for h in records
     ), records
+    assert_offload_used(anchor, client)
 
 
 def test_make_before_break_loses_no_packet_of_a_cbr_stream(lab: Lab) -> None:
@@ -123,7 +125,7 @@ def test_break_before_make_download_completes_over_the_other_interface(
     lab: Lab, failure: str
 ) -> None:
     blob = lab.start_servers(file_size=12 * MB)
-    _anchor, client = start_overlay(lab)
+    anchor, client = start_overlay(lab)
     curl, out = start_download(lab, blob, rate="3M")
     curl_under_way(client)
     if failure == "link down":
@@ -139,6 +141,7 @@ def test_break_before_make_download_completes_over_the_other_interface(
         h["app"] == "curl" and h["from"] == "if0" and h["to"] == "if1" and h["reason"] == reason
         for h in st["handovers"]
     ), st["handovers"]
+    assert_offload_used(anchor, client)
 
 
 def test_unmovable_app_waits_for_its_interface_and_blocked_app_gets_nothing(lab: Lab) -> None:

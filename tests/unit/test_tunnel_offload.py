@@ -1,4 +1,9 @@
-"""TUN offloads: split against a naive segmenter, coalesce against a reference grouping."""
+"""TUN offloads: split against a naive segmenter, coalesce against a reference grouping.
+
+The DATA-CSUM-PARTIAL path is checked against the complete-checksum one: its
+datagrams, once completed, are the packets `split_untrusted` makes, and
+`coalesce` merges them as it merges complete segments.
+"""
 
 from __future__ import annotations
 
@@ -25,14 +30,17 @@ from paft.packets import (
     internet_checksum,
     pack_address,
 )
+from tunnel.frames import Data, DataCsumPartial, decode_frame_untrusted
 from tunnel.offload import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VNET_HDR_LEN,
     GsoType,
+    Segments,
     VnetHdr,
     checksum_partial_fill,
     coalesce,
     split_untrusted,
+    tunnel_segments_untrusted,
 )
 from upmt.errors import MalformedError
 
@@ -303,7 +311,9 @@ FLAG_SETS = [
 @st.composite
 def streams(draw: st.DrawFn) -> tuple[Seg, int, int]:
     v6 = draw(st.booleans())
-    payload = draw(st.binary(min_size=0, max_size=4000))
+    # The length drawn on its own: `st.binary` favours short strings, which would
+    # leave most streams a single segment.
+    payload = random.Random(draw(st.integers(0, 2**32))).randbytes(draw(st.integers(0, 4000)))
     mss = draw(st.integers(24, 1460))
     seg = Seg(
         v6=v6,
@@ -424,13 +434,15 @@ def test_checksum_partial_fill_rejects() -> None:
             checksum_partial_fill(bad)
 
 
+def rehead(frame: bytes, **changes: object) -> bytes:
+    """`frame` with some virtio_net_hdr fields changed."""
+    return replace(VnetHdr.unpack_untrusted(frame), **changes).pack() + frame[VNET_HDR_LEN:]  # type: ignore[arg-type]
+
+
 def _malformed_frames() -> list[tuple[str, bytes, int]]:
     good = Seg(payload=b"y" * 3000).super_frame(1000)
     v6 = Seg(v6=True, payload=b"y" * 3000).super_frame(1000)
     hdr = VnetHdr.unpack_untrusted(good)
-
-    def rehead(frame: bytes, **changes: object) -> bytes:
-        return replace(VnetHdr.unpack_untrusted(frame), **changes).pack() + frame[VNET_HDR_LEN:]  # type: ignore[arg-type]
 
     body = bytearray(good[VNET_HDR_LEN:])
     body[2:4] = b"\x00\x30"  # total length lies
@@ -488,6 +500,242 @@ def test_split_mutated_frames_raise_only_malformed(data: st.DataObject) -> None:
     except MalformedError:
         return
     assert all(len(p) <= mtu for p in segments)
+
+
+# --- tunnel segments ------------------------------------------------------------------
+
+
+def to_partial(packet: bytes) -> bytes:
+    """A complete TCP/UDP packet with its checksum field cut back to the pseudo-header sum."""
+    if packet[0] >> 4 == 4:
+        start, proto = (packet[0] & 0x0F) * 4, packet[9]
+        pseudo = packet[12:20] + struct.pack("!xBH", proto, len(packet) - start)
+    else:
+        start, proto = 40, packet[6]
+        pseudo = packet[8:40] + struct.pack("!I3xB", len(packet) - start, proto)
+    at = start + (16 if proto == PROTO_TCP else 6)
+    return with_checksum(packet, at, ~internet_checksum(pseudo) & 0xFFFF)
+
+
+def zero_as_ffff(packet: bytes) -> bytes:
+    """`packet` as a CHECKSUM_PARTIAL completion writes it: a TCP checksum of 0 becomes 0xFFFF.
+
+    `split_untrusted` writes a computed 0 as 0 on TCP segments, as the kernel's
+    software TSO does; completing a partial checksum writes 0xFFFF, as
+    ``skb_checksum_help`` does. Both are the same one's-complement value.
+    """
+    start = 40 if packet[0] >> 4 == 6 else (packet[0] & 0x0F) * 4
+    proto = packet[6] if packet[0] >> 4 == 6 else packet[9]
+    if proto == PROTO_TCP and packet[start + 16 : start + 18] == b"\x00\x00":
+        return with_checksum(packet, start + 16, 0xFFFF)
+    return packet
+
+
+def datagrams(segments: Segments) -> list[bytes]:
+    """What ``UDP_SEGMENT`` makes of the gather list: `size`-byte cuts of the whole."""
+    data = b"".join(segments.buffers)
+    if not segments.size:
+        return [data] * segments.count
+    return [data[i : i + segments.size] for i in range(0, len(data), segments.size)]
+
+
+def assert_partial_datagrams(
+    segments: Segments, reference: list[bytes], frame: bytes, headers: int
+) -> None:
+    """`segments` carries `reference` as DATA-CSUM-PARTIAL frames, payload never copied."""
+    assert segments.count == len(reference)
+    assert segments.inner_bytes == sum(len(p) for p in reference)
+    assert b"".join(segments.buffers) == b"".join(b"\x04" + to_partial(p) for p in reference)
+    sent = datagrams(segments)
+    assert len(sent) == segments.count
+    assert all(len(d) == segments.size for d in sent[:-1])
+    assert 0 < len(sent[-1]) <= segments.size
+    for datagram, packet in zip(sent, reference, strict=True):
+        assert decode_frame_untrusted(datagram) == DataCsumPartial(datagram[1:])
+        assert checksum_partial_fill(datagram[1:]) == zero_as_ffff(packet)
+    # Fresh bytes hold the frame byte and headers alone; payload is sliced from the frame.
+    copied = [b for b in segments.buffers if not isinstance(b, memoryview)]
+    assert [len(b) for b in copied] == [1 + headers] * segments.count
+    for buffer in segments.buffers:
+        if isinstance(buffer, memoryview):
+            assert buffer.obj is frame
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_tunnel_segments_tcp_are_split_with_partial_checksums(case: tuple[Seg, int, int]) -> None:
+    seg, mss, mtu = case
+    frame = seg.super_frame(mss)
+    segments = tunnel_segments_untrusted(frame, mtu)
+    reference = split_untrusted(frame, mtu)
+    assert_partial_datagrams(segments, reference, frame, seg.header_len)
+    assert all(len(d) - 1 <= mtu for d in datagrams(segments))
+
+
+@settings(max_examples=100)
+@given(st.booleans(), st.binary(max_size=3000), st.integers(1, 1400))
+def test_tunnel_segments_udp_l4_are_split_with_partial_checksums(
+    v6: bool, payload: bytes, gso: int
+) -> None:
+    headers = 48 if v6 else 28
+    frame = udp_super_frame(v6, payload, gso)
+    segments = tunnel_segments_untrusted(frame, headers + gso)
+    reference = split_untrusted(frame, headers + gso)
+    assert_partial_datagrams(segments, reference, frame, headers)
+
+
+def test_tunnel_segments_sizes_of_a_super_packet() -> None:
+    seg = Seg(payload=b"d" * 10000, flags=TCP_ACK | TCP_PSH)
+    segments = tunnel_segments_untrusted(seg.super_frame(1448), 1500)
+    assert (segments.size, segments.count) == (1 + 40 + 1448, 7)
+    assert segments.inner_bytes == 7 * 40 + 10000
+    assert [len(d) for d in datagrams(segments)] == [1489] * 6 + [1 + 40 + 10000 - 6 * 1448]
+    # A payload that fits one segment gives one datagram of its own size.
+    single = tunnel_segments_untrusted(Seg(payload=b"d" * 10).super_frame(1448), 1500)
+    assert (single.size, single.count, single.inner_bytes) == (1 + 40 + 10, 1, 50)
+
+
+def test_tunnel_segments_pseudo_sum_folding_to_zero_is_written_ffff() -> None:
+    mss = 1000
+    tcp_length = 20 + mss
+    # A destination that makes the full segments' pseudo-header sum 0 modulo 0xFFFF.
+    low = -(0xC000 + 0x0201 + 0xC633 + PROTO_TCP + tcp_length) % 0xFFFF
+    dst = f"198.51.{low >> 8}.{low & 0xFF}"
+    assert partial_sum(SRC4, dst, PROTO_TCP, tcp_length) == 0xFFFF
+    tcp = tcp_segment(SRC4, dst, payload=b"p" * (2 * mss + 10))
+    tcp = with_checksum(tcp, 16, partial_sum(SRC4, dst, PROTO_TCP, len(tcp)))
+    hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.TCPV4, 40, mss, 20, 16)
+    frame = hdr.pack() + build_ipv4(SRC4, dst, PROTO_TCP, tcp)
+    sent = datagrams(tunnel_segments_untrusted(frame, 1500))
+    assert [struct.unpack_from("!H", d, 1 + 20 + 16)[0] for d in sent] == [
+        0xFFFF,
+        0xFFFF,
+        partial_sum(SRC4, dst, PROTO_TCP, 30),
+    ]
+    reference = split_untrusted(frame, 1500)
+    assert [checksum_partial_fill(d[1:]) for d in sent] == [zero_as_ffff(p) for p in reference]
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_tunnel_segments_without_needs_csum_are_split_untrusted(case: tuple[Seg, int, int]) -> None:
+    seg, mss, mtu = case
+    frame = rehead(seg.super_frame(mss), flags=0)
+    segments = tunnel_segments_untrusted(frame, mtu)
+    reference = split_untrusted(frame, mtu)
+    assert segments.buffers == reference
+    assert (segments.size, segments.count) == (len(reference[0]), len(reference))
+    assert segments.inner_bytes == sum(len(p) for p in reference)
+    assert datagrams(segments) == reference
+    assert all(decode_frame_untrusted(p) == Data(p) for p in reference)
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("proto", [PROTO_TCP, PROTO_UDP])
+def test_tunnel_segments_gso_none(v6: bool, proto: int) -> None:
+    src, dst = (SRC6, DST6) if v6 else (SRC4, DST4)
+    payload = b"hello, world!"
+    if proto == PROTO_TCP:
+        transport = build_tcp(1, 2, src, dst, seq=9, flags=TCP_ACK | TCP_PSH, payload=payload)
+    else:
+        transport = build_udp(1, 2, payload, src, dst)
+    full = (build_ipv6 if v6 else build_ipv4)(src, dst, proto, transport)
+    partial = to_partial(full)
+    start = 40 if v6 else 20
+    offset = 16 if proto == PROTO_TCP else 6
+    hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, start + 8, 0, start, offset)
+    frame = hdr.pack() + partial
+    segments = tunnel_segments_untrusted(frame, 1500)
+    assert b"".join(segments.buffers) == b"\x04" + partial
+    assert (segments.size, segments.count, segments.inner_bytes) == (
+        1 + len(full),
+        1,
+        len(full),
+    )
+    assert not any(isinstance(b, bytes) and len(b) > 1 for b in segments.buffers)  # no copy
+    # Without NEEDS_CSUM: the packet as it is, as DATA.
+    plain = tunnel_segments_untrusted(NONE_HDR + full, 1500)
+    assert (plain.buffers, plain.size, plain.count, plain.inner_bytes) == (
+        [full],
+        len(full),
+        1,
+        len(full),
+    )
+    # The same MTU rule as split_untrusted.
+    with pytest.raises(MalformedError):
+        tunnel_segments_untrusted(frame, len(full) - 1)
+    assert tunnel_segments_untrusted(frame, len(full)).count == 1
+
+
+def test_tunnel_segments_gso_none_unknown_layout_is_completed_as_data() -> None:
+    # IPv6 with a destination options header in front of TCP: csum_start past it.
+    tcp = tcp_segment(SRC6, DST6, payload=b"behind an extension header")
+    ext = build_ipv6_options_header(PROTO_TCP)
+    full = build_ipv6(SRC6, DST6, 60, ext + tcp)
+    partial_tcp = with_checksum(tcp, 16, partial_sum(SRC6, DST6, PROTO_TCP, len(tcp)))
+    start = 40 + len(ext)
+    hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, start, 16)
+    segments = tunnel_segments_untrusted(
+        hdr.pack() + build_ipv6(SRC6, DST6, 60, ext + partial_tcp), 1500
+    )
+    assert segments.buffers == [full]
+    assert (segments.size, segments.count, segments.inner_bytes) == (len(full), 1, len(full))
+    # ICMP, whose checksum has no pseudo-header: the kernel leaves 0 in the field.
+    echo = b"\x08\x00\x00\x00\x12\x34\x00\x01" + b"ping"
+    icmp = build_ipv4(SRC4, DST4, 1, echo)
+    hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, 20, 2)
+    completed = tunnel_segments_untrusted(hdr.pack() + icmp, 1500).buffers
+    assert completed == [icmp[:22] + struct.pack("!H", internet_checksum(echo)) + icmp[24:]]
+    # A checksum position outside the packet cannot be completed.
+    hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, 20, len(echo))
+    with pytest.raises(MalformedError):
+        tunnel_segments_untrusted(hdr.pack() + icmp, 1500)
+
+
+@pytest.mark.parametrize(
+    ("frame", "mtu"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
+def test_tunnel_segments_reject_inconsistent_frames(frame: bytes, mtu: int) -> None:
+    with pytest.raises(MalformedError):
+        tunnel_segments_untrusted(frame, mtu)
+
+
+def assert_within_mtu(segments: Segments, mtu: int) -> None:
+    sent = datagrams(segments)
+    assert len(sent) == segments.count
+    for datagram in sent:
+        inner = datagram[1:] if datagram[:1] == b"\x04" else datagram
+        assert len(inner) <= mtu
+    assert segments.inner_bytes == sum(len(d) - (d[:1] == b"\x04") for d in sent)
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200), st.integers(1, 2000))
+def test_tunnel_segments_random_bytes_raise_only_malformed(frame: bytes, mtu: int) -> None:
+    try:
+        segments = tunnel_segments_untrusted(frame, mtu)
+    except MalformedError:
+        return
+    assert_within_mtu(segments, mtu)
+
+
+@settings(max_examples=500)
+@given(st.data())
+def test_tunnel_segments_mutated_frames_raise_only_malformed(data: st.DataObject) -> None:
+    v6 = data.draw(st.booleans())
+    if data.draw(st.booleans()):
+        frame = bytearray(Seg(v6=v6, payload=b"z" * 900, flags=TCP_ACK | TCP_FIN).super_frame(200))
+    else:
+        frame = bytearray(udp_super_frame(v6, b"u" * 900, 200))
+    for _ in range(data.draw(st.integers(1, 4))):
+        frame[data.draw(st.integers(0, 80))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frame)))
+    mtu = data.draw(st.integers(1, 1500))
+    try:
+        segments = tunnel_segments_untrusted(bytes(frame[:cut] if cut < 100 else frame), mtu)
+    except MalformedError:
+        return
+    assert_within_mtu(segments, mtu)
 
 
 # --- coalesce ---------------------------------------------------------------------------
@@ -724,14 +972,8 @@ def reference_groups(items: list[Seg | bytes]) -> list[list[int]]:
     return groups
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.lists(
-        st.tuples(st.integers(0, 3), st.sampled_from(PERTURBATIONS)),
-        max_size=40,
-    )
-)
-def test_coalesce_random_mix_matches_reference_grouping(script: list[tuple[int, str]]) -> None:
+def mix_items(script: list[tuple[int, str]]) -> list[Seg | bytes]:
+    """Three flows and some UDP, each step perturbed as the script says."""
     flows = [
         FlowState(Seg(sport=1), 100, 10, 7),
         FlowState(Seg(sport=2, df=False), 0xFFFFFF80, 0xFFFE, 7),
@@ -762,6 +1004,18 @@ def test_coalesce_random_mix_matches_reference_grouping(script: list[tuple[int, 
         items.append(seg)
         flow.seq += size
         flow.ident += 1
+    return items
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(PERTURBATIONS)),
+        max_size=40,
+    )
+)
+def test_coalesce_random_mix_matches_reference_grouping(script: list[tuple[int, str]]) -> None:
+    items = mix_items(script)
     packets = packets_of(items)
     frames = coalesce(packets)
     assert frames == frames_for(items, reference_groups(items))
@@ -815,3 +1069,197 @@ def test_coalesce_ipv6_extension_headers_are_a_barrier() -> None:
     extended = build_ipv6(SRC6, DST6, 0, build_ipv6_options_header(PROTO_TCP) + tcp)
     items: list[Seg | bytes] = [a[0], a[1], extended, a[2], a[3]]
     assert coalesce(packets_of(items)) == frames_for(items, [[0, 1], [2], [3, 4]])
+
+
+# --- coalesce with DATA-CSUM-PARTIAL segments -------------------------------------------
+
+
+def lone_partial_hdr(start: int, offset: int) -> bytes:
+    """The header of a packet passed on alone for the kernel to complete its checksum."""
+    return VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, start, offset).pack()
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(streams())
+def test_coalesce_partial_inverts_tunnel_segments(case: tuple[Seg, int, int]) -> None:
+    seg, mss, _ = case
+    seg = replace(seg, ip_options=b"", flags=seg.flags & ~TCP_FIN)
+    mtu = seg.header_len + mss
+    frame = seg.super_frame(mss)
+    parts = [d[1:] for d in datagrams(tunnel_segments_untrusted(frame, mtu))]
+    frames = coalesce(parts, partial=[True] * len(parts))
+    complete = split_untrusted(frame, mtu)
+    if len(parts) == 1:
+        assert frames == [lone_partial_hdr(seg.ip_header_len, 16) + parts[0]]
+    else:
+        assert frames == coalesce(complete)
+        assert frames == [reference_merged(reference_segs(seg, mss))]
+    # What the kernel makes of the frames: the segments, checksums completed.
+    resplit = [p for f in frames for p in split_untrusted(f, BIG_MTU)]
+    assert [zero_as_ffff(p) for p in resplit] == [zero_as_ffff(p) for p in complete]
+
+
+@settings(max_examples=100)
+@given(st.lists(st.booleans(), min_size=5, max_size=5), st.booleans())
+def test_coalesce_mixes_partial_and_complete_segments(marks: list[bool], v6: bool) -> None:
+    items: list[Seg | bytes] = list(run_of(5, v6=v6, flags=TCP_ACK))
+    complete = packets_of(items)
+    mixed = [to_partial(p) if m else p for p, m in zip(complete, marks, strict=True)]
+    expected = frames_for(items, [[0, 1, 2, 3, 4]])
+    assert coalesce(mixed, partial=marks) == expected
+    assert coalesce(complete, partial=[False] * 5) == coalesce(complete) == expected
+
+
+def test_coalesce_does_not_verify_the_checksum_of_a_partial_segment() -> None:
+    a = run_of(4)
+    packets = packets_of(list(a))
+    packets[2] = with_checksum(packets[2], 20 + 16, 0x1234)  # no complete checksum to verify
+    items: list[Seg | bytes] = list(a)
+    assert coalesce(packets, partial=[False, False, True, False]) == frames_for(
+        items, [[0, 1, 2, 3]]
+    )
+    # Unmarked, the same bytes fail the check and pass through.
+    assert coalesce(packets) == [
+        *frames_for(items, [[0, 1]]),
+        NONE_HDR + packets[2],
+        NONE_HDR + packets[3],
+    ]
+
+
+def _lone_cases() -> list[tuple[str, bytes, int, int]]:
+    udp4 = build_ipv4(SRC4, DST4, PROTO_UDP, build_udp(1, 2, b"dns?", SRC4, DST4))
+    udp6 = build_ipv6(SRC6, DST6, PROTO_UDP, build_udp(1, 2, b"dns?", SRC6, DST6))
+    data = b"x" * 100
+    return [
+        ("tcp4-run-of-one", Seg(payload=data).packet(), 20, 16),
+        ("tcp6-run-of-one", Seg(v6=True, payload=data).packet(), 40, 16),
+        ("tcp4-psh", Seg(payload=data, flags=TCP_ACK | TCP_PSH).packet(), 20, 16),
+        ("tcp6-syn", Seg(v6=True, flags=TCP_SYN).packet(), 40, 16),
+        ("tcp4-pure-ack", Seg().packet(), 20, 16),
+        ("tcp4-ip-options", Seg(payload=data, ip_options=b"\x01\x01\x01\x00").packet(), 24, 16),
+        ("tcp4-fin", Seg(payload=data, flags=TCP_ACK | TCP_FIN).packet(), 20, 16),
+        ("udp4", udp4, 20, 6),
+        ("udp6", udp6, 40, 6),
+    ]
+
+
+LONE = _lone_cases()
+
+
+@pytest.mark.parametrize(
+    ("packet", "start", "offset"), [c[1:] for c in LONE], ids=[c[0] for c in LONE]
+)
+def test_coalesce_lone_partial_packet_asks_the_kernel_for_its_checksum(
+    packet: bytes, start: int, offset: int
+) -> None:
+    partial = to_partial(packet)
+    frames = coalesce([partial], partial=[True])
+    assert frames == [lone_partial_hdr(start, offset) + partial]
+    hdr = VnetHdr.unpack_untrusted(frames[0])
+    assert (hdr.flags, hdr.gso_type, hdr.csum_start, hdr.csum_offset) == (
+        VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        GsoType.NONE,
+        start,
+        offset,
+    )
+    # Completed as the kernel completes NEEDS_CSUM, it is the original packet.
+    assert split_untrusted(frames[0], BIG_MTU) == [zero_as_ffff(packet)]
+
+
+def _garbage() -> list[tuple[str, bytes]]:
+    tcp6 = tcp_segment(SRC6, DST6, payload=b"e")
+    icmp = build_ipv4(SRC4, DST4, 1, b"\x08\x00\x00\x00\x00\x01\x00\x01")
+    udp = build_ipv4(SRC4, DST4, PROTO_UDP, build_udp(1, 2, b"dns?", SRC4, DST4))
+    bad_udp_length = udp[:24] + b"\x00\x09" + udp[26:]
+    tcp = Seg(payload=b"x" * 8).packet()
+    offset_short, offset_long = (tcp[:32] + bytes((n << 4,)) + tcp[33:] for n in (4, 8))
+    return [
+        ("empty", b""),
+        ("short", b"\x45" * 19),
+        ("not-ip", b"\x00" * 60),
+        ("icmp", icmp),
+        ("ipv6-extension", build_ipv6(SRC6, DST6, 0, build_ipv6_options_header(6) + tcp6)),
+        ("fragment", build_ipv4(SRC4, DST4, PROTO_TCP, b"\x00" * 16, flags_frag=0x2000)),
+        ("tcp-truncated", build_ipv4(SRC4, DST4, PROTO_TCP, b"\x00" * 10)),
+        ("udp-length", bad_udp_length),
+        ("tcp-offset-short", offset_short),
+        ("tcp-offset-long", offset_long),
+        ("ip-length", Seg(payload=b"x" * 50).packet()[:-1]),
+    ]
+
+
+GARBAGE = _garbage()
+
+
+@pytest.mark.parametrize("packet", [c[1] for c in GARBAGE], ids=[c[0] for c in GARBAGE])
+def test_coalesce_unparsable_partial_packet_passes_with_plain_header(packet: bytes) -> None:
+    assert coalesce([packet], partial=[True]) == [NONE_HDR + packet]
+
+
+def test_coalesce_partial_interleaved_flows_keep_their_order() -> None:
+    a = run_of(3)
+    b = run_of(3, sport=40001)
+    c = replace(run_of(1, sport=40002)[0], flags=TCP_ACK | TCP_PSH)
+    items: list[Seg | bytes] = [a[0], b[0], a[1], c, b[1], a[2], b[2]]
+    packets = [to_partial(p) for p in packets_of(items)]
+    frames = coalesce(packets, partial=[True] * len(items))
+    expected = frames_for(items, [[0, 2, 5], [1, 4, 6], [3]])
+    expected[2] = lone_partial_hdr(20, 16) + packets[3]
+    assert frames == expected
+
+
+def test_coalesce_partial_marks_must_match_the_packets() -> None:
+    with pytest.raises(ValueError):
+        coalesce(packets_of(list(run_of(2))), partial=[True])
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(PERTURBATIONS), st.booleans()),
+        max_size=40,
+    )
+)
+def test_coalesce_random_mix_with_partial_segments(script: list[tuple[int, str, bool]]) -> None:
+    items = mix_items([(which, perturb) for which, perturb, _ in script])
+    marks = [mark for _, _, mark in script]
+    packets = []
+    for index, mark in enumerate(marks):
+        item = items[index]
+        if mark and isinstance(item, Seg):
+            # A partial segment has no checksum to get wrong.
+            item = items[index] = replace(item, bad_checksum=False)
+        packet = item if isinstance(item, bytes) else item.packet()
+        packets.append(to_partial(packet) if mark else packet)
+    groups = reference_groups(items)
+    expected = frames_for(items, groups)
+    for position, group in enumerate(groups):
+        index = group[0]
+        if len(group) == 1 and marks[index]:
+            item = items[index]
+            start, offset = (item.ip_header_len, 16) if isinstance(item, Seg) else (20, 6)
+            expected[position] = lone_partial_hdr(start, offset) + packets[index]
+    assert coalesce(packets, partial=marks) == expected
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(
+                st.binary(max_size=80),
+                st.sampled_from(packets_of(list(run_of(3)))),
+                st.sampled_from([to_partial(p) for p in packets_of(list(run_of(3, v6=True)))]),
+            ),
+            st.booleans(),
+        )
+    )
+)
+def test_coalesce_partial_never_raises(batch: list[tuple[bytes, bool]]) -> None:
+    packets = [packet for packet, _ in batch]
+    frames = coalesce(packets, partial=[mark for _, mark in batch])
+    assert sum(len(f) - VNET_HDR_LEN for f in frames) <= sum(len(p) for p in packets)
+    for frame in frames:
+        hdr = VnetHdr.unpack_untrusted(frame)
+        if hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            assert hdr.csum_start + hdr.csum_offset + 2 <= len(frame) - VNET_HDR_LEN

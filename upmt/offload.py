@@ -1,0 +1,301 @@
+"""Kernel offloads of the fast data path: TUN segmentation, UDP GSO and UDP GRO.
+
+The pure work (cutting super-packets, merging segments) is in
+`tunnel.offload`; this module holds what talks to the kernel:
+
+* `negotiate_tun_offload`: ``TUNSETOFFLOAD`` on a TUN opened with
+  ``IFF_VNET_HDR``, richest set first (``CSUM|TSO4|TSO6|TSO_ECN|USO4|USO6``,
+  then without USO, which kernels before 6.2 refuse, then checksum only).
+  With TSO the kernel hands the TUN TCP super-packets of up to 64 KB.
+* `GsoSender`: one ``sendmsg`` with a ``UDP_SEGMENT`` control message sends a
+  run of equal-sized datagrams. The kernel refuses GSO with ``EIO`` where the
+  egress device cannot offload checksums; the sender then sends datagram by
+  datagram from that moment on and says why (status shows it).
+* `set_udp_gro` and `recv_batch`: with ``UDP_GRO`` one ``recvmsg``
+  returns many datagrams of one sender back to back, the datagram size in a
+  control message.
+
+Every probe answers with a reason string instead of raising, so a daemon can
+run the plain path and report what was missing.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from tunnel.frames import FrameType
+from tunnel.offload import VNET_HDR_LEN, Segments
+
+__all__ = [
+    "GRO_BUFFER",
+    "TUN_READ_SIZE",
+    "GsoSender",
+    "frame_segments",
+    "negotiate_tun_offload",
+    "offload_names",
+    "recv_batch",
+    "set_udp_gro",
+    "sort_batch",
+    "tun_has_vnet_hdr",
+]
+
+# linux/if_tun.h
+TUNSETOFFLOAD: Final = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUNGETIFF: Final = 0x800454D2  # _IOR('T', 210, unsigned int)
+IFF_VNET_HDR: Final = 0x4000
+TUN_F_CSUM: Final = 0x01
+TUN_F_TSO4: Final = 0x02
+TUN_F_TSO6: Final = 0x04
+TUN_F_TSO_ECN: Final = 0x08
+TUN_F_USO4: Final = 0x20
+TUN_F_USO6: Final = 0x40
+_NAMES: Final = (
+    (TUN_F_CSUM, "csum"),
+    (TUN_F_TSO4, "tso4"),
+    (TUN_F_TSO6, "tso6"),
+    (TUN_F_TSO_ECN, "tso_ecn"),
+    (TUN_F_USO4, "uso4"),
+    (TUN_F_USO6, "uso6"),
+)
+_TSO: Final = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+OFFLOAD_STEPS: Final = (_TSO | TUN_F_USO4 | TUN_F_USO6, _TSO, TUN_F_CSUM)
+
+# linux/udp.h
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
+
+# A TUN read: the virtio_net_hdr and an IP packet of at most 64 KB.
+TUN_READ_SIZE: Final = 0xFFFF + VNET_HDR_LEN
+# A GRO batch holds at most 64 KB of payload; twice that leaves room to spare.
+GRO_BUFFER: Final = 2 * 0x10000
+# One GSO send is one UDP "datagram" for the length checks: at most 64 KB
+# including the outer headers, and at most UDP_MAX_SEGMENTS (64) segments.
+_GSO_MAX_BYTES: Final = 0xFFFF - 48
+_GSO_MAX_SEGMENTS: Final = 64
+_U16_NATIVE: Final = struct.Struct("=H")
+_INT_NATIVE: Final = struct.Struct("=i")
+_VNET_SIZES: Final = struct.Struct("<HH")  # hdr_len, gso_size at offset 2
+_IP_VERSIONS: Final = frozenset(range(0x40, 0x50)) | frozenset(range(0x60, 0x70))
+_CSUM_PARTIAL: Final = int(FrameType.DATA_CSUM_PARTIAL)
+
+Addr = tuple[str, int]
+
+
+def offload_names(flags: int) -> str:
+    """``TUN_F_*`` bits as the words status shows ("csum tso4 ..."), or "none"."""
+    return " ".join(name for bit, name in _NAMES if flags & bit) or "none"
+
+
+def tun_has_vnet_hdr(fd: int) -> bool:
+    """Whether the TUN behind `fd` was created with IFF_VNET_HDR (TUNGETIFF)."""
+    ifreq = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
+    (flags,) = struct.unpack_from("=H", ifreq, 16)
+    return bool(flags & IFF_VNET_HDR)
+
+
+def negotiate_tun_offload(fd: int) -> tuple[int, str | None]:
+    """Set the richest offload set the kernel accepts on a vnet-header TUN.
+
+    Returns the accepted ``TUN_F_*`` bits and, when some were refused, why
+    (0 and the reason when even checksum offload is refused).
+    """
+    reason: str | None = None
+    for flags in OFFLOAD_STEPS:
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError as exc:
+            if reason is None:
+                reason = f"TUNSETOFFLOAD {offload_names(flags)}: {exc.strerror or exc}"
+            continue
+        return flags, reason
+    return 0, reason
+
+
+def set_udp_gro(sock: socket.socket, on: bool) -> str | None:
+    """Turn UDP_GRO on `sock` on or off; None when done, else why not.
+
+    Off matters too: a socket handed over by exec keeps the option, and a
+    plain receive loop would take a GRO batch for one datagram.
+    """
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, int(on))
+    except OSError as exc:
+        return f"UDP_GRO: {exc.strerror or exc}"
+    return None
+
+
+def udp_gso_refusal(sock: socket.socket) -> str | None:
+    """None if the kernel knows UDP_SEGMENT on `sock`, else why not."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+    except OSError as exc:
+        return f"UDP_SEGMENT: {exc.strerror or exc}"
+    return None
+
+
+class GsoSender:
+    """Sends `Segments` on one UDP socket, with UDP_SEGMENT while the kernel takes it."""
+
+    __slots__ = ("fallback_reason", "gso", "sock")
+
+    def __init__(self, sock: socket.socket, *, gso: bool = True) -> None:
+        self.sock = sock
+        self.fallback_reason = None if gso else "off"
+        if gso:
+            self.fallback_reason = udp_gso_refusal(sock)
+        self.gso = self.fallback_reason is None
+
+    def send(self, segments: Segments, addr: Addr | None = None) -> int:
+        """Send every datagram of `segments`; returns how many were dropped."""
+        buffers, size, count = segments.buffers, segments.size, segments.count
+        if count == 1:
+            return self._send_one(b"".join(buffers) if len(buffers) > 1 else buffers[0], addr)
+        # `tunnel_segments_untrusted` gives one or two buffers per datagram; any
+        # other layout is cut by size first.
+        per_datagram, uneven = divmod(len(buffers), count)
+        if uneven or sum(len(b) for b in buffers[:per_datagram]) != size:
+            joined = b"".join(buffers)
+            buffers = [joined[i : i + size] for i in range(0, len(joined), size)]
+            per_datagram = 1
+        if not self.gso:
+            return self._send_each(buffers, per_datagram, addr)
+        batch = max(1, min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size))
+        control = [(SOL_UDP, UDP_SEGMENT, _U16_NATIVE.pack(size))]
+        step = batch * per_datagram
+        dropped = 0
+        for at in range(0, len(buffers), step):
+            chunk = buffers[at : at + step]
+            try:
+                if addr is None:
+                    self.sock.sendmsg(chunk, control)
+                else:
+                    self.sock.sendmsg(chunk, control, 0, addr)
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    # No checksum offload on the egress device: no UDP GSO there.
+                    self.gso = False
+                    self.fallback_reason = "UDP_SEGMENT: EIO from the egress device"
+                    return dropped + self._send_each(buffers[at:], per_datagram, addr)
+                dropped += len(chunk) // per_datagram
+        return dropped
+
+    def _send_each(
+        self, buffers: Sequence[bytes | memoryview], per_datagram: int, addr: Addr | None
+    ) -> int:
+        dropped = 0
+        for at in range(0, len(buffers), per_datagram):
+            part = buffers[at : at + per_datagram]
+            dropped += self._send_one(part[0] if per_datagram == 1 else b"".join(part), addr)
+        return dropped
+
+    def _send_one(self, datagram: bytes | memoryview, addr: Addr | None) -> int:
+        try:
+            if addr is None:
+                self.sock.send(datagram)
+            else:
+                self.sock.sendto(datagram, addr)
+        except OSError:
+            return 1  # a full buffer or a link gone: UDP semantics, drop
+        return 0
+
+
+def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
+    """One recvmsg: the datagrams it holds (one, or a GRO batch) and the sender.
+
+    Raises BlockingIOError when nothing is queued and OSError for socket
+    errors; a truncated batch (larger than `buf`) comes back empty.
+    """
+    size, ancdata, flags, addr = sock.recvmsg_into([buf], socket.CMSG_SPACE(4))
+    if flags & socket.MSG_TRUNC:
+        return [], addr
+    segment = 0
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            (segment,) = _INT_NATIVE.unpack_from(data)
+    view = memoryview(buf)
+    if segment <= 0 or segment >= size:
+        return [bytes(view[:size])], addr
+    return [bytes(view[at : min(at + segment, size)]) for at in range(0, size, segment)], addr
+
+
+def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], list[bytes]]:
+    """Split received datagrams into inner packets (with their partial flag) and the rest.
+
+    DATA is the IP packet itself; DATA-CSUM-PARTIAL (0x04) is its type byte and
+    an IP packet whose checksum field holds only the pseudo-header sum. Everything
+    else (SIGNAL, PROBE, PROBE-ACK, garbage, empty datagrams) is returned as is.
+    """
+    packets: list[bytes] = []
+    partial: list[bool] = []
+    other: list[bytes] = []
+    versions = _IP_VERSIONS
+    for datagram in datagrams:
+        if not datagram:
+            other.append(datagram)
+            continue
+        first = datagram[0]
+        if first in versions:
+            packets.append(datagram)
+            partial.append(False)
+        elif first == _CSUM_PARTIAL and len(datagram) > 1 and datagram[1] in versions:
+            packets.append(datagram[1:])
+            partial.append(True)
+        else:
+            other.append(datagram)
+    return packets, partial, other
+
+
+def frame_segments(frame: bytes) -> tuple[int, int]:
+    """(inner packets, their bytes) that one vnet-header TUN frame stands for."""
+    size = len(frame) - VNET_HDR_LEN
+    if frame[1] == 0:
+        return 1, size
+    hdr_len, gso_size = _VNET_SIZES.unpack_from(frame, 2)
+    if gso_size == 0 or hdr_len >= size:
+        return 1, size
+    count = -(-(size - hdr_len) // gso_size)
+    return count, size + (count - 1) * hdr_len
+
+
+OFFLOAD_SETTINGS: Final = ("auto", "on", "off")
+
+
+def probe_udp_offload() -> list[str]:
+    """What a fresh UDP socket refuses of UDP_GRO and UDP_SEGMENT (empty: both work)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        return [r for r in (set_udp_gro(probe, True), udp_gso_refusal(probe)) if r]
+
+
+def offload_refusals(
+    vnet_hdr: bool, tun_flags: int, gro_refused: str | None, gso_refused: str | None
+) -> list[str]:
+    """What keeps a data path from the full offload set, one phrase each."""
+    if not vnet_hdr:
+        return ["the TUN has no virtio_net_hdr"]
+    refusals = []
+    if not tun_flags & TUN_F_TSO4:
+        refusals.append(f"TUN offloads {offload_names(tun_flags)}")
+    if gro_refused:
+        refusals.append(gro_refused)
+    if gso_refused:
+        refusals.append(gso_refused)
+    return refusals
+
+
+def offload_status(
+    setting: str, vnet_hdr: bool, tun_flags: int, tun_refused: str | None, gro: str | None
+) -> dict[str, str]:
+    """The data-path part of a daemon's status (UDP GSO is per socket, added by the caller)."""
+    return {
+        "mode": "offload" if vnet_hdr else "plain",
+        "setting": setting,
+        "tun_offload": offload_names(tun_flags) if vnet_hdr else "off",
+        "tun_refused": tun_refused or "",
+        "udp_gro": "off" if not vnet_hdr else "on" if gro is None else f"off ({gro})",
+    }
