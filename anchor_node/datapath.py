@@ -34,6 +34,7 @@ from tunnel.offload import (
     VNET_HDR_LEN,
     checksum_partial_fill,
     coalesce,
+    tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
 from upmt.errors import MalformedError
@@ -303,6 +304,7 @@ class AnchorDataPath:
         fd = self.tun_fd
         route = self._route_downstream
         send = self._sender.send
+        sendto = self.sock.sendto
         mtu = self.mtu
         c = self.counters
         now = time.monotonic()
@@ -314,14 +316,25 @@ class AnchorDataPath:
             except OSError:
                 c.malformed_packets += 1
                 return
+            packet = frame[VNET_HDR_LEN:]
             try:
-                segments = tunnel_segments_untrusted(frame, mtu)
+                datagram = tunnel_datagram_untrusted(frame, mtu)
+                if datagram is None:
+                    segments = tunnel_segments_untrusted(frame, mtu)
             except MalformedError:
                 c.malformed_packets += 1
                 continue
+            if datagram is not None:
+                addr = route(packet, now, 1, len(packet))
+                if addr is not None:
+                    try:
+                        sendto(datagram, addr)
+                    except OSError:
+                        c.send_dropped += 1
+                continue
             if segments.count > 1:
                 c.gso_reads += 1
-            addr = route(frame[VNET_HDR_LEN:], now, segments.count, segments.inner_bytes)
+            addr = route(packet, now, segments.count, segments.inner_bytes)
             if addr is not None:
                 c.send_dropped += send(segments, addr)
 

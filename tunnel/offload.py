@@ -91,6 +91,7 @@ __all__ = [
     "checksum_partial_fill",
     "coalesce",
     "split_untrusted",
+    "tunnel_datagram_untrusted",
     "tunnel_segments_untrusted",
 ]
 
@@ -186,6 +187,7 @@ _IPV6_FIELDS: Final = struct.Struct("!BxxxHB")  # version, payload length, next 
 _TCP_FIELDS: Final = struct.Struct("!4xI4xBB")  # seq, data offset, flags
 
 _NONE_HDR: Final = VnetHdr().pack()
+_CSUM_FIELDS: Final = struct.Struct("<HH")  # csum_start, csum_offset at offset 6
 
 
 def _swap16(value: int) -> int:
@@ -416,6 +418,30 @@ class Segments:
 
 
 _PARTIAL_TYPE: Final = bytes((FrameType.DATA_CSUM_PARTIAL,))
+
+
+def tunnel_datagram_untrusted(frame: bytes, mtu: int) -> bytes | None:
+    """The one tunnel datagram for a TUN read without GSO, or None.
+
+    The fast path for small packets: a read without NEEDS_CSUM is its IP
+    packet (DATA); one with NEEDS_CSUM at the TCP/UDP checksum of a whole
+    IPv4 or IPv6 packet becomes a DATA-CSUM-PARTIAL frame as it is. None
+    for everything else (GSO, other layouts, anything odd), which
+    `tunnel_segments_untrusted` decides; where this gives a datagram, it is
+    the one that function would give.
+    """
+    size = len(frame) - VNET_HDR_LEN
+    if size < 20 or size > mtu or frame[1]:
+        return None
+    flags = frame[0]
+    if flags & ~_KNOWN_FLAGS or _U16_LE.unpack_from(frame, 2)[0] > size:
+        return None
+    packet = frame[VNET_HDR_LEN:]
+    if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+        return packet
+    if _partial_layout(packet) != _CSUM_FIELDS.unpack_from(frame, 6):
+        return None
+    return _PARTIAL_TYPE + packet
 
 
 def tunnel_segments_untrusted(frame: bytes, mtu: int) -> Segments:
@@ -740,6 +766,11 @@ def coalesce(
     header, and the kernel drops it on its checksum. ValueError if `partial`
     and `packets` differ in length.
     """
+    if len(packets) == 1 and (partial is None or len(partial) == 1):
+        # Nothing to merge with (the common case without GRO): what the loop
+        # below gives for a lone packet, without its bookkeeping.
+        (packet,) = packets
+        return [(_lone_partial_vnet(packet) if partial and partial[0] else _NONE_HDR) + packet]
     if partial is None:
         marks: Iterable[bool] = repeat(False)
     elif len(partial) != len(packets):

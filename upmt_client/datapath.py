@@ -39,6 +39,7 @@ from tunnel.offload import (
     Segments,
     checksum_partial_fill,
     coalesce,
+    tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
 from upmt.errors import MalformedError
@@ -219,11 +220,19 @@ class ClientDataPath:
             except OSError:
                 c.tun_malformed += 1
                 return
+            packet = frame[VNET_HDR_LEN:]
             try:
-                segments = tunnel_segments_untrusted(frame, mtu)
-                key = flow_of_packet_untrusted(frame[VNET_HDR_LEN:])
+                key = flow_of_packet_untrusted(packet)
+                datagram = tunnel_datagram_untrusted(frame, mtu)
+                if datagram is None:
+                    segments = tunnel_segments_untrusted(frame, mtu)
             except MalformedError:
                 c.tun_malformed += 1
+                continue
+            if datagram is not None:
+                c.tun_packets += 1
+                c.tun_bytes += len(packet)
+                forward(key, datagram, 1, len(packet), now)
                 continue
             count = segments.count
             c.tun_packets += count

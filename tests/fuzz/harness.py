@@ -5,7 +5,8 @@ project's malformed-input error — never any other exception. Run one target:
 
     python -m tests.fuzz.harness sip -runs=100000
 
-Targets: sip, frame, ip, body, iptables, digest, netlink, sockdiag.
+Targets: sip, frame, ip, body, iptables, digest, netlink, sockdiag, segments,
+gro (a received batch: sorted, merged per flow, counted; must never raise).
 """
 
 import contextlib
@@ -21,7 +22,9 @@ with atheris.instrument_imports():
     from signalling.message import parse_message_untrusted
     from signalling.transaction import TransactionLayer
     from tunnel.frames import decode_frame_untrusted
+    from tunnel.offload import coalesce, tunnel_datagram_untrusted, tunnel_segments_untrusted
     from upmt.errors import MalformedError
+    from upmt.offload import frame_segments, sort_batch
     from upmt_client.netmon import parse_messages_untrusted
     from upmt_client.sockdiag import parse_reply_untrusted
 
@@ -53,6 +56,22 @@ def _digest(data: bytes) -> None:
     )
 
 
+def _segments(data: bytes) -> None:
+    tunnel_datagram_untrusted(data, 1471)  # never raises
+    tunnel_segments_untrusted(data, 1471)
+
+
+def _gro(data: bytes) -> None:
+    # The first byte picks the datagram size of the batch, as UDP_GRO's does.
+    if not data:
+        return
+    size = data[0] * 4 + 1
+    datagrams = [data[at : at + size] for at in range(1, len(data), size)]
+    packets, partial, _other = sort_batch(datagrams)
+    for frame in coalesce(packets, partial=partial):
+        frame_segments(frame)
+
+
 def _guarded(parse: Callable[[bytes], object]) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         with contextlib.suppress(MalformedError):
@@ -70,6 +89,10 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "digest": _digest,
     "netlink": _guarded(parse_messages_untrusted),
     "sockdiag": _guarded(lambda d: parse_reply_untrusted(d, 1)),
+    "segments": _guarded(
+        lambda d: (tunnel_datagram_untrusted(d, 1471), tunnel_segments_untrusted(d, 1471))
+    ),
+    "gro": _gro,
 }
 
 

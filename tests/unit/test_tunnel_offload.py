@@ -40,6 +40,7 @@ from tunnel.offload import (
     checksum_partial_fill,
     coalesce,
     split_untrusted,
+    tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
 from upmt.errors import MalformedError
@@ -736,6 +737,62 @@ def test_tunnel_segments_mutated_frames_raise_only_malformed(data: st.DataObject
     except MalformedError:
         return
     assert_within_mtu(segments, mtu)
+
+
+def gso_none_frames() -> list[bytes]:
+    """TUN reads without GSO: partial TCP/UDP over IPv4/IPv6, complete ones, odd layouts."""
+    frames = []
+    for v6 in (False, True):
+        src, dst = (SRC6, DST6) if v6 else (SRC4, DST4)
+        start = 40 if v6 else 20
+        for proto in (PROTO_TCP, PROTO_UDP):
+            if proto == PROTO_TCP:
+                transport = build_tcp(1, 2, src, dst, seq=9, flags=TCP_ACK, payload=b"abc")
+            else:
+                transport = build_udp(1, 2, b"abc", src, dst)
+            full = (build_ipv6 if v6 else build_ipv4)(src, dst, proto, transport)
+            offset = 16 if proto == PROTO_TCP else 6
+            hdr = VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, start, offset)
+            frames += [hdr.pack() + to_partial(full), NONE_HDR + full]
+    echo = build_ipv4(SRC4, DST4, 1, b"\x08\x00\x00\x00\x12\x34\x00\x01ping")
+    frames.append(VnetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, GsoType.NONE, 0, 0, 20, 2).pack() + echo)
+    return frames
+
+
+@pytest.mark.parametrize("frame", gso_none_frames())
+def test_tunnel_datagram_fast_path_agrees_with_tunnel_segments(frame: bytes) -> None:
+    datagram = tunnel_datagram_untrusted(frame, 1500)
+    segments = tunnel_segments_untrusted(frame, 1500)
+    assert segments.count == 1
+    if frame[0] == 0:
+        assert datagram == frame[VNET_HDR_LEN:]
+    elif frame[VNET_HDR_LEN] == 0x45 and frame[VNET_HDR_LEN + 9] == 1:
+        assert datagram is None  # ICMP: completed by the general path
+    else:
+        assert datagram == b"\x04" + frame[VNET_HDR_LEN:]
+    if datagram is not None:
+        assert datagram == b"".join(segments.buffers)
+
+
+def test_tunnel_datagram_leaves_gso_and_oversize_to_the_general_path() -> None:
+    seg = Seg(payload=b"z" * 3000, flags=TCP_ACK)
+    assert tunnel_datagram_untrusted(seg.super_frame(1000), 1500) is None
+    small = gso_none_frames()[1]
+    assert tunnel_datagram_untrusted(small, len(small) - VNET_HDR_LEN - 1) is None
+    assert tunnel_datagram_untrusted(NONE_HDR + b"\x45", 1500) is None
+
+
+@settings(max_examples=500)
+@given(st.data())
+def test_tunnel_datagram_on_mutated_frames_agrees_or_defers(data: st.DataObject) -> None:
+    frame = bytearray(data.draw(st.sampled_from(gso_none_frames())))
+    for _ in range(data.draw(st.integers(1, 3))):
+        frame[data.draw(st.integers(0, 40))] = data.draw(st.integers(0, 255))
+    datagram = tunnel_datagram_untrusted(bytes(frame), 1500)
+    if datagram is None:
+        return
+    segments = tunnel_segments_untrusted(bytes(frame), 1500)
+    assert b"".join(segments.buffers) == datagram
 
 
 # --- coalesce ---------------------------------------------------------------------------
