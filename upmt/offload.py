@@ -72,8 +72,9 @@ UDP_GRO: Final = 104
 
 # A TUN read: the virtio_net_hdr and an IP packet of at most 64 KB.
 TUN_READ_SIZE: Final = 0xFFFF + VNET_HDR_LEN
-# A GRO batch holds at most 64 KB of payload; twice that leaves room to spare.
-GRO_BUFFER: Final = 2 * 0x10000
+# A GRO batch or a GSO datagram holds less than 64 KB (a longer one is reported as
+# truncated and dropped).
+GRO_BUFFER: Final = 0x10000
 # One GSO send is one UDP "datagram" for the length checks: at most 64 KB
 # including the outer headers, and at most UDP_MAX_SEGMENTS (64) segments.
 _GSO_MAX_BYTES: Final = 0xFFFF - 48
