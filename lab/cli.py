@@ -11,7 +11,7 @@ import click
 
 from lab.scenario import sha256, start_overlay
 from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_lab_privileges
-from upmt.cli import run_cli
+from upmt.cli import datapath_line, run_cli
 from upmt.errors import SetupError
 
 PROG = "upmt-lab"
@@ -52,6 +52,7 @@ def demo(size_mb: int, keep_logs: bool) -> None:
                 f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
                 f"RTT {t['rtt_ms']} ms"
             )
+        click.echo(f"    client {datapath_line(st['datapath'])}")
 
         step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
         out = workdir / "download.bin"
