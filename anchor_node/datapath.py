@@ -86,7 +86,6 @@ class AnchorDataPath:
         *,
         max_flows_per_terminal: int = 65536,
         offload: bool = False,
-        udp_gso: bool = True,
         mtu: int = 1500,
     ) -> None:
         self.tun_fd = tun_fd
@@ -107,7 +106,7 @@ class AnchorDataPath:
         self.counters = AnchorCounters()
         self.offload = offload
         self.mtu = mtu
-        self._sender = GsoSender(sock, gso=udp_gso)
+        self._sender = GsoSender(sock, gso=offload)
         self._buffer = bytearray(GRO_BUFFER)
         self._pump = Pump("anchor-data")
         if offload:
@@ -189,12 +188,13 @@ class AnchorDataPath:
             except OSError:
                 c.malformed_frames += 1
                 continue
-            packets, partial, other = sort_batch(datagrams)
+            if not datagrams:
+                c.malformed_frames += 1  # longer than any GRO batch: truncated
+                continue
+            packets, partial, other, malformed = sort_batch(datagrams)
+            c.malformed_frames += malformed
             for data in other:
-                if data:
-                    self._control_frame(data, addr, now)
-                else:
-                    c.malformed_frames += 1
+                self._control_frame(data, addr, now)
             if not packets:
                 continue
             vipa = self.tunnel_vipa.get(addr)

@@ -225,31 +225,36 @@ def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
     return [bytes(view[at : min(at + segment, size)]) for at in range(0, size, segment)], addr
 
 
-def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], list[bytes]]:
-    """Split received datagrams into inner packets (with their partial flag) and the rest.
+def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], list[bytes], int]:
+    """Split received datagrams into inner packets (with their partial flag), the rest, and junk.
 
     DATA is the IP packet itself; DATA-CSUM-PARTIAL (0x04) is its type byte and
-    an IP packet whose checksum field holds only the pseudo-header sum. Everything
-    else (SIGNAL, PROBE, PROBE-ACK, garbage, empty datagrams) is returned as is.
+    an IP packet whose checksum field holds only the pseudo-header sum.
+    SIGNAL, PROBE, PROBE-ACK and unknown types go to the control plane as
+    they are; empty datagrams and 0x04 frames without an IP packet are only
+    counted (the last item), as the plain path counts them.
     """
     packets: list[bytes] = []
     partial: list[bool] = []
     other: list[bytes] = []
+    malformed = 0
     versions = _IP_VERSIONS
     for datagram in datagrams:
         if not datagram:
-            other.append(datagram)
+            malformed += 1
             continue
         first = datagram[0]
         if first in versions:
             packets.append(datagram)
             partial.append(False)
-        elif first == _CSUM_PARTIAL and len(datagram) > 1 and datagram[1] in versions:
+        elif first != _CSUM_PARTIAL:
+            other.append(datagram)
+        elif len(datagram) > 1 and datagram[1] in versions:
             packets.append(datagram[1:])
             partial.append(True)
         else:
-            other.append(datagram)
-    return packets, partial, other
+            malformed += 1
+    return packets, partial, other, malformed
 
 
 def frame_segments(frame: bytes) -> tuple[int, int]:

@@ -59,8 +59,25 @@ MAX_HELD_PACKETS = 64
 MAX_HELD_FLOWS = 4096
 TICK = 0.02
 
-# What goes up a tunnel: a plain packet, or the segments of one TUN read.
+# What goes up a tunnel: one datagram, or the segments of one TUN read.
 Outbound = bytes | Segments
+
+
+class _Held:
+    """What a flow waiting for its owner has sent so far: items, inner packets and bytes."""
+
+    __slots__ = ("items", "packets", "since", "size")
+
+    def __init__(self, since: float, item: Outbound, packets: int, size: int) -> None:
+        self.since = since
+        self.items = [item]
+        self.packets = packets
+        self.size = size
+
+    def add(self, item: Outbound, packets: int, size: int) -> None:
+        self.items.append(item)
+        self.packets += packets
+        self.size += size
 
 
 class FlowChoice(NamedTuple):
@@ -121,7 +138,7 @@ class ClientDataPath:
         self.gro: dict[str, str] = {}
         self.counters = ClientCounters()
         self._buffer = bytearray(GRO_BUFFER)
-        self._held: dict[FiveTuple, tuple[float, list[Outbound]]] = {}
+        self._held: dict[FiveTuple, _Held] = {}
         self._resolved: queue.SimpleQueue[tuple[FiveTuple, FlowChoice]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pump = Pump("upmt-client-data", tick=self._tick, tick_interval=TICK)
@@ -133,7 +150,10 @@ class ClientDataPath:
 
     def stop(self) -> None:
         self._pump.stop()
-        for fd in (self._wake_r, self._wake_w):
+        wake_r, wake_w = self._wake_r, self._wake_w
+        # A late `resolve` from the classifier must not write to a reused fd number.
+        self._wake_r = self._wake_w = -1
+        for fd in (wake_r, wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -161,7 +181,11 @@ class ClientDataPath:
         return {
             name: {
                 "udp_gro": self.gro.get(name, "off"),
-                "udp_gso": "on" if sender.gso else f"off ({sender.fallback_reason})",
+                "udp_gso": "on"
+                if sender.gso
+                else f"off ({sender.fallback_reason})"
+                if self.offload
+                else "off",
             }
             for name, sender in list(self.senders.items())
         }
@@ -176,8 +200,10 @@ class ClientDataPath:
         """The classifier's answer for a held flow (from any thread)."""
         self._resolved.put((key, choice))
         # A full pipe is already a pending wakeup.
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        wake = self._wake_w
+        if wake >= 0:
+            with contextlib.suppress(OSError):
+                os.write(wake, b"x")
 
     # -- hot path ----------------------------------------------------------
     def _drain_tun(self) -> None:
@@ -249,8 +275,8 @@ class ClientDataPath:
             held = self._held
             waiting = held.get(key)
             if waiting is not None:
-                if len(waiting[1]) < MAX_HELD_PACKETS:
-                    waiting[1].append(item)
+                if waiting.packets + count <= MAX_HELD_PACKETS:
+                    waiting.add(item, count, size)
                     c.held_packets += count
                 else:
                     c.held_dropped += count
@@ -258,7 +284,7 @@ class ClientDataPath:
             choice = self.decide(key)
             if choice is None:
                 if len(held) < MAX_HELD_FLOWS:
-                    held[key] = (now, [item])
+                    held[key] = _Held(now, item, count, size)
                     c.held_packets += count
                     return
                 choice = self.fallback(key)
@@ -306,26 +332,21 @@ class ClientDataPath:
                     entry.app = choice.app
                 continue
             if waiting is not None:
-                self._release(key, choice, waiting[1], now)
+                self._release(key, choice, waiting, now)
 
     def _tick(self) -> None:
         if not self._held:
             return
         now = time.monotonic()
-        expired = [k for k, (since, _p) in self._held.items() if now - since >= self.hold_timeout]
+        expired = [k for k, h in self._held.items() if now - h.since >= self.hold_timeout]
         for key in expired:
-            _since, packets = self._held.pop(key)
+            waiting = self._held.pop(key)
             self.counters.hold_timeouts += 1
-            self._release(key, self.fallback(key), packets, now)
+            self._release(key, self.fallback(key), waiting, now)
 
-    def _release(
-        self, key: FiveTuple, choice: FlowChoice, items: list[Outbound], now: float
-    ) -> None:
+    def _release(self, key: FiveTuple, choice: FlowChoice, held: _Held, now: float) -> None:
         c = self.counters
-        counts = [
-            (i.count, i.inner_bytes) if isinstance(i, Segments) else (1, len(i)) for i in items
-        ]
-        packets = sum(n for n, _size in counts)
+        packets = held.packets
         if choice.tunnel is None:
             c.no_tunnel += packets
             return
@@ -338,8 +359,8 @@ class ClientDataPath:
                 c.no_tunnel += packets
             return
         entry.packets_up += packets
-        entry.bytes_up += sum(size for _n, size in counts)
-        for item in items:
+        entry.bytes_up += held.size
+        for item in held.items:
             c.send_dropped += _transmit(sender, item)
 
     def _drain_tunnel(self, ifname: str, sock: socket.socket) -> None:
@@ -394,13 +415,14 @@ class ClientDataPath:
             except OSError:
                 c.tunnel_malformed += 1
                 continue
-            packets, partial, other = sort_batch(datagrams)
+            if not datagrams:
+                c.tunnel_malformed += 1  # longer than any GRO batch: truncated
+                continue
+            packets, partial, other, malformed = sort_batch(datagrams)
+            c.tunnel_malformed += malformed
             for data in other:
-                if data:
-                    c.control_frames += 1
-                    self.on_control(ifname, data)
-                else:
-                    c.tunnel_malformed += 1
+                c.control_frames += 1
+                self.on_control(ifname, data)
             if len(packets) > 1:
                 c.gro_batches += 1
             for frame in coalesce(packets, partial=partial):

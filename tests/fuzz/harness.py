@@ -67,7 +67,7 @@ def _gro(data: bytes) -> None:
         return
     size = data[0] * 4 + 1
     datagrams = [data[at : at + size] for at in range(1, len(data), size)]
-    packets, partial, _other = sort_batch(datagrams)
+    packets, partial, _other, _junk = sort_batch(datagrams)
     for frame in coalesce(packets, partial=partial):
         frame_segments(frame)
 

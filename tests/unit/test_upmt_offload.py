@@ -132,12 +132,13 @@ def test_uneven_gather_list_is_cut_by_size() -> None:
 
 def test_sort_batch_separates_data_partial_and_control() -> None:
     probe = b"\x02" + bytes(18)
-    packets, partial, other = sort_batch(
-        [IPV4, b"\x04" + IPV4, probe, b"", b"\x04", b"\x04\x01", b"\x01INVITE"]
+    packets, partial, other, malformed = sort_batch(
+        [IPV4, b"\x04" + IPV4, probe, b"", b"\x04", b"\x04\x01", b"\x01INVITE", b"\x7f"]
     )
     assert packets == [IPV4, IPV4]
     assert partial == [False, True]
-    assert other == [probe, b"", b"\x04", b"\x04\x01", b"\x01INVITE"]
+    assert other == [probe, b"\x01INVITE", b"\x7f"]
+    assert malformed == 3
 
 
 def test_frame_segments_counts_inner_packets() -> None:
