@@ -43,8 +43,7 @@ from upmt.offload import (
     TUN_READ_SIZE,
     GsoSender,
     frame_segments,
-    recv_batch,
-    sort_batch,
+    receive_batches,
 )
 from upmt.pump import Pump
 
@@ -173,25 +172,16 @@ class AnchorDataPath:
 
     def _drain_socket_offload(self) -> None:
         """Like `_drain_socket`, for GRO batches in and vnet-header frames out."""
-        sock = self.sock
-        buf = self._buffer
         write = os.write
         fd = self.tun_fd
         accept = self._accept_upstream
         c = self.counters
         now = time.monotonic()
-        while True:
-            try:
-                datagrams, addr = recv_batch(sock, buf)
-            except BlockingIOError:
-                return
-            except OSError:
+        for batch in receive_batches(self.sock, self._buffer):
+            if batch is None:
                 c.malformed_frames += 1
                 continue
-            if not datagrams:
-                c.malformed_frames += 1  # longer than any GRO batch: truncated
-                continue
-            packets, partial, other, malformed = sort_batch(datagrams)
+            packets, partial, other, malformed, addr = batch
             c.malformed_frames += malformed
             for data in other:
                 self._control_frame(data, addr, now)

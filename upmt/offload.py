@@ -25,8 +25,8 @@ import errno
 import fcntl
 import socket
 import struct
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Iterator, Sequence
+from typing import Final, NamedTuple
 
 from tunnel.frames import FrameType
 from tunnel.offload import VNET_HDR_LEN, Segments
@@ -34,10 +34,12 @@ from tunnel.offload import VNET_HDR_LEN, Segments
 __all__ = [
     "GRO_BUFFER",
     "TUN_READ_SIZE",
+    "Batch",
     "GsoSender",
     "frame_segments",
     "negotiate_tun_offload",
     "offload_names",
+    "receive_batches",
     "recv_batch",
     "set_udp_gro",
     "sort_batch",
@@ -255,6 +257,34 @@ def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], lis
         else:
             malformed += 1
     return packets, partial, other, malformed
+
+
+class Batch(NamedTuple):
+    """One receive, sorted (see `sort_batch`), with its sender."""
+
+    packets: list[bytes]
+    partial: list[bool]
+    other: list[bytes]
+    malformed: int
+    addr: Addr
+
+
+def receive_batches(sock: socket.socket, buf: bytearray) -> Iterator[Batch | None]:
+    """Every receive queued on `sock`, sorted; None for a socket error or a truncated batch."""
+    while True:
+        try:
+            datagrams, addr = recv_batch(sock, buf)
+        except BlockingIOError:
+            return
+        except OSError:
+            # On a connected socket ICMP errors surface as ECONNREFUSED and the like.
+            yield None
+            continue
+        if not datagrams:
+            yield None  # longer than any GRO batch: truncated
+            continue
+        packets, partial, other, malformed = sort_batch(datagrams)
+        yield Batch(packets, partial, other, malformed, addr)
 
 
 def frame_segments(frame: bytes) -> tuple[int, int]:

@@ -27,7 +27,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -48,9 +48,8 @@ from upmt.offload import (
     TUN_READ_SIZE,
     GsoSender,
     frame_segments,
-    recv_batch,
+    receive_batches,
     set_udp_gro,
-    sort_batch,
 )
 from upmt.pump import Pump
 
@@ -292,6 +291,13 @@ class ClientDataPath:
                 c.no_tunnel += count
                 return
             entry = self._learn(key, choice, now)
+        self._send(entry, (item,), count, size, now)
+
+    def _send(
+        self, entry: FlowEntry[str], items: Sequence[Outbound], count: int, size: int, now: float
+    ) -> None:
+        """Send `items` (`count` inner packets, `size` bytes) on the tunnel of `entry`."""
+        c = self.counters
         sender = self.senders.get(entry.tunnel)
         if sender is None:
             if entry.tunnel == self.blocked:
@@ -302,7 +308,8 @@ class ClientDataPath:
         entry.packets_up += count
         entry.bytes_up += size
         entry.last_seen = now
-        c.send_dropped += _transmit(sender, item)
+        for item in items:
+            c.send_dropped += _transmit(sender, item)
 
     def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
         assert choice.tunnel is not None
@@ -345,23 +352,11 @@ class ClientDataPath:
             self._release(key, self.fallback(key), waiting, now)
 
     def _release(self, key: FiveTuple, choice: FlowChoice, held: _Held, now: float) -> None:
-        c = self.counters
-        packets = held.packets
         if choice.tunnel is None:
-            c.no_tunnel += packets
+            self.counters.no_tunnel += held.packets
             return
         entry = self._learn(key, choice, now)
-        sender = self.senders.get(entry.tunnel)
-        if sender is None:
-            if entry.tunnel == self.blocked:
-                c.blocked += packets
-            else:
-                c.no_tunnel += packets
-            return
-        entry.packets_up += packets
-        entry.bytes_up += held.size
-        for item in held.items:
-            c.send_dropped += _transmit(sender, item)
+        self._send(entry, held.items, held.packets, held.size, now)
 
     def _drain_tunnel(self, ifname: str, sock: socket.socket) -> None:
         recv = sock.recv
@@ -401,24 +396,16 @@ class ClientDataPath:
 
     def _drain_tunnel_offload(self, ifname: str, sock: socket.socket) -> None:
         """Like `_drain_tunnel`, for GRO batches in and vnet-header frames out."""
-        buf = self._buffer
         write = os.write
         fd = self.tun_fd
         account = self._account_down
         c = self.counters
         now = time.monotonic()
-        while True:
-            try:
-                datagrams, _addr = recv_batch(sock, buf)
-            except BlockingIOError:
-                return
-            except OSError:
+        for batch in receive_batches(sock, self._buffer):
+            if batch is None:
                 c.tunnel_malformed += 1
                 continue
-            if not datagrams:
-                c.tunnel_malformed += 1  # longer than any GRO batch: truncated
-                continue
-            packets, partial, other, malformed = sort_batch(datagrams)
+            packets, partial, other, malformed, _addr = batch
             c.tunnel_malformed += malformed
             for data in other:
                 c.control_frames += 1

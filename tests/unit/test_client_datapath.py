@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-import random
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,75 +19,43 @@ from typing import Any
 import pytest
 
 from paft.flow import PROTO_TCP, FiveTuple
-from paft.packets import TCP_ACK, TCP_SYN, build_ipv4, build_tcp, internet_checksum, pack_address
+from paft.packets import TCP_SYN, pack_address
 from paft.table import Paft
 from tests.unit.conftest import needs_udp_offload
+from tests.unit.datapath_kit import (
+    BUFFER,
+    MTU,
+    SERVER,
+    VIPA,
+    Addr,
+    checksums_valid,
+    data,
+    gso_send,
+    partial_frame,
+    read_tun,
+    receive,
+    tcp_packet,
+)
 from tunnel.frames import FrameType, ProbeAck, encode_frame
 from tunnel.offload import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VNET_HDR_LEN,
     GsoType,
-    Segments,
     VnetHdr,
     checksum_partial_fill,
     split_untrusted,
     tunnel_segments_untrusted,
 )
-from upmt.offload import GRO_BUFFER, GsoSender, recv_batch, set_udp_gro
+from upmt.offload import set_udp_gro
 from upmt_client.datapath import ClientCounters, ClientDataPath, FlowChoice
 
-Addr = tuple[str, int]
-
-VIPA = "10.200.0.5"
-SERVER = "198.51.100.7"
-MTU = 1471
 MSS = 1400
-DF = 0x4000
 PAYLOAD = 1000  # TCP payload per downstream segment: 1040-byte inner packets
-BUFFER = 4 << 20
 IF0 = "if0"
 BLOCKED = "!blocked"
 
 
 # --- packets ------------------------------------------------------------------------
-
-
-def pseudo_sum(src: str, dst: str, proto: int, length: int) -> int:
-    """The folded, uncomplemented pseudo-header sum the kernel leaves for CHECKSUM_PARTIAL."""
-    pseudo = pack_address(src) + pack_address(dst) + struct.pack("!xBH", proto, length)
-    return ~internet_checksum(pseudo) & 0xFFFF
-
-
-def tcp_packet(
-    src: str,
-    dst: str,
-    *,
-    sport: int = 40000,
-    dport: int = 80,
-    seq: int = 0,
-    payload: bytes = b"",
-    ident: int = 0,
-    flags: int = TCP_ACK,
-    partial: bool = False,
-) -> bytes:
-    """An IPv4 TCP packet (DF set); with `partial` its checksum holds the pseudo-header sum."""
-    segment = build_tcp(sport, dport, src, dst, seq=seq, ack=7000, flags=flags, payload=payload)
-    if partial:
-        check = pseudo_sum(src, dst, PROTO_TCP, len(segment))
-        segment = segment[:16] + struct.pack("!H", check) + segment[18:]
-    return build_ipv4(src, dst, PROTO_TCP, segment, ident=ident, flags_frag=DF)
-
-
-def partial_frame(packet: bytes) -> bytes:
-    """A DATA-CSUM-PARTIAL (0x04) datagram."""
-    return bytes((FrameType.DATA_CSUM_PARTIAL,)) + packet
-
-
-def checksums_valid(packet: bytes) -> bool:
-    """Recompute the IPv4 header and TCP/UDP checksums of `packet` from scratch."""
-    ihl = (packet[0] & 0x0F) * 4
-    pseudo = packet[12:20] + struct.pack("!xBH", packet[9], len(packet) - ihl)
-    return internet_checksum(packet[:ihl]) == 0 and internet_checksum(pseudo + packet[ihl:]) == 0
 
 
 def vnet(**fields: Any) -> VnetHdr:
@@ -110,10 +76,6 @@ def super_frame(*, sport: int = 40000, seq: int = 0, payload: bytes, mss: int = 
     return vnet(gso_size=mss).pack() + packet
 
 
-def data(n: int, seed: int = 1) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
 def key_up(sport: int = 40000, dport: int = 80) -> FiveTuple:
     return FiveTuple(PROTO_TCP, pack_address(VIPA), sport, pack_address(SERVER), dport)
 
@@ -127,42 +89,6 @@ def counters(**changes: int) -> dict[str, int]:
 
 
 # --- sockets --------------------------------------------------------------------------
-
-
-def gso_send(tx: socket.socket, datagrams: list[bytes], addr: Addr) -> None:
-    """Send `datagrams` with one UDP_SEGMENT sendmsg: one GRO batch at the receiver."""
-    size = len(datagrams[0])
-    assert all(len(d) == size for d in datagrams[:-1]) and len(datagrams[-1]) <= size
-    sender = GsoSender(tx)
-    assert sender.gso, sender.fallback_reason
-    buffers: list[bytes | memoryview] = list(datagrams)
-    total = sum(map(len, datagrams))
-    assert sender.send(Segments(buffers, size, len(datagrams), total), addr) == 0
-    assert sender.gso
-
-
-def read_tun(peer: socket.socket) -> list[bytes]:
-    """Every frame written to the TUN so far."""
-    frames: list[bytes] = []
-    while True:
-        try:
-            frames.append(os.read(peer.fileno(), 0x20000))
-        except BlockingIOError:
-            return frames
-
-
-def receive(sock: socket.socket) -> tuple[list[bytes], int]:
-    """Every datagram queued on `sock`, and how many receives it took."""
-    buf = bytearray(GRO_BUFFER)
-    got: list[bytes] = []
-    calls = 0
-    while True:
-        try:
-            batch, _addr = recv_batch(sock, buf)
-        except BlockingIOError:
-            return got, calls
-        got += batch
-        calls += 1
 
 
 class EioSocket(socket.socket):
