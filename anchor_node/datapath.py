@@ -34,6 +34,7 @@ from tunnel.offload import (
     VNET_HDR_LEN,
     checksum_partial_fill,
     coalesce,
+    lone_frame,
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
@@ -191,8 +192,15 @@ class AnchorDataPath:
             if vipa is None:
                 c.unknown_tunnel += len(packets)
                 continue
-            if len(packets) > 1:
-                c.gro_batches += 1
+            if len(packets) == 1:  # nothing to merge: no need to look for runs
+                packet = packets[0]
+                if accept(packet, vipa, addr, now, 1, len(packet)):
+                    try:
+                        write(fd, lone_frame(packet, partial[0]))
+                    except OSError:
+                        c.send_dropped += 1
+                continue
+            c.gro_batches += 1
             # Every segment of a merged frame has the same 5-tuple (coalesce
             # checks it), so the checks below hold for each inner packet.
             for frame in coalesce(packets, partial=partial):

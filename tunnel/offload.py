@@ -90,6 +90,7 @@ __all__ = [
     "VnetHdr",
     "checksum_partial_fill",
     "coalesce",
+    "lone_frame",
     "split_untrusted",
     "tunnel_datagram_untrusted",
     "tunnel_segments_untrusted",
@@ -188,6 +189,9 @@ _TCP_FIELDS: Final = struct.Struct("!4xI4xBB")  # seq, data offset, flags
 
 _NONE_HDR: Final = VnetHdr().pack()
 _CSUM_FIELDS: Final = struct.Struct("<HH")  # csum_start, csum_offset at offset 6
+_IPV4_PLAIN: Final = struct.Struct("!H2xH1xB")  # total length, flags/offset, proto at 2
+_TCP4_LAYOUT: Final = (20, 16)
+_UDP4_LAYOUT: Final = (20, 6)
 
 
 def _swap16(value: int) -> int:
@@ -496,6 +500,24 @@ def _whole(packets: list[bytes]) -> Segments:
 
 def _partial_layout(packet: bytes | memoryview) -> tuple[int, int] | None:
     """(csum_start, csum_offset) of a whole TCP or UDP packet, None if it is not one."""
+    size = len(packet)
+    if size >= 28 and packet[0] == 0x45:
+        # IPv4 without options, the usual case: the checks of the general path
+        # below, spelt out for it.
+        total, frag, proto = _IPV4_PLAIN.unpack_from(packet, 2)
+        if total != size or frag & _IPV4_MF_OFFSET:
+            return None
+        if proto == _PROTO_UDP:
+            return _UDP4_LAYOUT if _U16.unpack_from(packet, 24)[0] == size - 20 else None
+        if proto == _PROTO_TCP and size >= 40:
+            tcp_header = (packet[32] >> 4) * 4
+            return _TCP4_LAYOUT if tcp_header >= 20 and 20 + tcp_header <= size else None
+        return None
+    return _partial_layout_general(packet)
+
+
+def _partial_layout_general(packet: bytes | memoryview) -> tuple[int, int] | None:
+    """`_partial_layout` for any IPv4 or IPv6 packet."""
     try:
         _version, start, proto = _ip_layout(packet)
     except MalformedError:
@@ -769,8 +791,7 @@ def coalesce(
     if len(packets) == 1 and (partial is None or len(partial) == 1):
         # Nothing to merge with (the common case without GRO): what the loop
         # below gives for a lone packet, without its bookkeeping.
-        (packet,) = packets
-        return [(_lone_partial_vnet(packet) if partial and partial[0] else _NONE_HDR) + packet]
+        return [lone_frame(packets[0], bool(partial and partial[0]))]
     if partial is None:
         marks: Iterable[bool] = repeat(False)
     elif len(partial) != len(packets):
@@ -823,6 +844,13 @@ def coalesce(
 def _partial_vnet(csum_start: int, csum_offset: int) -> bytes:
     """The header for one packet whose checksum the kernel is to complete."""
     return _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, csum_start, csum_offset)
+
+
+def lone_frame(packet: bytes, partial: bool) -> bytes:
+    """The TUN frame for one packet that merges with nothing: what `coalesce` gives for it."""
+    if not partial:
+        return _NONE_HDR + packet
+    return _lone_partial_vnet(packet) + packet
 
 
 def _lone_partial_vnet(packet: bytes) -> bytes:

@@ -83,6 +83,8 @@ _GSO_MAX_BYTES: Final = 0xFFFF - 48
 _GSO_MAX_SEGMENTS: Final = 64
 _U16_NATIVE: Final = struct.Struct("=H")
 _INT_NATIVE: Final = struct.Struct("=i")
+_ANCILLARY: Final = socket.CMSG_SPACE(_INT_NATIVE.size)  # room for the UDP_GRO segment size
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)  # a plain int: IntFlag's & is slow on the data path
 _VNET_SIZES: Final = struct.Struct("<HH")  # hdr_len, gso_size at offset 2
 _IP_VERSIONS: Final = frozenset(range(0x40, 0x50)) | frozenset(range(0x60, 0x70))
 _CSUM_PARTIAL: Final = int(FrameType.DATA_CSUM_PARTIAL)
@@ -214,8 +216,8 @@ def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
     Raises BlockingIOError when nothing is queued and OSError for socket
     errors; a truncated batch (larger than `buf`) comes back empty.
     """
-    size, ancdata, flags, addr = sock.recvmsg_into([buf], socket.CMSG_SPACE(4))
-    if flags & socket.MSG_TRUNC:
+    size, ancdata, flags, addr = sock.recvmsg_into([buf], _ANCILLARY)
+    if flags & _MSG_TRUNC:
         return [], addr
     segment = 0
     for level, kind, data in ancdata:

@@ -39,6 +39,7 @@ from tunnel.offload import (
     Segments,
     checksum_partial_fill,
     coalesce,
+    lone_frame,
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
@@ -410,8 +411,17 @@ class ClientDataPath:
             for data in other:
                 c.control_frames += 1
                 self.on_control(ifname, data)
-            if len(packets) > 1:
-                c.gro_batches += 1
+            if len(packets) == 1:  # nothing to merge: no need to look for runs
+                packet = packets[0]
+                if account(packet, now, 1, len(packet)):
+                    try:
+                        write(fd, lone_frame(packet, partial[0]))
+                    except OSError:
+                        c.tunnel_malformed += 1
+                continue
+            if not packets:
+                continue
+            c.gro_batches += 1
             for frame in coalesce(packets, partial=partial):
                 count, size = frame_segments(frame)
                 if account(frame[VNET_HDR_LEN:], now, count, size):

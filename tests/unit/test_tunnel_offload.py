@@ -37,6 +37,8 @@ from tunnel.offload import (
     GsoType,
     Segments,
     VnetHdr,
+    _partial_layout,
+    _partial_layout_general,
     checksum_partial_fill,
     coalesce,
     split_untrusted,
@@ -793,6 +795,24 @@ def test_tunnel_datagram_on_mutated_frames_agrees_or_defers(data: st.DataObject)
         return
     segments = tunnel_segments_untrusted(bytes(frame), 1500)
     assert b"".join(segments.buffers) == datagram
+
+
+@settings(max_examples=1000)
+@given(st.data())
+def test_partial_layout_fast_path_agrees_with_the_general_one(data: st.DataObject) -> None:
+    proto = data.draw(st.sampled_from([PROTO_TCP, PROTO_UDP, 1]))
+    if proto == PROTO_TCP:
+        transport = tcp_segment(SRC4, DST4, payload=data.draw(st.binary(max_size=40)))
+    elif proto == PROTO_UDP:
+        transport = build_udp(1, 2, data.draw(st.binary(max_size=40)), SRC4, DST4)
+    else:
+        transport = b"\x08\x00\x00\x00\x12\x34\x00\x01"
+    packet = bytearray(build_ipv4(SRC4, DST4, proto, transport))
+    for _ in range(data.draw(st.integers(0, 3))):
+        packet[data.draw(st.integers(1, len(packet) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(20, len(packet)))
+    sample = bytes(packet[:cut])
+    assert _partial_layout(sample) == _partial_layout_general(sample)
 
 
 # --- coalesce ---------------------------------------------------------------------------
