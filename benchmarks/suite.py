@@ -117,7 +117,7 @@ class BenchPath(ABC):
 
 class DirectPath(BenchPath):
     name = "direct"
-    label = "direct (no overlay)"
+    label = "direct\n(no overlay)"
 
     def setup(self, lab: Lab) -> None:
         pass
@@ -152,7 +152,7 @@ class OpenVpnPath(BenchPath):
     """OpenVPN 2.6, UDP, p2p without TLS or crypto, between the MH and the AN."""
 
     name = "openvpn"
-    label = "OpenVPN 2.6 UDP, no crypto"
+    label = "OpenVPN 2.6 UDP\nno crypto"
 
     def __init__(self) -> None:
         self.server: Daemon | None = None
