@@ -28,7 +28,7 @@ class AnchorConfig:
     max_tunnels_per_terminal: int = 8
     max_flows_per_terminal: int = 65536
     sip_rate: float = 50.0
-    offload: str = "auto"  # auto | on | off (upmt.offload.OFFLOAD_SETTINGS)
+    offload: str = "auto"  # auto | on | off (--offload)
 
     @classmethod
     def build(

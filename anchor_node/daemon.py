@@ -153,7 +153,7 @@ class AnchorNode:
                 on_control=self.handoff,
                 max_flows_per_terminal=cfg.max_flows_per_terminal,
                 offload=tun.vnet_hdr,
-                mtu=TUN_MTU,
+                mtu=tun.mtu,
             )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa

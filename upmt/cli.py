@@ -55,7 +55,7 @@ LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 offload_option = click.option(
     "--offload",
-    type=click.Choice(["auto", "on", "off"]),  # upmt.offload.OFFLOAD_SETTINGS
+    type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
     help="Fast data path with TUN segmentation offload, UDP GSO and GRO: auto uses what "

@@ -8,10 +8,11 @@ The pure work (cutting super-packets, merging segments) is in
   then without USO, which kernels before 6.2 refuse, then checksum only).
   With TSO the kernel hands the TUN TCP super-packets of up to 64 KB.
 * `GsoSender`: one ``sendmsg`` with a ``UDP_SEGMENT`` control message sends a
-  run of equal-sized datagrams. The kernel refuses GSO with ``EIO`` where the
-  egress device cannot offload checksums; the sender then sends datagram by
-  datagram from that moment on and says why (status shows it).
-* `set_udp_gro` and `recv_batch`: with ``UDP_GRO`` one ``recvmsg``
+  run of equal-sized datagrams. Where the kernel will not segment (``EIO``:
+  older kernels on a device without checksum offload, an IPsec route) the
+  sender sends datagram by datagram from then on and says why (status shows
+  it).
+* `set_udp_gro` and `receive_batches`: with ``UDP_GRO`` one ``recvmsg``
   returns many datagrams of one sender back to back, the datagram size in a
   control message.
 
@@ -183,7 +184,8 @@ class GsoSender:
                     self.sock.sendmsg(chunk, control, 0, addr)
             except OSError as exc:
                 if exc.errno == errno.EIO:
-                    # No checksum offload on the egress device: no UDP GSO there.
+                    # The kernel will not segment on this route (older kernels on a
+                    # device without checksum offload, an IPsec route): never again.
                     self.gso = False
                     self.fallback_reason = "UDP_SEGMENT: EIO from the egress device"
                     return dropped + self._send_each(buffers[at:], per_datagram, addr)
@@ -299,9 +301,6 @@ def frame_segments(frame: bytes) -> tuple[int, int]:
         return 1, size
     count = -(-(size - hdr_len) // gso_size)
     return count, size + (count - 1) * hdr_len
-
-
-OFFLOAD_SETTINGS: Final = ("auto", "on", "off")
 
 
 def probe_udp_offload() -> list[str]:

@@ -28,7 +28,7 @@ class ClientConfig:
     policy: Path | None = None
     hold_down: float = 10.0
     password: str | None = field(default=None, repr=False)
-    offload: str = "auto"  # auto | on | off (upmt.offload.OFFLOAD_SETTINGS)
+    offload: str = "auto"  # auto | on | off (--offload)
 
     @classmethod
     def build(

@@ -69,6 +69,7 @@ def client_paths(tmp_path: Path) -> list[str]:
         (["--sip-port", "0"], ["--sip-port"]),
         (["--tun-name", "x" * 20], ["--tun-name"]),
         (["--no-such-option"], ["--no-such-option"]),
+        (["--offload", "fast"], ["--offload", "fast"]),
     ],
     ids=[
         "pool-not-a-prefix",
@@ -80,6 +81,7 @@ def client_paths(tmp_path: Path) -> list[str]:
         "port-zero",
         "tun-name-long",
         "unknown-option",
+        "offload-setting",
     ],
 )
 def test_anchor_run_bad_input(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
@@ -135,6 +137,7 @@ def test_client_run_without_anchor(tmp_path: Path) -> None:
         ),
         (["--anchor", "192.0.2.1", "--probe-interval", "0"], ["--probe-interval"]),
         (["--anchor", "192.0.2.1", "--bogus"], ["--bogus"]),
+        (["--anchor", "192.0.2.1", "--offload", "yes"], ["--offload", "yes"]),
     ],
     ids=[
         "anchor-name",
@@ -146,6 +149,7 @@ def test_client_run_without_anchor(tmp_path: Path) -> None:
         "interface-twice",
         "probe-interval-zero",
         "unknown-option",
+        "offload-setting",
     ],
 )
 def test_client_run_bad_input(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
