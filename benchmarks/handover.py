@@ -8,7 +8,7 @@ while its flow is moved from if0 to if1 by
 For each: packets lost, the largest gap between arrivals, and for (a) the
 time from the command to the anchor's 200 OK (as the client measures it,
 and as the CLI's wall clock sees it, which includes starting the CLI).
-Each case runs `--repeat` times with a fresh application name, so that no
+Each case runs `--repeat` times with a fresh application name and source port,
 pin or flow state carries over. Results: benchmarks/results/handover-*.json.
 """
 
@@ -32,9 +32,15 @@ LITERATURE = {
 }
 
 
+CASES = ("cli", "link-down", "blackhole")
+
+
 def one_case(lab: Lab, client: Daemon, case: str, run: int, pps: int) -> dict[str, Any]:
     name = f"cbr-{case[0]}{run}"
-    stream, ready = start_cbr(lab, name=name, pps=pps, count=pps * 5, idle=8)
+    # A port of its own per run: a flow the previous run moved (and pinned) must not
+    # carry this run's stream already.
+    sport = 4000 + 10 * CASES.index(case) + run
+    stream, ready = start_cbr(lab, name=name, pps=pps, count=pps * 5, idle=8, sport=sport)
     wait_until(ready.exists, 10, f"{name} streaming", (stream,))
     time.sleep(1.5)
     extra: dict[str, Any] = {}
@@ -84,13 +90,13 @@ def main() -> int:
     with Lab(Path(tempfile.mkdtemp(prefix="upmt-bench-"))) as lab:
         lab.start_servers(file_size=1 << 20)
         _anchor, client = start_overlay(lab, client_args=("--hold-down", "1"))
-        for case in ("cli", "link-down", "blackhole"):
+        for case in CASES:
             for run in range(args.repeat):
                 runs.append(one_case(lab, client, case, run, args.pps))
                 print(json.dumps(runs[-1]), flush=True)
         probe = client.status()
     summary: dict[str, Any] = {}
-    for case in ("cli", "link-down", "blackhole"):
+    for case in CASES:
         rows = [r for r in runs if r["case"] == case]
         summary[case] = {
             "lost_median": statistics.median(r["lost"] for r in rows),
