@@ -21,6 +21,7 @@ SIP transactions) and the data-path thread. Responsibilities:
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
@@ -792,6 +793,7 @@ class ClientDaemon:
             "flows": self._flows_json(),
             "handovers": [r.to_json() for r in self.book.history],
             "datapath": self._datapath_json(),
+            "classifier": dataclasses.asdict(self.classifier.statistics()),
             "counters": counters,
         }
 
