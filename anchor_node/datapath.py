@@ -128,8 +128,8 @@ class AnchorDataPath:
 
     @property
     def udp_gso(self) -> str:
-        """ "on", or why datagrams leave one by one."""
-        return "on" if self._sender.gso else f"off ({self._sender.fallback_reason})"
+        """ "on", "off" on the plain path, or "off (why)" where the kernel refused it."""
+        return self._sender.state
 
     # -- hot path ----------------------------------------------------------
     def _drain_socket(self) -> None:

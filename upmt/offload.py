@@ -152,10 +152,16 @@ class GsoSender:
 
     def __init__(self, sock: socket.socket, *, gso: bool = True) -> None:
         self.sock = sock
-        self.fallback_reason = None if gso else "off"
-        if gso:
-            self.fallback_reason = udp_gso_refusal(sock)
-        self.gso = self.fallback_reason is None
+        # Why the kernel refused UDP_SEGMENT; None when it was not refused.
+        self.fallback_reason = udp_gso_refusal(sock) if gso else None
+        self.gso = gso and self.fallback_reason is None
+
+    @property
+    def state(self) -> str:
+        """For status: "on", "off" (not asked for), or "off (why the kernel refused)"."""
+        if self.gso:
+            return "on"
+        return "off" if self.fallback_reason is None else f"off ({self.fallback_reason})"
 
     def send(self, segments: Segments, addr: Addr | None = None) -> int:
         """Send every datagram of `segments`; returns how many were dropped."""

@@ -181,11 +181,7 @@ class ClientDataPath:
         return {
             name: {
                 "udp_gro": self.gro.get(name, "off"),
-                "udp_gso": "on"
-                if sender.gso
-                else f"off ({sender.fallback_reason})"
-                if self.offload
-                else "off",
+                "udp_gso": sender.state,
             }
             for name, sender in list(self.senders.items())
         }

@@ -66,6 +66,8 @@ def test_plain_path_and_mixed_ends_carry_the_same_bytes(
         dp = datapath(daemon)
         assert dp["mode"] == ("plain" if args == OFF else "offload")
         assert dp["setting"] == args[1]
+    if anchor_args == OFF:
+        assert datapath(anchor)["udp_gso"] == "off" and datapath(anchor)["udp_gro"] == "off"
     assert sha256(download(lab, blob)) == sha256(blob)
     assert sha256(upload(lab, blob)) == sha256(blob)
     an = anchor.status()["counters"]

@@ -98,6 +98,7 @@ def test_eio_falls_back_to_one_send_per_datagram_and_stays_there() -> None:
     items = datagrams(5, 1000, last=10)
     assert gso.send(as_segments(items, split=True)) == 0
     assert not gso.gso and "EIO" in str(gso.fallback_reason)
+    assert gso.state == "off (UDP_SEGMENT: EIO from the egress device)"
     assert [p for p, size in fake.sent] == items and all(s is None for _p, s in fake.sent)
     fake.sent.clear()
     assert gso.send(as_segments(items)) == 0
@@ -111,7 +112,9 @@ def test_other_send_errors_drop_and_count() -> None:
     assert gso.send(as_segments(items)) == 46
     assert gso.gso
     fake = FakeSocket([errno.ENOBUFS])
-    assert sender(fake, gso=False).send(as_segments(items)) == 1
+    plain = sender(fake, gso=False)
+    assert plain.state == "off" and plain.fallback_reason is None
+    assert plain.send(as_segments(items)) == 1
     assert len(fake.sent) == 49
 
 
