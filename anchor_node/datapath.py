@@ -33,8 +33,6 @@ from tunnel.frames import FrameType, Probe, ProbeAck, decode_frame_untrusted, en
 from tunnel.offload import (
     VNET_HDR_LEN,
     checksum_partial_fill,
-    coalesce,
-    lone_frame,
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
@@ -43,8 +41,8 @@ from upmt.offload import (
     GRO_BUFFER,
     TUN_READ_SIZE,
     GsoSender,
-    frame_segments,
     receive_batches,
+    tun_writes,
 )
 from upmt.pump import Pump
 
@@ -192,20 +190,10 @@ class AnchorDataPath:
             if vipa is None:
                 c.unknown_tunnel += len(packets)
                 continue
-            if len(packets) == 1:  # nothing to merge: no need to look for runs
-                packet = packets[0]
-                if accept(packet, vipa, addr, now, 1, len(packet)):
-                    try:
-                        write(fd, lone_frame(packet, partial[0]))
-                    except OSError:
-                        c.send_dropped += 1
-                continue
-            c.gro_batches += 1
-            # Every segment of a merged frame has the same 5-tuple (coalesce
-            # checks it), so the checks below hold for each inner packet.
-            for frame in coalesce(packets, partial=partial):
-                count, size = frame_segments(frame)
-                if accept(frame[VNET_HDR_LEN:], vipa, addr, now, count, size):
+            if len(packets) > 1:
+                c.gro_batches += 1
+            for frame, packet, count, size in tun_writes(packets, partial):
+                if accept(packet, vipa, addr, now, count, size):
                     try:
                         write(fd, frame)
                     except OSError:

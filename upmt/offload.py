@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Final, NamedTuple
 
 from tunnel.frames import FrameType
-from tunnel.offload import VNET_HDR_LEN, Segments
+from tunnel.offload import VNET_HDR_LEN, Segments, coalesce, lone_frame
 
 __all__ = [
     "GRO_BUFFER",
@@ -45,6 +45,7 @@ __all__ = [
     "set_udp_gro",
     "sort_batch",
     "tun_has_vnet_hdr",
+    "tun_writes",
 ]
 
 # linux/if_tun.h
@@ -295,6 +296,23 @@ def receive_batches(sock: socket.socket, buf: bytearray) -> Iterator[Batch | Non
             continue
         packets, partial, other, malformed = sort_batch(datagrams)
         yield Batch(packets, partial, other, malformed, addr)
+
+
+def tun_writes(packets: list[bytes], partial: list[bool]) -> list[tuple[bytes, bytes, int, int]]:
+    """What one batch becomes on a vnet-header TUN, a tuple per write.
+
+    Each: the frame to write, its IP packet, and how many inner packets and
+    bytes it stands for. A lone packet skips the search for runs; merged
+    frames hold segments of one 5-tuple only (`coalesce` checks it), so a
+    check of the IP packet holds for each of them.
+    """
+    if len(packets) == 1:
+        packet = packets[0]
+        return [(lone_frame(packet, partial[0]), packet, 1, len(packet))]
+    return [
+        (frame, frame[VNET_HDR_LEN:], *frame_segments(frame))
+        for frame in coalesce(packets, partial=partial)
+    ]
 
 
 def frame_segments(frame: bytes) -> tuple[int, int]:

@@ -38,8 +38,6 @@ from tunnel.offload import (
     VNET_HDR_LEN,
     Segments,
     checksum_partial_fill,
-    coalesce,
-    lone_frame,
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
@@ -48,9 +46,9 @@ from upmt.offload import (
     GRO_BUFFER,
     TUN_READ_SIZE,
     GsoSender,
-    frame_segments,
     receive_batches,
     set_udp_gro,
+    tun_writes,
 )
 from upmt.pump import Pump
 
@@ -407,20 +405,10 @@ class ClientDataPath:
             for data in other:
                 c.control_frames += 1
                 self.on_control(ifname, data)
-            if len(packets) == 1:  # nothing to merge: no need to look for runs
-                packet = packets[0]
-                if account(packet, now, 1, len(packet)):
-                    try:
-                        write(fd, lone_frame(packet, partial[0]))
-                    except OSError:
-                        c.tunnel_malformed += 1
-                continue
-            if not packets:
-                continue
-            c.gro_batches += 1
-            for frame in coalesce(packets, partial=partial):
-                count, size = frame_segments(frame)
-                if account(frame[VNET_HDR_LEN:], now, count, size):
+            if len(packets) > 1:
+                c.gro_batches += 1
+            for frame, packet, count, size in tun_writes(packets, partial):
+                if account(packet, now, count, size):
                     try:
                         write(fd, frame)
                     except OSError:
