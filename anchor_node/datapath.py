@@ -144,8 +144,10 @@ class AnchorDataPath:
             except BlockingIOError:
                 return
             except OSError:
+                # Stop rather than spin on an error that repeats (EBADF); epoll is
+                # level-triggered and wakes the loop again while datagrams are queued.
                 c.malformed_frames += 1
-                continue
+                return
             if not data:
                 c.malformed_frames += 1
                 continue

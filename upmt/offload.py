@@ -288,9 +288,12 @@ def receive_batches(sock: socket.socket, buf: bytearray) -> Iterator[Batch | Non
         except BlockingIOError:
             return
         except OSError:
-            # On a connected socket ICMP errors surface as ECONNREFUSED and the like.
+            # On a connected socket ICMP errors surface as ECONNREFUSED and the like;
+            # a socket closed under the loop (a tunnel going away) gives EBADF for
+            # ever. Either way stop here: epoll is level-triggered and wakes the
+            # loop again while datagrams are queued.
             yield None
-            continue
+            return
         if not datagrams:
             yield None  # longer than any GRO batch: truncated
             continue

@@ -366,9 +366,11 @@ class ClientDataPath:
             except BlockingIOError:
                 return
             except OSError:
-                # ICMP errors surface as ECONNREFUSED and the like on a connected socket.
+                # ICMP errors surface as ECONNREFUSED and the like on a connected
+                # socket, EBADF (for ever) on one closed under the loop: stop, epoll
+                # wakes the loop again while datagrams are queued.
                 c.tunnel_malformed += 1
-                continue
+                return
             if not data:
                 c.tunnel_malformed += 1
                 continue

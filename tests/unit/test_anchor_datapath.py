@@ -422,3 +422,21 @@ def test_plain_anchor_completes_partial_checksums(make_anchor: MakeAnchor) -> No
     )
     entry = anchor.dp.paft.entries[key_up()]
     assert (entry.packets_up, entry.bytes_up) == (3, sum(map(len, full)))
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_drain_of_a_socket_closed_under_it_returns(make_anchor: MakeAnchor, offload: bool) -> None:
+    """A socket closed while its drain runs gives EBADF for ever: the drain must end."""
+    anchor = make_anchor(offload=offload)
+    anchor.sock.close()
+    drain = anchor.dp._drain_socket_offload if offload else anchor.dp._drain_socket
+    done = threading.Event()
+
+    def run() -> None:
+        drain()
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert done.wait(5), "the drain spins on the closed socket"
+    assert anchor.dp.counters.malformed_frames == 1

@@ -439,3 +439,25 @@ def test_eio_on_udp_segment_falls_back_to_one_send_per_datagram(
     got, calls = receive(client.anchor)
     assert (len(got), calls) == (3, 3)
     assert client.sock.refused == 1
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_drain_of_a_socket_closed_under_it_returns(
+    sockets: list[socket.socket], made: list[ClientDataPath], offload: bool
+) -> None:
+    """A tunnel closed while its drain runs gives EBADF for ever: the drain must end."""
+    if offload and set_udp_gro(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), True):
+        pytest.skip("this kernel has no UDP_GRO")
+    c = make_client(sockets, made, offload=offload, choice=FlowChoice(IF0, "curl", True))
+    c.sock.close()
+    drain = c.dp._drain_tunnel_offload if offload else c.dp._drain_tunnel
+    done = threading.Event()
+
+    def run() -> None:
+        drain(IF0, c.sock)
+        done.set()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    assert done.wait(5), "the drain spins on the closed socket"
+    assert c.dp.counters.tunnel_malformed == 1
