@@ -35,6 +35,7 @@ __all__ = [
     "MAX_CSEQ",
     "MAX_MESSAGE_SIZE",
     "REASON_PHRASES",
+    "MessageTooLarge",
     "build_request",
     "build_response",
     "checked",
@@ -154,6 +155,15 @@ _CALL_ID_RE: Final = re.compile(r"[^\s]{1,256}")
 _SIPMESSAGE_ERRORS: Final = (ValueError, KeyError, IndexError, TypeError)
 
 _T = TypeVar("_T")
+
+
+class MessageTooLarge(ValueError):
+    """`serialize` would write more than `MAX_MESSAGE_SIZE` bytes.
+
+    A `ValueError` like every other refusal of the serializer, but its own
+    type: an answer that grew too large (a request with many Via headers, say)
+    is something the sender of a response must expect and handle, not a bug.
+    """
 
 
 def checked(what: str, getter: Callable[[], _T]) -> _T:
@@ -426,8 +436,8 @@ def serialize(message: Request | Response) -> bytes:
     """The wire form of `message`, with a `Content-Length` equal to the body length.
 
     Raises `ValueError` if a header carries CR, LF or another control character
-    (it would inject headers) or if the result exceeds `MAX_MESSAGE_SIZE`, which
-    the peer's parser would refuse.
+    (it would inject headers), and its subclass `MessageTooLarge` if the result
+    exceeds `MAX_MESSAGE_SIZE`, which the peer's parser would refuse.
     """
     if isinstance(message, Request):
         lines = [f"{message.method} {message.uri} SIP/2.0"]
@@ -446,5 +456,5 @@ def serialize(message: Request | Response) -> bytes:
             raise ValueError(f"control character in {line[:40]!r}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + message.body
     if len(data) > MAX_MESSAGE_SIZE:
-        raise ValueError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE}")
     return data

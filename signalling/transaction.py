@@ -22,6 +22,15 @@ only object a daemon drives: `receive_datagram`, `send_request`,
 `send_response`, `datagrams_to_send`, `get_timer`, `handle_timer`,
 `next_event`.
 
+A server facing the Internet must not spend state on, nor answer at length
+to, a source address that has not shown it can receive: a `screen` sees
+every new request before a transaction exists and may answer it statelessly
+(a challenge carrying a cookie, say) or drop it; a stateless answer larger
+than `AMPLIFICATION_LIMIT` times the request is dropped (the anti-
+amplification rule of RFC 9000 §8.1). No answer ever raises: one that does
+not serialize (too large for a datagram) becomes a `513 Message Too Large`,
+or, when even that does not fit, is dropped and counted.
+
 INVITE is not implemented (UPMT uses REGISTER, MESSAGE and OPTIONS): INVITE
 and ACK requests are dropped and counted as unsupported.
 """
@@ -50,15 +59,23 @@ from .events import (
     TransactionTerminated,
     TransactionTimedOut,
 )
-from .message import build_response, parse_message_untrusted, serialize, top_branch
+from .message import (
+    MessageTooLarge,
+    build_response,
+    parse_message_untrusted,
+    serialize,
+    top_branch,
+)
 
 __all__ = [
+    "AMPLIFICATION_LIMIT",
     "T1",
     "T2",
     "T4",
     "ClientInput",
     "ClientState",
     "ClientTransaction",
+    "Screen",
     "ServerInput",
     "ServerState",
     "ServerTransaction",
@@ -77,6 +94,15 @@ TIMEOUT_FACTOR: Final = 64
 
 # Seconds a refused requester is asked to wait (RFC 3261 §20.33, Retry-After).
 OVERLOAD_RETRY_AFTER: Final = 5
+
+# RFC 9000 §8.1: before a peer's address is validated, send it at most three
+# times the bytes received from it. Applied to every stateless answer.
+AMPLIFICATION_LIMIT: Final = 3
+
+# A new request, its source and its size in bytes -> True: open a server
+# transaction (the TU answers it); False: drop it; a Response: send that
+# statelessly (no transaction), within AMPLIFICATION_LIMIT.
+Screen: TypeAlias = "Callable[[Request, Addr, int], Response | bool]"
 
 
 class TransactionStateError(UpmtError):
@@ -397,7 +423,13 @@ class TransactionStatistics:
     retransmissions_absorbed: int  # requests matched to an existing server transaction
     retransmissions_sent: int  # client requests re-sent by Timer E
     refused: int  # new requests over the cap (answered 503 unless disabled)
+    refused_per_source: int  # new requests over the cap of one source address
     unsupported: int  # dropped: INVITE or ACK
+    screened_out: int  # new requests the screen dropped
+    stateless_answers: int  # answers the screen gave without a transaction
+    amplification_dropped: int  # stateless answers over AMPLIFICATION_LIMIT, not sent
+    too_large: int  # answers that did not serialize (513 or 500 sent instead, if that fit)
+    unanswerable: int  # ... of which even the 513/500 did not fit: nothing sent
     responses_dropped: int  # send_response for a transaction already gone
     timeouts: int  # client transactions ended by Timer F
     abandoned: int  # server transactions the TU never answered
@@ -423,24 +455,32 @@ class TransactionLayer:
     """All transactions of one SIP endpoint over UDP; the object a daemon drives.
 
     Nothing from the network raises: malformed datagrams, stray responses and
-    requests over `max_transactions` are counted (see `statistics`) and
-    dropped; a refused request is answered `503 Service Unavailable` with
-    `Retry-After` when `answer_overload` is true, statelessly, so the refusal
-    itself costs no state.
+    requests over `max_transactions` (or over `max_per_source` from one source
+    address) are counted (see `statistics`) and dropped; a refused request is
+    answered `503 Service Unavailable` with `Retry-After` when
+    `answer_overload` is true, statelessly, so the refusal itself costs no
+    state. `screen` (see `Screen`) decides about each new request first.
     """
 
     def __init__(
         self,
         *,
         max_transactions: int = 1000,
+        max_per_source: int | None = None,
         answer_overload: bool = True,
+        screen: Screen | None = None,
         t1: float = T1,
         t2: float = T2,
         t4: float = T4,
     ) -> None:
         if max_transactions < 1:
             raise ValueError("max_transactions must be at least 1")
+        if max_per_source is not None and max_per_source < 1:
+            raise ValueError("max_per_source must be at least 1")
         self._max = max_transactions
+        self._max_per_source = max_per_source
+        self._per_source: dict[str, int] = {}
+        self._screen = screen
         self._answer_overload = answer_overload
         self._t1, self._t2, self._t4 = t1, t2, t4
         self._clients: dict[ClientKey, _Client] = {}
@@ -459,7 +499,13 @@ class TransactionLayer:
         self._absorbed = 0
         self._retransmitted = 0
         self._refused = 0
+        self._refused_per_source = 0
         self._unsupported = 0
+        self._screened_out = 0
+        self._stateless = 0
+        self._amplification_dropped = 0
+        self._too_large = 0
+        self._unanswerable = 0
         self._responses_dropped = 0
         self._timeouts = 0
         self._abandoned = 0
@@ -477,7 +523,7 @@ class TransactionLayer:
         if isinstance(message, Response):
             self._receive_response(message, now)
         else:
-            self._receive_request(message, addr, now)
+            self._receive_request(message, addr, now, len(data))
 
     def _receive_response(self, response: Response, now: float) -> None:
         client = self._clients.get(client_key_of(response))
@@ -487,7 +533,7 @@ class TransactionLayer:
         client.txn.receive_response(response, now)
         self._pump_client(client)
 
-    def _receive_request(self, request: Request, addr: Addr, now: float) -> None:
+    def _receive_request(self, request: Request, addr: Addr, now: float, size: int) -> None:
         if request.method in ("INVITE", "ACK"):
             self._unsupported += 1
             return
@@ -498,18 +544,50 @@ class TransactionLayer:
             server.txn.receive_request(request, now)
             self._pump_server(server)
             return
+        if self._screen is not None:
+            verdict = self._screen(request, addr, size)
+            if verdict is False:
+                self._screened_out += 1
+                return
+            if verdict is not True:
+                self._send_stateless(verdict, addr, size)
+                return
+        source = addr[0]
+        limit = self._max_per_source
+        if limit is not None and self._per_source.get(source, 0) >= limit:
+            self._refused_per_source += 1
+            self._refuse(request, addr, size)
+            return
         if len(self._servers) >= self._max:
             self._refused += 1
-            if self._answer_overload:
-                refusal = build_response(
-                    request, 503, headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))]
-                )
-                self._datagrams.append((serialize(refusal), addr))
+            self._refuse(request, addr, size)
             return
         server = _Server(ServerTransaction(request, now, self._t1), addr)
         self._servers[key] = server
+        self._per_source[source] = self._per_source.get(source, 0) + 1
         self._schedule(server, key)
         self._events.append(RequestReceived(key, request, addr))
+
+    def _refuse(self, request: Request, addr: Addr, size: int) -> None:
+        if self._answer_overload:
+            refusal = build_response(
+                request, 503, headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))]
+            )
+            self._send_stateless(refusal, addr, size)
+
+    def _send_stateless(self, response: Response, addr: Addr, size: int) -> None:
+        """An answer without a transaction: only if it serializes and stays within the limit."""
+        try:
+            data = serialize(response)
+        except ValueError:
+            self._too_large += 1
+            self._unanswerable += 1
+            return
+        if len(data) > AMPLIFICATION_LIMIT * size:
+            self._amplification_dropped += 1
+            return
+        self._stateless += 1
+        self._datagrams.append((data, addr))
 
     # Transaction-user input.
 
@@ -517,7 +595,9 @@ class TransactionLayer:
         """Start a client transaction; its events carry the returned key.
 
         Raises `ValueError` if a transaction with the same branch and method is
-        still active (every request needs a fresh branch, `new_branch`).
+        still active (every request needs a fresh branch, `new_branch`), and
+        `MessageTooLarge` if the request does not fit in a datagram: the caller
+        built it and must make it smaller (split it).
         """
         key = client_key_of(request)
         if key in self._clients:
@@ -532,14 +612,27 @@ class TransactionLayer:
         """Answer the request of `key` (from `RequestReceived`).
 
         If the transaction is gone (abandoned after 64·T1) the response is
-        counted and dropped: the requester has given up by then. A second final
+        counted and dropped: the requester has given up by then. A response that
+        does not serialize (too large for a datagram, or a header the TU filled
+        with a control character) is replaced by a bare `513 Message Too Large`
+        (or `500`), which copies only what RFC 3261 §8.2.6 requires; when even
+        that does not fit (a request made of hundreds of Via headers) nothing is
+        sent and the transaction is left to be abandoned. A second final
         response raises `TransactionStateError`.
         """
         server = self._servers.get(key)
         if server is None:
             self._responses_dropped += 1
             return
-        server.txn.send_response(response, now)
+        try:
+            server.txn.send_response(response, now)
+        except ValueError as exc:  # the transaction's state is unchanged
+            self._too_large += 1
+            code = 513 if isinstance(exc, MessageTooLarge) else 500
+            try:
+                server.txn.send_response(build_response(server.txn.request, code), now)
+            except ValueError:
+                self._unanswerable += 1
         self._pump_server(server)
 
     # Timers.
@@ -601,7 +694,13 @@ class TransactionLayer:
             retransmissions_absorbed=self._absorbed,
             retransmissions_sent=self._retransmitted,
             refused=self._refused,
+            refused_per_source=self._refused_per_source,
             unsupported=self._unsupported,
+            screened_out=self._screened_out,
+            stateless_answers=self._stateless,
+            amplification_dropped=self._amplification_dropped,
+            too_large=self._too_large,
+            unanswerable=self._unanswerable,
             responses_dropped=self._responses_dropped,
             timeouts=self._timeouts,
             abandoned=self._abandoned,
@@ -634,5 +733,11 @@ class TransactionLayer:
                 if not server.txn.final_sent:
                     self._abandoned += 1
                 del self._servers[server.txn.key]
+                source = server.addr[0]
+                left = self._per_source.get(source, 1) - 1
+                if left > 0:
+                    self._per_source[source] = left
+                else:
+                    self._per_source.pop(source, None)
         if server.txn.key in self._servers:
             self._schedule(server, server.txn.key)

@@ -365,3 +365,119 @@ def test_layer_provisional_then_final_events() -> None:
         assert event.key == key
         codes.append(event.response.code)
     assert codes == [100, 200]
+
+
+# --- answers that do not fit, screening, amplification, per-source cap ----------------
+
+
+def many_vias(count: int, method: str = "REGISTER") -> bytes:
+    """A request padded with `count` short compact `v:` headers: a small request, a large answer."""
+    vias = "".join(f"v: SIP/2.0/UDP 10.0.0.{i % 250};branch=z9hG4bK{i}\r\n" for i in range(count))
+    return (
+        f"{method} sip:an SIP/2.0\r\nv: SIP/2.0/UDP mh;branch=z9hG4bKtop\r\n{vias}"
+        f"f: <sip:a@an>;tag=1\r\nt: <sip:a@an>\r\ni: c\r\nCSeq: 1 {method}\r\n\r\n"
+    ).encode()
+
+
+def answer_all(an: TransactionLayer) -> None:
+    while (event := an.next_event()) is not None:
+        assert isinstance(event, RequestReceived)
+        an.send_response(event.key, build_response(event.request, 200, body=b"x" * 9000), 0.1)
+
+
+def test_layer_answer_too_large_becomes_513() -> None:
+    an = TransactionLayer()
+    an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    answer_all(an)
+    (data, addr), *rest = an.datagrams_to_send()
+    assert not rest and addr == MH
+    answer = parse_message_untrusted(data)
+    assert isinstance(answer, Response) and answer.code == 513
+    assert an.statistics().too_large == 1
+
+
+def test_layer_answer_that_cannot_fit_at_all_is_dropped_not_raised() -> None:
+    # Long-form Via in the answer for every compact one in the request: > 8 KB.
+    data = many_vias(180)
+    assert len(data) < 8192
+    an = TransactionLayer()
+    an.receive_datagram(data, MH, now=0.0)
+    answer_all(an)
+    assert an.datagrams_to_send() == []
+    stats = an.statistics()
+    assert (stats.too_large, stats.unanswerable, stats.active_server) == (1, 1, 1)
+    an.handle_timer(32.0)  # abandoned like any unanswered transaction
+    assert an.statistics().active_server == 0
+
+
+def test_screen_answers_statelessly_within_three_times_the_request() -> None:
+    seen: list[int] = []
+
+    def screen(request: Request, addr: tuple[str, int], size: int) -> Response | bool:
+        seen.append(size)
+        return build_response(request, 401, headers=[("WWW-Authenticate", "x" * 200)])
+
+    an = TransactionLayer(screen=screen)
+    data = serialize(make_request(method="REGISTER"))
+    an.receive_datagram(data, MH, now=0.0)
+    assert seen == [len(data)]
+    assert an.next_event() is None  # the TU never saw it as a transaction
+    (answer, addr), *rest = an.datagrams_to_send()
+    assert not rest and addr == MH and len(answer) <= 3 * len(data)
+    stats = an.statistics()
+    assert (stats.stateless_answers, stats.active_server) == (1, 0)
+
+
+def test_screen_answer_over_three_times_the_request_is_not_sent() -> None:
+    def screen(request: Request, addr: tuple[str, int], size: int) -> Response | bool:
+        return build_response(request, 401, headers=[("WWW-Authenticate", "x" * 3 * size)])
+
+    an = TransactionLayer(screen=screen)
+    an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    assert an.datagrams_to_send() == []
+    assert an.statistics().amplification_dropped == 1
+
+
+def test_screen_drops_and_admits() -> None:
+    verdicts = [False, True]
+    an = TransactionLayer(screen=lambda _r, _a, _s: verdicts.pop(0))
+    an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    assert an.next_event() is None
+    an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    assert isinstance(an.next_event(), RequestReceived)
+    stats = an.statistics()
+    assert (stats.screened_out, stats.active_server) == (1, 1)
+
+
+def test_per_source_cap_leaves_room_for_other_sources() -> None:
+    an = TransactionLayer(max_transactions=100, max_per_source=2)
+    for _ in range(3):
+        an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    an.receive_datagram(serialize(make_request()), ("198.18.9.9", 5060), now=0.0)
+    events = []
+    while (event := an.next_event()) is not None:
+        assert isinstance(event, RequestReceived)
+        events.append(event.addr)
+    assert events == [MH, MH, ("198.18.9.9", 5060)]
+    (refusal, addr), *rest = an.datagrams_to_send()
+    assert not rest and addr == MH
+    parsed = parse_message_untrusted(refusal)
+    assert isinstance(parsed, Response) and parsed.code == 503
+    assert an.statistics().refused_per_source == 1
+    an.handle_timer(32.0)  # both abandoned: the source's slots come back
+    an.receive_datagram(serialize(make_request()), MH, now=33.0)
+    assert isinstance(an.next_event(), RequestReceived)
+
+
+def test_overload_refusal_also_respects_the_amplification_limit() -> None:
+    an = TransactionLayer(max_transactions=1)
+    an.receive_datagram(serialize(make_request()), MH, now=0.0)
+    an.next_event()
+    # A tiny request (compact headers) whose 503 with long names and Retry-After is > 3x.
+    tiny = (
+        b"OPTIONS sip:a SIP/2.0\r\nv:SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        b"f:<sip:a@b>;tag=1\r\nt:<sip:a@b>\r\ni:1\r\nCSeq:1 OPTIONS\r\n\r\n"
+    )
+    an.receive_datagram(tiny, MH, now=0.0)
+    out = an.datagrams_to_send()
+    assert all(len(d) <= 3 * len(tiny) for d, _ in out)
