@@ -10,6 +10,7 @@ from upmt.cli import (
     LOG_LEVELS,
     control_option,
     datapath_line,
+    encryption_option,
     flow_rows,
     json_option,
     offload_option,
@@ -99,7 +100,42 @@ def cli() -> None:
     show_default=True,
     help="SIP messages per second accepted from one source address (burst: twice).",
 )
+@click.option(
+    "--sip-transactions-per-source",
+    type=click.IntRange(1, 16384),
+    default=256,
+    show_default=True,
+    help="SIP transactions one source address may hold at once.",
+)
 @offload_option
+@encryption_option
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The anchor's X25519 key, generated on first start [default: beside --state, "
+    "<state>.key].",
+)
+@click.option(
+    "--max-leases-per-prefix",
+    type=click.IntRange(1, 1 << 22),
+    default=1024,
+    show_default=True,
+    help="VIPA leases one source network (/24) may create.",
+)
+@click.option(
+    "--allow-prefix",
+    "allow_prefixes",
+    multiple=True,
+    help="A network behind another interface of the anchor that terminals may reach "
+    "(repeat); by default they reach only what lies behind the default route.",
+)
+@click.option(
+    "--client-to-client",
+    is_flag=True,
+    default=False,
+    help="Let terminals reach each other's VIPAs (off by default).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
     listen: str,
@@ -117,7 +153,13 @@ def run(
     max_flows_per_terminal: int,
     max_tunnels_per_terminal: int,
     sip_rate: float,
+    sip_transactions_per_source: int,
     offload: str,
+    encryption: str,
+    key: Path | None,
+    max_leases_per_prefix: int,
+    allow_prefixes: tuple[str, ...],
+    client_to_client: bool,
     log_level: str,
 ) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
@@ -140,10 +182,46 @@ def run(
         max_flows_per_terminal=max_flows_per_terminal,
         max_tunnels_per_terminal=max_tunnels_per_terminal,
         sip_rate=sip_rate,
+        sip_transactions_per_source=sip_transactions_per_source,
         offload=offload,
+        encryption=encryption,
+        key=key,
+        max_leases_per_prefix=max_leases_per_prefix,
+        allow_prefixes=allow_prefixes,
+        client_to_client=client_to_client,
     )
     setup_logging(log_level)
     run_anchor(config)
+
+
+@cli.command()
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="The lease store the key lives beside.",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The key file [default: <state>.key].",
+)
+def key(state: Path, key_path: Path | None) -> None:
+    """Print the anchor's public key (for the clients' --anchor-key), creating it if needed."""
+    from anchor_node.config import default_key_file
+    from signalling.handshake import encode_key
+    from upmt.keyfile import load_or_create_key
+
+    path = key_path if key_path is not None else default_key_file(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created: list[bool] = []
+    static = load_or_create_key(path, what="anchor key", on_create=lambda _k: created.append(True))
+    if created:
+        click.echo(f"created {path}", err=True)
+    click.echo(encode_key(static.public))
 
 
 @cli.command()
@@ -171,6 +249,7 @@ def format_status(st: dict[str, Any]) -> str:
     out = [
         f"anchor {st['listen']}  sip :{st['sip_port']}  tunnels :{st['tunnel_port']}  "
         f"pool {st['pool']}  uptime {st['uptime_s']:.0f} s",
+        f"key {st.get('anchor_key', '?')}  tunnel encryption {st.get('encryption', '?')}",
         datapath_line(st.get("datapath", {})),
     ]
     rows = []

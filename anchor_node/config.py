@@ -28,7 +28,18 @@ class AnchorConfig:
     max_tunnels_per_terminal: int = 8
     max_flows_per_terminal: int = 65536
     sip_rate: float = 50.0
+    sip_transactions_per_source: int = 256
     offload: str = "auto"  # auto | on | off (--offload)
+    encryption: bool = True  # --encryption on|off
+    key: Path | None = None  # the static key file; None: beside the state file
+    max_leases_per_prefix: int = 1024
+    allow_prefixes: tuple[ipaddress.IPv4Network, ...] = ()
+    client_to_client: bool = False
+
+    @property
+    def key_file(self) -> Path:
+        """Where the anchor's static X25519 key lives (generated on first start)."""
+        return self.key if self.key is not None else default_key_file(self.state)
 
     @classmethod
     def build(
@@ -49,7 +60,13 @@ class AnchorConfig:
         max_flows_per_terminal: int = 65536,
         max_tunnels_per_terminal: int = 8,
         sip_rate: float = 50.0,
+        sip_transactions_per_source: int = 256,
         offload: str = "auto",
+        encryption: str = "on",
+        key: Path | None = None,
+        max_leases_per_prefix: int = 1024,
+        allow_prefixes: tuple[str, ...] = (),
+        client_to_client: bool = False,
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -59,6 +76,14 @@ class AnchorConfig:
             raise ConfigError("--sip-port and --tunnel-port must differ")
         if not is_ifname(tun_name):
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
+        if encryption not in ("on", "off"):
+            raise ConfigError(f"--encryption {encryption!r}: use on or off")
+        allowed = []
+        for text in allow_prefixes:
+            try:
+                allowed.append(ipaddress.IPv4Network(text, strict=False))
+            except ValueError:
+                raise ConfigError(f"--allow-prefix {text!r} is not an IPv4 prefix") from None
         return cls(
             listen=listen,
             sip_port=sip_port,
@@ -74,5 +99,16 @@ class AnchorConfig:
             max_tunnels_per_terminal=max_tunnels_per_terminal,
             max_flows_per_terminal=max_flows_per_terminal,
             sip_rate=sip_rate,
+            sip_transactions_per_source=sip_transactions_per_source,
             offload=offload,
+            encryption=encryption == "on",
+            key=key,
+            max_leases_per_prefix=max_leases_per_prefix,
+            allow_prefixes=tuple(allowed),
+            client_to_client=client_to_client,
         )
+
+
+def default_key_file(state: Path) -> Path:
+    """The anchor key file kept beside the lease store: `<state stem>.key`."""
+    return state.with_name(state.stem + ".key")

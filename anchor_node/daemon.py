@@ -14,14 +14,13 @@ import signal
 import socket
 import threading
 import time
-from collections import Counter
 from typing import Any
 
 import trio
 from sipmessage import Request, Response
 
 from anchor_node.config import AnchorConfig
-from anchor_node.datapath import AnchorDataPath
+from anchor_node.datapath import AnchorDataPath, Origin
 from anchor_node.inplace import restart as restart_in_place
 from anchor_node.inplace import sockets as inherited_sockets
 from anchor_node.inplace import take_inherited
@@ -30,25 +29,31 @@ from anchor_node.registrar import Addr, Registrar
 from anchor_node.users import UserStore
 from nat.kernel import NatSetup
 from paft.table import Paft
+from signalling.handshake import encode_key
 from signalling.transaction import TransactionLayer
 from tunnel.addr import format_hostport
+from tunnel.crypto import OVERHEAD, KeyExhausted
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.errors import SetupError, UpmtError, unwrap_errors
 from upmt.handoff import ControlHandoff
+from upmt.keyfile import load_or_create_key
 from upmt.offload import offload_refusals, offload_status, set_udp_gro, udp_gso_refusal
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
 from upmt.tun import adopt_tun, open_tun
 
 log = logging.getLogger("upmt.anchor")
-# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1).
+# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1),
+# and the ENCRYPTED frame's header and tag when tunnels are encrypted.
 TUN_OVERHEAD = 29
-TUN_MTU = 1500 - TUN_OVERHEAD
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_SIP_TRANSACTIONS = 16384
-RECOUNT_ROUNDS = 30  # housekeeping rounds between exact per-terminal flow counts
+
+
+def tun_mtu(encryption: bool, access_mtu: int = 1500) -> int:
+    return access_mtu - TUN_OVERHEAD - (OVERHEAD if encryption else 0)
 
 
 def run_anchor(config: AnchorConfig) -> None:
@@ -63,7 +68,7 @@ class AnchorNode:
         self.lock = threading.Lock()
         self.started = time.monotonic()
         self._offload: dict[str, str] = {}
-        self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0}
+        self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0, "sip_no_key": 0}
         # Per source address, on the SIP port and for SIP inside tunnels.
         self.sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
         self.tunnel_sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
@@ -78,6 +83,17 @@ class AnchorNode:
                     "the SIP port can associate and get a VIPA"
                 )
             users = UserStore.load(cfg.users) if cfg.users is not None else None
+            cfg.key_file.parent.mkdir(parents=True, exist_ok=True)
+            static_key = load_or_create_key(
+                cfg.key_file,
+                what="anchor key",
+                on_create=lambda _k: log.info("created the anchor key %s", cfg.key_file),
+            )
+            if not cfg.encryption:
+                log.warning(
+                    "tunnel encryption is OFF (--encryption off): tunnel frames travel in "
+                    "clear and unauthenticated; only for networks you trust"
+                )
             if inherited is not None:
                 sip_sock, tunnel_sock, control_sock = inherited_sockets(inherited)
             else:
@@ -89,16 +105,21 @@ class AnchorNode:
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
             cfg.state.parent.mkdir(parents=True, exist_ok=True)
-            leases = LeaseStore(cfg.state, cfg.pool)
+            leases = LeaseStore(cfg.state, cfg.pool, prefix_cap=cfg.max_leases_per_prefix)
             stack.callback(leases.close)
             self.registrar = Registrar(
                 leases,
                 self.paft,
+                static_key=static_key,
+                encryption=cfg.encryption,
                 default_expires=cfg.expires,
                 min_expires=cfg.min_expires,
                 max_expires=cfg.max_expires,
                 max_tunnels=cfg.max_tunnels_per_terminal,
                 users=users,
+            )
+            log.info(
+                "anchor key %s (clients pin it with --anchor-key)", encode_key(static_key.public)
             )
 
             if inherited is not None:
@@ -116,7 +137,7 @@ class AnchorNode:
                     cfg.tun_name,
                     address=str(anchor_address(cfg.pool)),
                     prefixlen=cfg.pool.prefixlen,
-                    mtu=TUN_MTU,
+                    mtu=tun_mtu(cfg.encryption),
                     vnet_hdr=cfg.offload != "off",
                 )
             stack.callback(tun.close)
@@ -140,11 +161,14 @@ class AnchorNode:
                 str(cfg.pool),
                 cfg.tun_name,
                 record=cfg.state.with_name(cfg.state.name + ".kernel.json"),
+                allow_prefixes=[str(p) for p in cfg.allow_prefixes],
+                client_to_client=cfg.client_to_client,
             )
             stack.callback(nat.remove)
             nat.install()
+            self.nat = nat
 
-            self.handoff = ControlHandoff[Addr](self._control_frame)
+            self.handoff = ControlHandoff[Origin](self._control_frame)
             self.datapath = AnchorDataPath(
                 tun.fd,
                 tunnel_sock,
@@ -154,6 +178,7 @@ class AnchorNode:
                 max_flows_per_terminal=cfg.max_flows_per_terminal,
                 offload=tun.vnet_hdr,
                 mtu=tun.mtu,
+                sessions=self.registrar.sessions if cfg.encryption else None,
             )
             # The data path reads the registrar's tables directly.
             self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
@@ -168,20 +193,32 @@ class AnchorNode:
                 "sip",
                 lambda d, a: sip_sock.sendto(d, a),
                 self._on_sip,
-                layer=TransactionLayer(max_transactions=MAX_SIP_TRANSACTIONS),
+                layer=TransactionLayer(
+                    max_transactions=MAX_SIP_TRANSACTIONS,
+                    # A few sources cannot fill the table and lock everyone else out.
+                    max_per_source=cfg.sip_transactions_per_source,
+                    screen=self._screen_sip,
+                ),
             )
+            self._tunnel_sock = tunnel_sock
             self.tunnel_sip = SipChannel(
                 "tunnel-sip",
-                lambda d, a: tunnel_sock.sendto(encode_frame(Signal(d)), a),
+                self._send_tunnel_sip,
                 self._on_tunnel_sip,
-                layer=TransactionLayer(max_transactions=MAX_SIP_TRANSACTIONS),
+                layer=TransactionLayer(
+                    max_transactions=MAX_SIP_TRANSACTIONS,
+                    max_per_source=cfg.sip_transactions_per_source,
+                    screen=self._screen_tunnel_sip,
+                ),
             )
             log.info(
-                "anchor node up: SIP %s:%d, tunnels %s:%d, pool %s, TUN %s, state %s",
+                "anchor node up: SIP %s:%d, tunnels %s:%d (encryption %s), pool %s, TUN %s, "
+                "state %s",
                 cfg.listen,
                 cfg.sip_port,
                 cfg.listen,
                 cfg.tunnel_port,
+                "on" if cfg.encryption else "off",
                 cfg.pool,
                 cfg.tun_name,
                 cfg.state,
@@ -202,8 +239,16 @@ class AnchorNode:
                 nursery.start_soon(self._housekeeping)
             log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
 
+    def _reload(self) -> None:
+        """SIGHUP: the interfaces the pool may reach, and the users file, read again."""
+        try:
+            self.nat.refresh()
+        except UpmtError as exc:
+            log.error("SIGHUP: keeping the previous nftables table: %s", exc)
+        self._reload_users()
+
     def _reload_users(self) -> None:
-        """SIGHUP: read the users file again; a bad file keeps the users in force."""
+        """Read the users file again; a bad file keeps the users in force."""
         if self.config.users is None:
             log.info("SIGHUP: no users file to reload")
             return
@@ -212,8 +257,13 @@ class AnchorNode:
         except UpmtError as exc:
             log.error("SIGHUP: keeping the previous users: %s", exc)
             return
-        self.registrar.users = users
+        with self.lock:
+            gone = self.registrar.reload_users(users)
         log.info("SIGHUP: %d users reloaded from %s", len(users.users()), self.config.users)
+        for terminal_id in gone:
+            log.warning(
+                "SIGHUP: %s removed or given a new password: association ended", terminal_id
+            )
 
     async def _restart_in_place(self) -> None:
         await trio.sleep(0.05)  # let the control answer leave first
@@ -242,7 +292,7 @@ class AnchorNode:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    self._reload_users()
+                    self._reload()
                     continue
                 log.info("%s received", signal.Signals(signum).name)
                 scope.cancel()
@@ -259,13 +309,39 @@ class AnchorNode:
                 continue
             self.sip.feed(data, addr[:2])
 
-    def _control_frame(self, addr: Addr, data: bytes) -> None:
+    def _control_frame(self, origin: Origin, data: bytes) -> None:
+        addr, rx = origin
         if data[0] != FrameType.SIGNAL or len(data) < 2:
             self.sip_counters["sip_malformed_signal"] += 1
         elif not self.tunnel_sip_limiter.allow(addr[0], trio.current_time()):
             self.sip_counters["sip_rate_limited"] += 1
         else:
+            if rx is not None:
+                self.registrar.sessions.note_origin(addr, rx)
             self.tunnel_sip.feed(data[1:], addr)
+
+    def _send_tunnel_sip(self, data: bytes, addr: Addr) -> None:
+        """An answer inside a tunnel: sealed under the key of the slot it came through."""
+        frame = encode_frame(Signal(data))
+        if self.config.encryption:
+            sealer = self.registrar.sessions.reply_sealer(addr)
+            if sealer is None:
+                self.sip_counters["sip_no_key"] += 1
+                return
+            try:
+                frame = sealer.seal(frame)
+            except KeyExhausted:
+                self.sip_counters["sip_no_key"] += 1
+                return
+        self._tunnel_sock.sendto(frame, addr)
+
+    def _screen_sip(self, request: Request, source: Addr, size: int, now: float) -> Response | bool:
+        return self.registrar.screen(request, source, size, now)
+
+    def _screen_tunnel_sip(
+        self, request: Request, tunnel: Addr, size: int, now: float
+    ) -> Response | bool:
+        return self.registrar.screen_tunnel(request, tunnel, size, now)
 
     def _on_sip(self, request: Request, source: Addr) -> Response:
         with self.lock:
@@ -276,10 +352,8 @@ class AnchorNode:
             return self.registrar.on_tunnel_message(request, tunnel, trio.current_time())
 
     async def _housekeeping(self) -> None:
-        rounds = 0
         while True:
             await trio.sleep(HOUSEKEEPING_INTERVAL)
-            rounds += 1
             if self.datapath.crashed is not None:
                 raise SetupError(f"data path failed: {self.datapath.crashed!r}")
             now = time.monotonic()
@@ -287,14 +361,7 @@ class AnchorNode:
                 self.registrar.expire(
                     trio.current_time(), self._last_heard_trio(now), self.config.tunnel_idle_timeout
                 )
-                gone = self.paft.expire_with(now, self.config.aging.timeout)
-                counts = self.datapath.flow_count
-                for key in gone:
-                    counts[key.src] = counts.get(key.src, 1) - 1
-                # Now and then the exact counts replace the running ones: the
-                # registrar also drops flows, and the two threads' updates race.
-                if rounds % RECOUNT_ROUNDS == 0:
-                    self.datapath.flow_count = dict(Counter(k.src for k in self.paft.entries))
+                self.paft.expire_with(now, self.config.aging.timeout)
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.
@@ -318,15 +385,18 @@ class AnchorNode:
         counters: dict[str, Any] = dict(self.datapath.counters.snapshot())
         stats = self.sip.layer.statistics()
         counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
+        counters.update({f"sip_{k}": v for k, v in self._sip_statistics().items()})
         counters.update(self.sip_counters)
         counters["control_queue_dropped"] = self.handoff.dropped
-        counters.update({f"registrar_{k}": v for k, v in vars_of(self.registrar.counters).items()})
+        counters.update({f"registrar_{k}": v for k, v in self.registrar.statistics().items()})
         return {
             "ok": True,
             "listen": self.config.listen,
             "sip_port": self.config.sip_port,
             "tunnel_port": self.config.tunnel_port,
             "pool": str(self.config.pool),
+            "encryption": "on" if self.config.encryption else "off",
+            "anchor_key": encode_key(self.registrar.static_key.public),
             "pid": os.getpid(),
             "uptime_s": now - self.started,
             "terminals": terminals,
@@ -352,6 +422,16 @@ class AnchorNode:
             "idle_s": round(now - entry.last_seen, 1),
         }
 
-
-def vars_of(obj: object) -> dict[str, int]:
-    return {name: getattr(obj, name) for name in obj.__slots__}  # type: ignore[attr-defined]
+    def _sip_statistics(self) -> dict[str, int]:
+        """What the two SIP layers refused or could not answer, summed."""
+        names = (
+            "screened_out",
+            "stateless_answers",
+            "amplification_dropped",
+            "too_large",
+            "unanswerable",
+            "refused",
+            "refused_per_source",
+        )
+        one, two = self.sip.layer.statistics(), self.tunnel_sip.layer.statistics()
+        return {name: getattr(one, name) + getattr(two, name) for name in names}

@@ -17,18 +17,29 @@ kernel left the checksum to the device); a UDP_GRO receive may hold dozens of
 datagrams, whose TCP segments are merged per flow and written to the TUN as
 one GSO packet. Learning, anti-spoofing and accounting apply to every inner
 packet: a merged frame only ever holds segments of one 5-tuple.
+
+With `sessions` (tunnel encryption, the default) every datagram must be an
+ENCRYPTED frame that authenticates under a known receiver index, and only
+one from the address its tunnel slot is bound to counts: that alone may
+refresh a tunnel, be learnt, answered or change a default tunnel. A SIGNAL
+from another address (a tunnel being set up, or moved by a NAT) goes to the
+control plane with its key, which decides. Everything else is dropped and
+counted; plaintext frames are never accepted. Downstream, every datagram is
+sealed under the tunnel's current key, one by one inside GSO runs.
 """
 
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from anchor_node.sessions import Receiver, TunnelSessions
 from paft.aging import TCP_FIN, TCP_RST, tcp_flags
 from paft.flow import PROTO_TCP, flow_of_packet_untrusted
 from paft.table import Paft
+from tunnel.crypto import ENCRYPTED, OVERHEAD, KeyExhausted, Sealer
 from tunnel.frames import FrameType, Probe, ProbeAck, decode_frame_untrusted, encode_frame
 from tunnel.offload import (
     VNET_HDR_LEN,
@@ -47,6 +58,8 @@ from upmt.offload import (
 from upmt.pump import Pump
 
 Addr = tuple[str, int]
+# What travels with a control frame: where it came from, and under which key.
+Origin = tuple[Addr, Receiver | None]
 MAX_PACKET = 65535
 CLOSING = TCP_FIN | TCP_RST
 
@@ -68,6 +81,10 @@ class AnchorCounters:
     flow_limit: int = 0
     gso_reads: int = 0  # TUN reads that were super-packets
     gro_batches: int = 0  # receives that held more than one inner packet
+    plaintext_dropped: int = 0  # not ENCRYPTED while encryption is on
+    auth_failed: int = 0  # ENCRYPTED for a known index that did not open (or a replay)
+    wrong_endpoint: int = 0  # authentic, but not from its tunnel's address
+    no_key: int = 0  # downstream packets for a tunnel with no key (yet)
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -80,11 +97,12 @@ class AnchorDataPath:
         sock: socket.socket,
         paft: Paft[Addr],
         lock: threading.Lock,
-        on_control: Callable[[Addr, bytes], None],
+        on_control: Callable[[Origin, bytes], None],
         *,
         max_flows_per_terminal: int = 65536,
         offload: bool = False,
         mtu: int = 1500,
+        sessions: TunnelSessions | None = None,
     ) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
@@ -96,12 +114,14 @@ class AnchorDataPath:
         self.tunnel_vipa: dict[Addr, bytes] = {}
         self.default_tunnel: dict[bytes, Addr] = {}
         self.last_heard: dict[Addr, float] = {}
-        # Flows per VIPA: counted up here as flows are learnt, recounted exactly by
-        # the control plane after every expiry; a terminal at its limit learns no
-        # new flow (its packets are dropped and counted).
+        # A terminal at its limit of flows (the PAFT's per-VIPA count) learns no
+        # new flow: its packets are dropped and counted.
         self.max_flows_per_terminal = max_flows_per_terminal
-        self.flow_count: dict[bytes, int] = {}
+        self.sessions = sessions
+        self.receivers = sessions.receivers if sessions is not None else {}
+        self.senders = sessions.senders if sessions is not None else {}
         self.counters = AnchorCounters()
+        self._batch_rx: Receiver | None = None
         self.offload = offload
         self.mtu = mtu
         self._sender = GsoSender(sock, gso=offload)
@@ -136,6 +156,7 @@ class AnchorDataPath:
         fd = self.tun_fd
         tunnel_vipa = self.tunnel_vipa
         accept = self._accept_upstream
+        sessions = self.sessions
         c = self.counters
         now = time.monotonic()
         while True:
@@ -151,10 +172,16 @@ class AnchorDataPath:
             if not data:
                 c.malformed_frames += 1
                 continue
+            rx: Receiver | None = None
+            if sessions is not None:
+                opened = self._open(data, addr)
+                if opened is None:
+                    continue
+                data, rx = opened
             version = data[0] >> 4
             if version != 4 and version != 6:
                 if data[0] != FrameType.DATA_CSUM_PARTIAL:
-                    self._control_frame(data, addr, now)
+                    self._control_frame(data, addr, now, rx)
                     continue
                 try:
                     data = checksum_partial_fill(data[1:])
@@ -178,14 +205,17 @@ class AnchorDataPath:
         accept = self._accept_upstream
         c = self.counters
         now = time.monotonic()
-        for batch in receive_batches(self.sock, self._buffer):
+        opener = self._open_batch if self.sessions is not None else None
+        self._batch_rx = None
+        for batch in receive_batches(self.sock, self._buffer, opener):
             if batch is None:
                 c.malformed_frames += 1
                 continue
             packets, partial, other, malformed, addr = batch
             c.malformed_frames += malformed
             for data in other:
-                self._control_frame(data, addr, now)
+                # Every datagram of one receive comes from one address, hence one key.
+                self._control_frame(data, addr, now, self._batch_rx)
             if not packets:
                 continue
             vipa = self.tunnel_vipa.get(addr)
@@ -216,12 +246,9 @@ class AnchorDataPath:
             return False
         entry = self.paft.entries.get(key)
         if entry is None:
-            flow_count = self.flow_count
-            known = flow_count.get(vipa, 0)
-            if known >= self.max_flows_per_terminal:
+            if self.paft.count_of(vipa) >= self.max_flows_per_terminal:
                 c.flow_limit += count
                 return False
-            flow_count[vipa] = known + 1
             with self.lock:
                 entry = self.paft.learn(key, addr, now)
         elif entry.tunnel != addr:
@@ -239,7 +266,91 @@ class AnchorDataPath:
             default_tunnel[vipa] = addr
         return True
 
-    def _control_frame(self, data: bytes, addr: Addr, now: float) -> None:
+    def _open(self, data: bytes | memoryview, addr: Addr) -> tuple[bytes, Receiver] | None:
+        """The inner frame of an ENCRYPTED datagram from its tunnel, and its key; else None.
+
+        Counted and dropped: plaintext, unknown index, a frame that does not
+        authenticate (or a replay), an authentic one from another address than
+        its tunnel's — except a SIGNAL, which goes to the control plane with
+        its key (a set-up of that slot from a new address).
+        """
+        c = self.counters
+        if len(data) <= OVERHEAD or data[0] != ENCRYPTED:
+            c.plaintext_dropped += 1
+            return None
+        rx = self.receivers.get(int.from_bytes(data[1:5], "big"))
+        if rx is None:
+            c.unknown_tunnel += 1
+            return None
+        try:
+            frame = rx.opener.open_untrusted(data)
+        except MalformedError:
+            c.auth_failed += 1
+            return None
+        if rx.endpoint != addr:
+            if frame[0] == FrameType.SIGNAL:
+                c.control_frames += 1
+                self.on_control((addr, rx), frame)
+            else:
+                c.wrong_endpoint += 1
+            return None
+        if rx.current and self.senders.get(addr) is not rx.sealer:
+            # The first frame under a new key: the terminal has it, answer under it.
+            self.senders[addr] = rx.sealer
+        return frame, rx
+
+    def _open_batch(self, datagrams: Sequence[bytes | memoryview], addr: Addr) -> list[bytes]:
+        """`_open` over one receive's datagrams (one sender, so almost always one key).
+
+        Remembers the key for the batch's control frames.
+        """
+        c = self.counters
+        first = datagrams[0]
+        rx = None
+        if len(first) > OVERHEAD and first[0] == ENCRYPTED:
+            rx = self.receivers.get(int.from_bytes(first[1:5], "big"))
+        if rx is None:
+            return self._open_each(datagrams, addr)
+        frames, failed, others = rx.opener.open_many(datagrams)
+        c.auth_failed += failed
+        rest = self._open_each(others, addr) if others else []
+        if rx.endpoint != addr:
+            for frame in frames:
+                if frame[0] == FrameType.SIGNAL:
+                    c.control_frames += 1
+                    self.on_control((addr, rx), frame)
+                else:
+                    c.wrong_endpoint += 1
+            return rest
+        if rx.current and self.senders.get(addr) is not rx.sealer:
+            self.senders[addr] = rx.sealer
+        self._batch_rx = rx
+        return frames + rest if rest else frames
+
+    def _open_each(self, datagrams: Sequence[bytes | memoryview], addr: Addr) -> list[bytes]:
+        out = []
+        for datagram in datagrams:
+            opened = self._open(datagram, addr)
+            if opened is not None:
+                out.append(opened[0])
+                self._batch_rx = opened[1]
+        return out
+
+    def _seal(self, frame: bytes, addr: Addr) -> bytes | None:
+        """`frame` as it goes out to `addr`: sealed with encryption on, None without a key."""
+        if self.sessions is None:
+            return frame
+        sealer = self.senders.get(addr)
+        if sealer is None:
+            self.counters.no_key += 1
+            return None
+        try:
+            return sealer.seal(frame)
+        except KeyExhausted:
+            self.counters.send_dropped += 1
+            return None
+
+    def _control_frame(self, data: bytes, addr: Addr, now: float, rx: Receiver | None) -> None:
         c = self.counters
         if data[0] == FrameType.PROBE:
             if addr not in self.tunnel_vipa:
@@ -255,20 +366,24 @@ class AnchorDataPath:
                 return
             self.last_heard[addr] = now
             ack = ProbeAck(probe.tunnel_id, probe.seq, probe.timestamp_ns, probe.flags, addr)
+            datagram = self._seal(encode_frame(ack), addr)
+            if datagram is None:
+                return
             try:
-                self.sock.sendto(encode_frame(ack), addr)
+                self.sock.sendto(datagram, addr)
                 c.probes_answered += 1
             except OSError:
                 c.send_dropped += 1
             return
         c.control_frames += 1
-        self.on_control(addr, data)
+        self.on_control((addr, rx), data)
 
     def _drain_tun(self) -> None:
         read = os.read
         fd = self.tun_fd
         sendto = self.sock.sendto
         route = self._route_downstream
+        seal = self._seal
         c = self.counters
         now = time.monotonic()
         while True:
@@ -280,9 +395,12 @@ class AnchorDataPath:
                 c.malformed_packets += 1
                 return
             addr = route(packet, now, 1, len(packet))
-            if addr is not None:
+            if addr is None:
+                continue
+            datagram = seal(packet, addr)
+            if datagram is not None:
                 try:
-                    sendto(packet, addr)
+                    sendto(datagram, addr)
                 except OSError:
                     c.send_dropped += 1
 
@@ -293,6 +411,9 @@ class AnchorDataPath:
         route = self._route_downstream
         send = self._sender.send
         sendto = self.sock.sendto
+        seal = self._seal
+        senders = self.senders
+        encrypted = self.sessions is not None
         mtu = self.mtu
         c = self.counters
         now = time.monotonic()
@@ -314,17 +435,27 @@ class AnchorDataPath:
                 continue
             if datagram is not None:
                 addr = route(packet, now, 1, len(packet))
-                if addr is not None:
+                if addr is None:
+                    continue
+                sealed = seal(datagram, addr)
+                if sealed is not None:
                     try:
-                        sendto(datagram, addr)
+                        sendto(sealed, addr)
                     except OSError:
                         c.send_dropped += 1
                 continue
             if segments.count > 1:
                 c.gso_reads += 1
             addr = route(packet, now, segments.count, segments.inner_bytes)
-            if addr is not None:
-                c.send_dropped += send(segments, addr)
+            if addr is None:
+                continue
+            sealer: Sealer | None = None
+            if encrypted:
+                sealer = senders.get(addr)
+                if sealer is None:
+                    c.no_key += segments.count
+                    continue
+            c.send_dropped += send(segments, addr, sealer)
 
     def _route_downstream(self, packet: bytes, now: float, count: int, size: int) -> Addr | None:
         """The tunnel for `count` inner packets of one flow (accounted), or None."""

@@ -1,15 +1,29 @@
-"""VIPA leases: which terminal holds which Virtual IP Address, kept in SQLite.
+"""VIPA leases and pinned terminal keys, kept in SQLite.
 
 A lease is sticky: a terminal gets the same VIPA every time it associates,
 also after an anchor restart, because the table lives in a file. Addresses
 are handed out from the pool in order, skipping the network and broadcast
 addresses and the anchor's own (the first host). When the pool is full, the
-lease seen longest ago that is not in use is reclaimed.
+lease seen longest ago that is not in use is reclaimed. Each lease records
+the source prefix (/24, or /48 for IPv6) it was first asked from, and one
+prefix may create at most `prefix_cap` leases, so that one network cannot
+drain the pool with made-up terminal ids.
+
+Without a users file a terminal id belongs to the first key that registered
+it (trust on first use): `terminal_keys` keeps that public key.
+
+Durability: the file is in WAL mode. A new lease or a pinned key is written
+with ``synchronous=FULL`` (fsync before the answer leaves), so that a power
+loss never forgets an address already handed out, which would give it to
+another terminal; the `last_seen` refresh of every REGISTER is not (NORMAL:
+losing it only reorders reclaiming). The file is created mode 0600.
 """
 
+import contextlib
 import ipaddress
+import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from upmt.errors import ConfigError, SetupError
@@ -20,7 +34,23 @@ CREATE TABLE IF NOT EXISTS leases (
     vipa INTEGER NOT NULL UNIQUE,
     last_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS terminal_keys (
+    terminal_id TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    pinned_at REAL NOT NULL
+);
 """
+DEFAULT_PREFIX_CAP = 1024
+
+
+def source_prefix(host: str) -> str:
+    """The network a source address is counted in: its /24 (IPv4) or /48 (IPv6)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    length = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{length}", strict=False))
 
 
 def parse_pool(text: str) -> ipaddress.IPv4Network:
@@ -39,20 +69,55 @@ def anchor_address(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return pool.network_address + 1
 
 
+def _create_private(path: Path) -> None:
+    """Create `path` mode 0600 if absent (SQLite gives its -wal and -shm files that mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
+        return
+    except OSError as exc:
+        raise SetupError(f"cannot create lease store {path}: {exc.strerror}") from None
+    os.close(fd)
+
+
 class LeaseStore:
-    def __init__(self, path: Path | str, pool: ipaddress.IPv4Network) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        pool: ipaddress.IPv4Network,
+        *,
+        prefix_cap: int = DEFAULT_PREFIX_CAP,
+    ) -> None:
         self.pool = pool
+        self.prefix_cap = prefix_cap
         self._first = int(pool.network_address) + 2
         self._last = int(pool.broadcast_address) - 1
+        if str(path) != ":memory:":
+            _create_private(Path(path))
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
-            # With WAL, NORMAL syncs at checkpoints only: a power loss may forget the
-            # newest leases, never corrupt the file; a REGISTER no longer waits on fsync.
+            # NORMAL for the frequent refreshes; `_durable` raises it to FULL for
+            # the writes that must survive a power loss (see the module docstring).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
+            if "prefix" not in columns:  # a store written before the prefix cap
+                self._db.execute("ALTER TABLE leases ADD COLUMN prefix TEXT")
+            self._db.execute("CREATE INDEX IF NOT EXISTS leases_prefix ON leases (prefix)")
         except sqlite3.Error as exc:
             raise SetupError(f"cannot open lease store {path}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _durable(self) -> Iterator[None]:
+        self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            yield
+        finally:
+            self._db.execute("PRAGMA synchronous=NORMAL")
 
     def close(self) -> None:
         self._db.close()
@@ -66,25 +131,63 @@ class LeaseStore:
         return str(ipaddress.IPv4Address(row[0]))
 
     def acquire(
-        self, terminal_id: str, now: float, in_use: Callable[[str], bool] = lambda _tid: False
+        self,
+        terminal_id: str,
+        now: float,
+        in_use: Callable[[str], bool] = lambda _tid: False,
+        *,
+        prefix: str | None = None,
     ) -> str:
-        """The terminal's VIPA, allocating one on first association."""
+        """The terminal's VIPA, allocating one on first association (asked from `prefix`)."""
         current = self.lookup(terminal_id)
         if current is not None:
             self._db.execute(
                 "UPDATE leases SET last_seen = ? WHERE terminal_id = ?", (now, terminal_id)
             )
             return current
-        # A lease outside the (possibly changed) pool is stale: forget it.
-        self._db.execute("DELETE FROM leases WHERE terminal_id = ?", (terminal_id,))
-        vipa = self._free_address()
-        if vipa is None:
-            vipa = self._reclaim(in_use)
-        self._db.execute(
-            "INSERT INTO leases (terminal_id, vipa, last_seen) VALUES (?, ?, ?)",
-            (terminal_id, vipa, now),
-        )
+        if prefix is not None:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM leases WHERE prefix = ?", (prefix,)
+            ).fetchone()
+            if count >= self.prefix_cap:
+                raise PrefixCapReached(
+                    f"{prefix} already holds {count} leases (limit {self.prefix_cap})"
+                )
+        with self._durable():
+            # A lease outside the (possibly changed) pool is stale: forget it.
+            self._db.execute("DELETE FROM leases WHERE terminal_id = ?", (terminal_id,))
+            vipa = self._free_address()
+            if vipa is None:
+                vipa = self._reclaim(in_use)
+            self._db.execute(
+                "INSERT INTO leases (terminal_id, vipa, last_seen, prefix) VALUES (?, ?, ?, ?)",
+                (terminal_id, vipa, now, prefix),
+            )
         return str(ipaddress.IPv4Address(vipa))
+
+    # -- pinned keys (trust on first use) ----------------------------------------
+    def pinned_key(self, terminal_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT public_key FROM terminal_keys WHERE terminal_id = ?", (terminal_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def pin_key(self, terminal_id: str, public_key: bytes, now: float) -> None:
+        """Bind `terminal_id` to `public_key`; a binding that exists is kept."""
+        with self._durable():
+            self._db.execute(
+                "INSERT OR IGNORE INTO terminal_keys (terminal_id, public_key, pinned_at) "
+                "VALUES (?, ?, ?)",
+                (terminal_id, public_key, now),
+            )
+
+    def unpin_key(self, terminal_id: str) -> bool:
+        """Forget the key of `terminal_id` (an operator's decision); whether there was one."""
+        with self._durable():
+            cursor = self._db.execute(
+                "DELETE FROM terminal_keys WHERE terminal_id = ?", (terminal_id,)
+            )
+        return cursor.rowcount > 0
 
     def all(self) -> dict[str, str]:
         rows = self._db.execute("SELECT terminal_id, vipa FROM leases").fetchall()
@@ -129,3 +232,7 @@ class LeaseStore:
 
 class PoolExhausted(Exception):
     """No address left and none reclaimable."""
+
+
+class PrefixCapReached(Exception):
+    """The source prefix created `prefix_cap` leases already."""

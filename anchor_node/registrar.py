@@ -1,16 +1,24 @@
 """The anchor's association and tunnel broker logic (sans-IO).
 
-Theory of operation: a terminal associates with REGISTER (outside the
-tunnels) and gets its sticky VIPA from the lease store. It then sends, inside
-each new tunnel, a MESSAGE with a TunnelSetupRequest; the tunnel's identity
-is the source address and port the anchor observes (after the terminal's
-NATs), and the answer tells the terminal what that was. The data path reads
-three dicts this object keeps up to date: tunnel → packed VIPA (which
-tunnels may carry which source), VIPA → default tunnel (the last heard), and
-the PAFT. HandoverRequests move flows of the requesting terminal only.
+Theory of operation. A terminal associates with REGISTER (outside the
+tunnels): `Admission` screens and checks it (address cookie, digest,
+key exchange, pinned key), then the registrar hands out the sticky VIPA and
+answers with its half of the key exchange. The session keys sign in-tunnel
+MESSAGEs and, with encryption on, become the tunnels' AEAD keys
+(`TunnelSessions`). The terminal then sends, inside each new tunnel, a
+MESSAGE with a TunnelSetupRequest; the tunnel's identity is the source
+address and port the anchor observes (after the terminal's NATs) — with
+encryption, of a frame that authenticated under one of the terminal's tunnel
+slots, which binds that slot to the address. The data path reads three dicts
+kept here (tunnel → packed VIPA, VIPA → default tunnel, the PAFT) and, with
+encryption, the sessions' tables. HandoverRequests move flows of the
+requesting terminal only, at most `max_moves` per request, through the PAFT's
+per-VIPA index.
 
 Every method takes `now`; nothing here touches a socket or the clock.
 """
+
+from __future__ import annotations
 
 import ipaddress
 import logging
@@ -22,7 +30,9 @@ from typing import Any
 
 from sipmessage import Request, Response
 
-from anchor_node.leases import LeaseStore, PoolExhausted
+from anchor_node.admission import Admission, Admitted
+from anchor_node.leases import LeaseStore, PoolExhausted, PrefixCapReached, source_prefix
+from anchor_node.sessions import TunnelSessions
 from anchor_node.users import UserStore
 from paft.flow import FiveTuple, proto_number
 from paft.table import FlowSelector, Paft
@@ -37,22 +47,27 @@ from signalling.bodies import (
     encode_body,
     parse_iptables_match,
 )
-from signalling.digest import NonceStore, Outcome, challenge_values, verify
-from signalling.message import build_response, new_tag
-from signalling.register import build_register_ok, parse_register_untrusted
-from signalling.tunnelauth import (
-    KEY_HEADER,
-    TunnelAuthVerifier,
+from signalling.cookies import CookieJar
+from signalling.digest import ALGORITHMS
+from signalling.handshake import (
+    KX_HEADER,
+    SessionKeys,
+    StaticKey,
     decode_key_untrusted,
-    derive_key,
     encode_key,
-    random_key,
+    respond,
 )
+from signalling.message import build_response, new_tag
+from signalling.register import build_register_ok
+from signalling.tunnelauth import TunnelAuthVerifier
 from tunnel.addr import format_hostport
 from upmt.errors import MalformedError
 
 Addr = tuple[str, int]
 JSON_TYPE = "application/json"
+# RFC 9000-style cap on the work one request buys: a HandoverRequest names at
+# most this many flows (the client splits longer lists).
+MAX_MOVES = 64
 log = logging.getLogger("upmt.anchor.registrar")
 
 
@@ -75,10 +90,10 @@ class Terminal:
     expires_at: float
     registered_from: Addr
     tunnels: dict[Addr, TunnelRecord] = field(default_factory=dict)
-    # In-tunnel MESSAGEs must carry an HMAC under the association's key: the
-    # current key's verifier first, the previous one kept across a refresh.
+    # In-tunnel MESSAGEs carry an HMAC under the association's signing key: the
+    # current one's verifier first, the previous one kept across a rekey.
     verifiers: list[TunnelAuthVerifier] = field(default_factory=list)
-    keys: list[bytes] = field(default_factory=list)
+    keys: list[SessionKeys] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -94,6 +109,8 @@ class RegistrarCounters:
     auth_failures: int = 0
     challenges: int = 0
     unknown_tunnel_messages: int = 0
+    pool_sources: int = 0
+    users_removed: int = 0
 
 
 class Registrar:
@@ -102,42 +119,65 @@ class Registrar:
         leases: LeaseStore,
         paft: Paft[Addr],
         *,
+        static_key: StaticKey | None = None,
+        encryption: bool = True,
         default_expires: int = 600,
         min_expires: int = 30,
         max_expires: int = 86400,
         max_tunnels: int = 8,
+        max_moves: int = MAX_MOVES,
         users: UserStore | None = None,
+        cookies: CookieJar | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self.admission = Admission(
+            static_key=static_key or StaticKey.generate(),
+            leases=leases,
+            pool=leases.pool,
+            encryption=encryption,
+            users=users,
+            cookies=cookies,
+            wall_clock=wall_clock,
+        )
         self.wall_clock = wall_clock
-        self.users = users
-        self.nonces = NonceStore()
         self.leases = leases
         self.paft = paft
+        self.encryption = encryption
         self.default_expires = default_expires
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.max_tunnels = max_tunnels
+        self.max_moves = max_moves
         self.terminals: dict[str, Terminal] = {}
         self.by_vipa: dict[bytes, Terminal] = {}
-        # Shared with the data path, which only reads them.
+        # Shared with the data path, which only reads them (and, with encryption,
+        # promotes senders in `sessions`).
         self.tunnel_vipa: dict[Addr, bytes] = {}
         self.default_tunnel: dict[bytes, Addr] = {}
+        self.sessions = TunnelSessions(max_tunnels)
         self._tunnel_owner: dict[Addr, Terminal] = {}
         self.counters = RegistrarCounters()
 
+    @property
+    def users(self) -> UserStore | None:
+        return self.admission.users
+
+    @property
+    def static_key(self) -> StaticKey:
+        return self.admission.static_key
+
+    def screen(self, request: Request, source: Addr, size: int, now: float) -> Response | bool:
+        """The SIP port's screen: see `Admission.screen`."""
+        return self.admission.screen(request, source, size, now)
+
     # -- association --------------------------------------------------------
     def on_register(self, request: Request, source: Addr, now: float) -> Response:
-        try:
-            info = parse_register_untrusted(request)
-        except MalformedError as exc:
-            return self._reject(request, 400, str(exc))
-        key: bytes | None = None
-        if self.users is not None:
-            outcome = self._authenticate(request, info.terminal_id)
-            if isinstance(outcome, Response):
-                return outcome
-            key = outcome
+        """A REGISTER whose source address is proven (its cookie passed the screen)."""
+        admitted = self.admission.admit(request, source, now)
+        if isinstance(admitted, Response):
+            self.counters.rejected += 1
+            return admitted
+        info = admitted.info
         expires = self.default_expires if info.expires is None else info.expires
         if expires == 0:
             self._unregister(info.terminal_id)
@@ -145,93 +185,90 @@ class Registrar:
             vipa = self.leases.lookup(info.terminal_id) or "0.0.0.0"
             return build_register_ok(request, vipa=vipa, expires=0, to_tag=new_tag())
         if expires < self.min_expires:
-            response = build_response(
+            self.counters.rejected += 1
+            return build_response(
                 request,
                 423,
                 "Interval Too Brief",
                 to_tag=new_tag(),
                 headers=[("Min-Expires", str(self.min_expires))],
             )
-            self.counters.rejected += 1
-            return response
         expires = min(expires, self.max_expires)
         try:
-            vipa = self.leases.acquire(info.terminal_id, now, in_use=self._in_use)
+            vipa = self.leases.acquire(
+                info.terminal_id, now, in_use=self._in_use, prefix=source_prefix(source[0])
+            )
         except PoolExhausted as exc:
             return self._reject(request, 503, str(exc))
-        terminal = self.terminals.get(info.terminal_id)
-        if terminal is None or terminal.vipa != vipa:
-            if terminal is not None:
-                self._unregister(info.terminal_id)
-            terminal = Terminal(
-                info.terminal_id, vipa, socket.inet_aton(vipa), now + expires, source
-            )
-            self.terminals[info.terminal_id] = terminal
-            self.by_vipa[terminal.vipa_packed] = terminal
+        except PrefixCapReached as exc:
+            return self._reject(request, 403, f"too many terminals from here: {exc}")
+        if not admitted.pinned:
+            self.leases.pin_key(info.terminal_id, admitted.proven.offer.static, self.wall_clock())
             log.info(
-                "terminal %s associated from %s: VIPA %s",
+                "terminal %s pinned to key %s (first use)",
                 info.terminal_id,
-                format_hostport(source),
-                vipa,
+                encode_key(admitted.proven.offer.static),
             )
+        terminal = self._terminal(admitted, vipa, source, now)
         terminal.expires_at = now + expires
         terminal.registered_from = source
+        acceptance, keys = respond(
+            admitted.proven, index=self.sessions.new_base(), vipa=vipa, expires=expires
+        )
+        self._new_keys(terminal, keys, now)
         self.counters.registers += 1
         response = build_register_ok(request, vipa=vipa, expires=expires, to_tag=new_tag())
-        if key is None:
-            # Without user authentication the key travels in the answer: it keeps
-            # out whoever did not see this exchange, no more.
-            key = random_key()
-            response.headers.set(KEY_HEADER, encode_key(key))
-        self._new_key(terminal, key)
+        response.headers.set(KX_HEADER, acceptance.encode())
         return response
 
-    def _authenticate(self, request: Request, terminal_id: str) -> bytes | Response:
-        """The association key of a correctly authenticated REGISTER, or the answer to send.
+    def _terminal(self, admitted: Admitted, vipa: str, source: Addr, now: float) -> Terminal:
+        terminal_id = admitted.info.terminal_id
+        terminal = self.terminals.get(terminal_id)
+        if terminal is not None and terminal.vipa == vipa:
+            return terminal
+        if terminal is not None:
+            self._unregister(terminal_id)
+        terminal = Terminal(terminal_id, vipa, socket.inet_aton(vipa), now, source)
+        self.terminals[terminal_id] = terminal
+        self.by_vipa[terminal.vipa_packed] = terminal
+        log.info(
+            "terminal %s associated from %s: VIPA %s", terminal_id, format_hostport(source), vipa
+        )
+        return terminal
 
-        RFC 3261 §22.2: no or stale credentials → 401 with a fresh challenge
-        (one per algorithm, RFC 8760); wrong ones → 403; unparsable → 400. A
-        user may only register its own terminal id.
+    def _new_keys(self, terminal: Terminal, keys: SessionKeys, now: float) -> None:
+        # Beside the new keys, the previous ones stay for a while; when the
+        # previous association's answer was lost (its keys never used), the
+        # ones in use before it stay instead (as in `TunnelSessions.install`).
+        keep = 0
+        if len(terminal.verifiers) > 1 and not terminal.verifiers[0].used:
+            keep = 1 if terminal.verifiers[1].used else 0
+        terminal.keys = [keys, *terminal.keys[keep : keep + 1]]
+        terminal.verifiers = [
+            TunnelAuthVerifier(keys.signing),
+            *terminal.verifiers[keep : keep + 1],
+        ]
+        if self.encryption:
+            self.sessions.install(terminal.terminal_id, terminal.vipa_packed, keys, now)
+
+    def reload_users(self, users: UserStore) -> list[str]:
+        """New users in force; the associations of users removed or given a new password end.
+
+        Their keys were derived from the old password hash, so they go too:
+        the terminal must associate again, and cannot without the new password.
         """
-        assert self.users is not None
-        wall = self.wall_clock()
-        value = request.headers.get("Authorization")
-        if value is None:
-            return self._challenge(request, wall, stale=False)
-        result = verify(
-            value,
-            method="REGISTER",
-            realm=self.users.realm,
-            ha1_of=self.users.ha1,
-            nonces=self.nonces,
-            now=wall,
-            request_uri=str(request.uri),
-        )
-        if result.outcome in (Outcome.STALE, Outcome.REPLAY):
-            return self._challenge(request, wall, stale=True)
-        if result.outcome is Outcome.MALFORMED:
-            self.counters.auth_failures += 1
-            return self._reject(request, 400, f"bad Authorization: {result.reason}")
-        if result.outcome is not Outcome.OK or result.username != terminal_id:
-            self.counters.auth_failures += 1
-            log.warning("REGISTER for %s refused: wrong credentials", terminal_id)
-            return self._reject(request, 403, "wrong credentials")
-        secret = self.users.ha1(result.username, result.algorithm)
-        assert secret is not None
-        return derive_key(secret, result.nonce, result.cnonce, terminal_id)
-
-    def _challenge(self, request: Request, wall: float, *, stale: bool) -> Response:
-        assert self.users is not None
-        self.counters.challenges += 1
-        values = challenge_values(self.users.realm, self.nonces, wall, stale=stale)
-        return build_response(
-            request, 401, to_tag=new_tag(), headers=[("WWW-Authenticate", v) for v in values]
-        )
-
-    @staticmethod
-    def _new_key(terminal: Terminal, key: bytes) -> None:
-        terminal.verifiers = [TunnelAuthVerifier(key), *terminal.verifiers[:1]]
-        terminal.keys = [key, *terminal.keys[:1]]
+        old = self.admission.users
+        self.admission.users = users
+        gone = []
+        for terminal_id in list(self.terminals):
+            hashes = [users.ha1(terminal_id, a) for a in ALGORITHMS]
+            before = [old.ha1(terminal_id, a) for a in ALGORITHMS] if old is not None else None
+            if all(h is not None for h in hashes) and hashes == before:
+                continue
+            self._unregister(terminal_id)
+            self.counters.users_removed += 1
+            gone.append(terminal_id)
+        return gone
 
     # -- restart in place -----------------------------------------------------
     def export_state(self, now: float) -> dict[str, Any]:
@@ -243,7 +280,8 @@ class Registrar:
                     "vipa": t.vipa,
                     "expires_in": t.expires_at - now,
                     "registered_from": list(t.registered_from),
-                    "keys": [encode_key(k) for k in t.keys],
+                    "keys": [_keys_json(k) for k in t.keys],
+                    "sessions": self.sessions.export_terminal(t.terminal_id, now),
                     "tunnels": [[a[0], a[1], r.interface] for a, r in t.tunnels.items()],
                     "default": list(self.default_tunnel.get(t.vipa_packed, ("", 0))),
                 }
@@ -267,9 +305,11 @@ class Registrar:
     def import_state(self, state: dict[str, Any], now: float, mono: float) -> int:
         """Take over what `export_state` wrote; the number of terminals restored.
 
-        Replay windows start afresh: a signed MESSAGE seen just before the
-        restart could be replayed once within its time window, from the same
-        tunnel's address only (it must pass as that tunnel's owner).
+        Replay windows of in-tunnel MESSAGEs start afresh (a signed MESSAGE
+        seen just before the restart could be replayed once within its time
+        window, from the same tunnel's address only); those of the tunnels'
+        AEAD keys start at the highest counter seen, and sending counters move
+        on by a margin, so no nonce is ever used twice.
         """
         for item in state.get("terminals", []):
             vipa = str(item["vipa"])
@@ -281,10 +321,15 @@ class Registrar:
                 now + float(item["expires_in"]),
                 source,
             )
-            for key in reversed([decode_key_untrusted(k) for k in item["keys"]]):
-                self._new_key(terminal, key)
+            keys = [_keys_from_json(k) for k in item["keys"]]
+            terminal.keys = keys
+            terminal.verifiers = [TunnelAuthVerifier(k.signing) for k in keys]
             self.terminals[terminal.terminal_id] = terminal
             self.by_vipa[terminal.vipa_packed] = terminal
+            saved = item.get("sessions", [])
+            for generation in saved:
+                generation["keys"] = _keys_from_json(generation)
+            self.sessions.import_terminal(terminal.terminal_id, terminal.vipa_packed, saved, now)
             for host, port, interface in item["tunnels"]:
                 addr = (str(host), int(port))
                 terminal.tunnels[addr] = TunnelRecord(addr, str(interface), now)
@@ -314,12 +359,33 @@ class Registrar:
             self._drop_tunnel(terminal, addr)
         self.by_vipa.pop(terminal.vipa_packed, None)
         self.default_tunnel.pop(terminal.vipa_packed, None)
-        for key, _entry in list(self.paft):
-            if key.src == terminal.vipa_packed:
-                self.paft.remove(key)
+        self.sessions.drop_terminal(terminal_id)
+        self.paft.remove_src(terminal.vipa_packed)
         log.info("terminal %s left (VIPA %s kept for it)", terminal_id, terminal.vipa)
 
     # -- requests inside tunnels ----------------------------------------------
+    def screen_tunnel(
+        self, request: Request, tunnel: Addr, size: int, now: float
+    ) -> Response | bool:
+        """The tunnel port's screen: no transaction for a MESSAGE no terminal could have sent.
+
+        With encryption every SIGNAL frame authenticated already. Without it,
+        a MESSAGE from an address that is no tunnel is let through only if it
+        is a tunnel set-up (which must then pass its MAC).
+        """
+        if self.encryption or tunnel in self._tunnel_owner:
+            return True
+        if request.method != "MESSAGE":
+            return False
+        try:
+            body = decode_body_untrusted(request.body)
+        except MalformedError:
+            return False
+        if isinstance(body, TunnelSetupRequest):
+            return True
+        self.counters.unknown_tunnel_messages += 1
+        return False
+
     def on_tunnel_message(self, request: Request, tunnel: Addr, now: float) -> Response | None:
         """A MESSAGE inside a tunnel; None means drop it unanswered."""
         if request.method != "MESSAGE":
@@ -341,6 +407,12 @@ class Registrar:
                 self.counters.unknown_tunnel_messages += 1
                 return None
             terminal = found
+        if self.encryption:
+            origin = self.sessions.origin(tunnel)
+            if origin is None or origin.terminal_id != terminal.terminal_id:
+                # Under another terminal's key: its owner cannot speak for this one.
+                self.counters.auth_failures += 1
+                return self._reject(request, 403, "not this terminal's tunnel key")
         if not self._authentic(terminal, request):
             self.counters.auth_failures += 1
             return self._reject(request, 403, "authentication failed")
@@ -363,7 +435,7 @@ class Registrar:
         return False
 
     def on_plain_message(self, request: Request, source: Addr, now: float) -> Response:
-        """Anything but REGISTER on the SIP port."""
+        """A request on the SIP port that the screen let open a transaction."""
         if request.method == "REGISTER":
             return self.on_register(request, source, now)
         if request.method == "MESSAGE":
@@ -375,15 +447,24 @@ class Registrar:
     def _tunnel_setup(
         self, request: Request, body: TunnelSetupRequest, tunnel: Addr, now: float
     ) -> Response:
-        terminal = self.terminals.get(body.terminal_id)
-        if terminal is None or terminal.expires_at <= now:
-            return self._reject(request, 403, "terminal not associated")
+        terminal = self.terminals[body.terminal_id]
         if body.vipa != terminal.vipa:
             return self._reject(request, 403, "VIPA does not belong to this terminal")
+        if self._in_pool(tunnel[0]):
+            return self._reject(request, 403, "a tunnel address inside the VIPA pool")
         owner = self._tunnel_owner.get(tunnel)
         if owner is not None and owner is not terminal:
             # A NAT reused the address for another terminal: the old binding is stale.
             self._drop_tunnel(owner, tunnel)
+        if self.encryption:
+            origin = self.sessions.origin(tunnel)
+            assert origin is not None  # on_tunnel_message checked it
+            # The slot's tunnel moved (a NAT rebinding): its old address is gone.
+            for addr in list(terminal.tunnels):
+                if addr != tunnel and self.sessions.slot_of(terminal.terminal_id, addr) == (
+                    origin.slot
+                ):
+                    self._drop_tunnel(terminal, addr)
         if tunnel not in terminal.tunnels:
             if len(terminal.tunnels) >= self.max_tunnels:
                 self._expire_oldest_tunnel(terminal)
@@ -396,6 +477,10 @@ class Registrar:
             )
         else:
             terminal.tunnels[tunnel].interface = body.interface
+        if self.encryption:
+            origin = self.sessions.origin(tunnel)
+            assert origin is not None
+            self.sessions.bind(origin, tunnel)
         self._tunnel_owner[tunnel] = terminal
         self.tunnel_vipa[tunnel] = terminal.vipa_packed
         self.default_tunnel.setdefault(terminal.vipa_packed, tunnel)
@@ -405,10 +490,20 @@ class Registrar:
         )
         return self._json_ok(request, encode_body(answer))
 
+    def _in_pool(self, host: str) -> bool:
+        try:
+            return ipaddress.ip_address(host) in self.leases.pool
+        except ValueError:
+            return False
+
     def _handover(self, request: Request, body: HandoverRequest, tunnel: Addr) -> Response:
         terminal = self._tunnel_owner.get(tunnel)
         if terminal is None:
             return self._reject(request, 403, "unknown tunnel")
+        if len(body.flows) > self.max_moves:
+            return self._reject(
+                request, 400, f"{len(body.flows)} moves in one request (at most {self.max_moves})"
+            )
         plan: list[tuple[FlowSelector, Addr]] = []
         try:
             for move in body.flows:
@@ -466,7 +561,7 @@ class Registrar:
 
     # -- time --------------------------------------------------------------
     def expire(self, now: float, last_heard: dict[Addr, float], tunnel_idle: float) -> None:
-        """Forget registrations past their Expires and tunnels silent for `tunnel_idle`."""
+        """Forget registrations past their Expires, tunnels silent for `tunnel_idle`, old keys."""
         for terminal in list(self.terminals.values()):
             if terminal.expires_at <= now:
                 self.counters.expired_terminals += 1
@@ -483,6 +578,15 @@ class Registrar:
                         now - heard,
                     )
                     self._drop_tunnel(terminal, addr)
+        if self.encryption:
+            for terminal_id in self.sessions.expire(now):
+                log.warning(
+                    "terminal %s did not rekey in time: its tunnels are closed", terminal_id
+                )
+                keyless = self.terminals.get(terminal_id)
+                if keyless is not None:
+                    for addr in list(keyless.tunnels):
+                        self._drop_tunnel(keyless, addr)
 
     def _expire_oldest_tunnel(self, terminal: Terminal) -> None:
         oldest = min(terminal.tunnels.values(), key=lambda r: r.created)
@@ -492,6 +596,7 @@ class Registrar:
         terminal.tunnels.pop(addr, None)
         self._tunnel_owner.pop(addr, None)
         self.tunnel_vipa.pop(addr, None)
+        self.sessions.unbind(addr)
         if self.default_tunnel.get(terminal.vipa_packed) == addr:
             if terminal.tunnels:
                 self.default_tunnel[terminal.vipa_packed] = next(iter(terminal.tunnels))
@@ -507,35 +612,70 @@ class Registrar:
                 fallback,
                 only=lambda _key, entry: entry.tunnel == addr,
             )
-        self.paft.remove_tunnel(addr)
+        for key in self.paft.flows_of(terminal.vipa_packed):
+            entry = self.paft.entries.get(key)
+            if entry is not None and entry.tunnel == addr:
+                self.paft.remove(key)
 
     # -- answers -------------------------------------------------------------
     def _reject(self, request: Request, code: int, reason: str) -> Response:
         self.counters.rejected += 1
-        phrase = reason.replace("\r", " ").replace("\n", " ")[:120]
-        return build_response(request, code, phrase, to_tag=new_tag())
+        return self.admission.reject(request, code, reason)
 
     @staticmethod
     def _json_ok(request: Request, body: bytes) -> Response:
         return build_response(request, 200, to_tag=new_tag(), body=body, content_type=JSON_TYPE)
 
     # -- status ----------------------------------------------------------------
+    def statistics(self) -> dict[str, int]:
+        out = {name: getattr(self.counters, name) for name in self.counters.__slots__}
+        out["auth_failures"] += self.admission.auth_failures
+        out["challenges"] += self.admission.challenges
+        out["pool_sources"] += self.admission.pool_sources
+        return out
+
     def terminals_json(self, now: float) -> list[dict[str, Any]]:
-        return [
-            {
-                "terminal_id": t.terminal_id,
-                "vipa": t.vipa,
-                "expires_in_s": max(0.0, t.expires_at - now),
-                "registered_from": format_hostport(t.registered_from),
-                "tunnels": [
-                    {
-                        "tunnel_id": r.tunnel_id,
-                        "address": format_hostport(r.address),
-                        "interface": r.interface,
-                        "default": self.default_tunnel.get(t.vipa_packed) == r.address,
-                    }
-                    for r in t.tunnels.values()
-                ],
-            }
-            for t in self.terminals.values()
-        ]
+        out = []
+        for t in self.terminals.values():
+            age = self.sessions.key_age(t.terminal_id, now)
+            out.append(
+                {
+                    "terminal_id": t.terminal_id,
+                    "vipa": t.vipa,
+                    "expires_in_s": max(0.0, t.expires_at - now),
+                    "registered_from": format_hostport(t.registered_from),
+                    "key_age_s": None if age is None else round(age, 1),
+                    "flows": self.paft.count_of(t.vipa_packed),
+                    "tunnels": [
+                        {
+                            "tunnel_id": r.tunnel_id,
+                            "address": format_hostport(r.address),
+                            "interface": r.interface,
+                            "default": self.default_tunnel.get(t.vipa_packed) == r.address,
+                            "encrypted": r.address in self.sessions.senders,
+                        }
+                        for r in t.tunnels.values()
+                    ],
+                }
+            )
+        return out
+
+
+def _keys_json(keys: SessionKeys) -> dict[str, Any]:
+    return {
+        "up": encode_key(keys.up),
+        "down": encode_key(keys.down),
+        "signing": encode_key(keys.signing),
+        "terminal_index": keys.terminal_index,
+        "anchor_index": keys.anchor_index,
+    }
+
+
+def _keys_from_json(item: dict[str, Any]) -> SessionKeys:
+    return SessionKeys(
+        decode_key_untrusted(str(item["up"])),
+        decode_key_untrusted(str(item["down"])),
+        decode_key_untrusted(str(item["signing"])),
+        int(item["terminal_index"]),
+        int(item["anchor_index"]),
+    )

@@ -8,7 +8,11 @@ command line prints as one line.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +34,26 @@ _users_option = click.option(
     show_default=True,
     help="Users file (JSON, mode 0600).",
 )
+
+
+@contextlib.contextmanager
+def users_lock(users_path: Path) -> Iterator[None]:
+    """Hold the users file's lock (`<file>.lock`, flock) across a read-modify-write.
+
+    Two `user add` at once would otherwise both read the old file and the
+    second rename would drop the first one's user.
+    """
+    lock = users_path.with_name(users_path.name + ".lock")
+    try:
+        users_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"{lock}: cannot lock: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _prompt(text: str) -> str:
@@ -74,11 +98,13 @@ def user() -> None:
 )
 def add(user_id: str, users_path: Path, password_stdin: bool, realm: str | None) -> None:
     """Add terminal ID, or set its new password."""
-    store = UserStore.load_or_create(users_path, realm)
     # Check the id before asking for a password that would then be thrown away.
     check_user_id(user_id)
-    store.add(user_id, _read_password(password_stdin))
-    store.save()
+    password = _read_password(password_stdin)
+    with users_lock(users_path):
+        store = UserStore.load_or_create(users_path, realm)
+        store.add(user_id, password)
+        store.save()
 
 
 @user.command("del")
@@ -86,9 +112,10 @@ def add(user_id: str, users_path: Path, password_stdin: bool, realm: str | None)
 @_users_option
 def delete(user_id: str, users_path: Path) -> None:
     """Remove terminal ID."""
-    store = UserStore.load(users_path)
-    store.delete(user_id)
-    store.save()
+    with users_lock(users_path):
+        store = UserStore.load(users_path)
+        store.delete(user_id)
+        store.save()
 
 
 @user.command("list")

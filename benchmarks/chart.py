@@ -38,7 +38,7 @@ def plot_suite(results: dict[str, Any], out: Path) -> Path:
     x = list(range(len(names)))
     width = 0.38
 
-    fig, (ax_tcp, ax_udp) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_tcp, ax_udp) = plt.subplots(1, 2, figsize=(16, 5))
     one = [figures[n]["tcp_1_mbit_s"] or 0.0 for n in names]
     four = [figures[n]["tcp_4_mbit_s"] or 0.0 for n in names]
     bars1 = ax_tcp.bar([i - width / 2 for i in x], one, width, label="1 stream")
@@ -51,7 +51,7 @@ def plot_suite(results: dict[str, Any], out: Path) -> Path:
         ax_tcp.set_ylim(bottom=min(positive) / 4, top=max(positive) * 2)
     ax_tcp.set_ylabel("Mbit/s received (log scale)")
     ax_tcp.set_title(f"iperf3 TCP, {results['method']['tcp_seconds']} s per run")
-    ax_tcp.set_xticks(x, labels, fontsize=8)
+    ax_tcp.set_xticks(x, labels, fontsize=7)
     ax_tcp.legend()
 
     kpps = [(figures[n]["udp_received_pps"] or 0.0) / 1000 for n in names]
@@ -75,7 +75,7 @@ def plot_suite(results: dict[str, Any], out: Path) -> Path:
         f"iperf3 UDP, {results['method']['udp_payload_bytes']}-byte payloads,"
         f" -b {results['method']['udp_rate']}"
     )
-    ax_udp.set_xticks(x, labels, fontsize=8)
+    ax_udp.set_xticks(x, labels, fontsize=7)
     ax_udp.margins(y=0.15)
 
     machine = results.get("machine", {})

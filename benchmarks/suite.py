@@ -16,11 +16,22 @@ The paths run one after another, each alone (its predecessor torn down):
   OpenVPN subnet out of its ``eth0`` with its own nftables table
   (``ip ovpnbench``, deleted afterwards); the MH routes only the CH's /32
   through the OpenVPN TUN. The UPMT daemons are not running meanwhile.
-* ``upmt-plain``: the UPMT overlay with ``--offload off`` on both daemons:
-  one read, one classification and one send per packet.
-* ``upmt``: the UPMT overlay with its default fast data path (TUN TSO with
-  virtio_net_hdr, UDP_SEGMENT sends, UDP_GRO receives merged per flow);
-  `lab.scenario.start_overlay`.
+* ``openvpn-gcm``: the same with OpenVPN's default data cipher, AES-256-GCM:
+  TLS between the two ends (one self-signed certificate, made with openssl in
+  the lab's directory, as CA, certificate and key of both), the cipher
+  negotiated and checked in the log ("Data Channel: cipher 'AES-256-GCM'").
+  TUN MTU 1500 - 28 - 24 (its AEAD framing).
+* ``wireguard-go``: Debian's userspace WireGuard (``wireguard-go -f``, set up
+  with ``wg``), ChaCha20-Poly1305, MTU 1420, the same routing and NAT, where
+  the packages install (the kernel here has no WireGuard module).
+* ``upmt-plain``: the UPMT overlay with ``--offload off`` and
+  ``--encryption off`` on both daemons: one read, one classification and one
+  send per packet, frames in clear.
+* ``upmt-clear``: the default fast data path (TUN TSO with virtio_net_hdr,
+  UDP_SEGMENT sends, UDP_GRO receives merged per flow) with
+  ``--encryption off``: next to OpenVPN without crypto.
+* ``upmt``: the defaults, fast data path and every frame sealed with
+  AES-256-GCM: next to OpenVPN with AES-256-GCM and wireguard-go.
 
 Per path: idle round-trip time (``ping -c 50 -i 0.05`` to the CH: avg, p50,
 and what the path adds to the direct path's), iperf3 TCP with 1 and with 4
@@ -56,7 +67,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +94,14 @@ OVPN_AN_ADDR = "198.18.99.1"  # inside the lab's benchmarking range
 OVPN_MH_ADDR = "198.18.99.2"
 OVPN_NET = "198.18.99.0/30"
 OVPN_TABLE = "ovpnbench"
+# OpenVPN's AEAD data channel costs 24 bytes more (opcode/peer-id, packet id, tag).
+OVPN_GCM_MTU = TUNNEL_MTU - 24
+WG_AN_ADDR = "198.18.98.1"
+WG_MH_ADDR = "198.18.98.2"
+WG_NET = "198.18.98.0/30"
+WG_PORT = 51820
+WG_MTU = 1420  # wg-quick's default
+WG_TABLE = "wgbench"
 OVPN_BUFFER = 8 << 20
 UPMT_TUN = "upmt0"
 RTT_RE = re.compile(r"time=([0-9.]+) ms")
@@ -148,23 +169,46 @@ def _pid(daemon: Daemon) -> int:
     return daemon.popen.pid
 
 
+def nat_table(name: str, network: str) -> str:
+    """The AN's masquerade of a benchmark tunnel's subnet out of eth0 (a table of its own)."""
+    return f"""\
+table ip {name}
+delete table ip {name}
+table ip {name} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth0" ip saddr {network} masquerade
+    }}
+}}
+"""
+
+
 class OpenVpnPath(BenchPath):
-    """OpenVPN 2.6, UDP, p2p without TLS or crypto, between the MH and the AN."""
+    """OpenVPN 2.6, UDP, p2p between the MH and the AN: without crypto, or with AES-256-GCM."""
 
-    name = "openvpn"
-    label = "OpenVPN 2.6 UDP\nno crypto"
-
-    def __init__(self) -> None:
+    def __init__(self, *, gcm: bool = False) -> None:
+        self.gcm = gcm
+        self.name = "openvpn-gcm" if gcm else "openvpn"
+        self.label = "OpenVPN 2.6 UDP\nAES-256-GCM" if gcm else "OpenVPN 2.6 UDP\nno crypto"
         self.server: Daemon | None = None
         self.client: Daemon | None = None
         self._forwarding: str | None = None
+        self._pki: Path | None = None
 
     @property
     def device(self) -> str:
         return OVPN_DEV
 
-    @staticmethod
-    def common_args() -> list[str]:
+    def crypto_args(self, role: str) -> list[str]:
+        if not self.gcm:
+            return ["--cipher", "none", "--data-ciphers", "none", "--auth", "none"]
+        assert self._pki is not None
+        crt, key = str(self._pki / "ovpn.crt"), str(self._pki / "ovpn.key")
+        tls = ["--tls-server", "--dh", "none"] if role == "an" else ["--tls-client"]
+        # The default data cipher of 2.6, spelled out: the log must confirm it.
+        return [*tls, "--ca", crt, "--cert", crt, "--key", key, "--data-ciphers", "AES-256-GCM"]
+
+    def common_args(self, role: str = "an") -> list[str]:
         return [
             "openvpn",
             "--dev",
@@ -175,17 +219,12 @@ class OpenVpnPath(BenchPath):
             "udp",
             "--port",
             str(OVPN_PORT),
-            "--cipher",
-            "none",
-            "--data-ciphers",
-            "none",
-            "--auth",
-            "none",
+            *self.crypto_args(role),
             "--disable-dco",
             "--allow-compression",
             "no",
             "--tun-mtu",
-            str(TUNNEL_MTU),
+            str(OVPN_GCM_MTU if self.gcm else TUNNEL_MTU),
             "--mssfix",
             "0",
             "--txqueuelen",
@@ -202,11 +241,18 @@ class OpenVpnPath(BenchPath):
         ]
 
     def server_argv(self) -> list[str]:
-        return [*self.common_args(), "--local", AN_ADDR, "--ifconfig", OVPN_AN_ADDR, OVPN_MH_ADDR]
+        return [
+            *self.common_args("an"),
+            "--local",
+            AN_ADDR,
+            "--ifconfig",
+            OVPN_AN_ADDR,
+            OVPN_MH_ADDR,
+        ]
 
     def client_argv(self) -> list[str]:
         return [
-            *self.common_args(),
+            *self.common_args("mh"),
             "--remote",
             AN_ADDR,
             "--nobind",
@@ -219,27 +265,26 @@ class OpenVpnPath(BenchPath):
         return {"label": self.label, "an_argv": self.server_argv(), "mh_argv": self.client_argv()}
 
     def setup(self, lab: Lab) -> None:
+        if self.gcm:
+            self._pki = lab.workdir / "ovpn-pki"
+            self._pki.mkdir(exist_ok=True)
+            run_checked(
+                [
+                    "openssl", "req", "-x509", "-newkey", "ec",
+                    "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(self._pki / "ovpn.key"), "-out", str(self._pki / "ovpn.crt"),
+                    "-days", "2", "-subj", "/CN=upmt-suite",
+                ]
+            )  # fmt: skip
         self._forwarding = lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
         lab.sysctl("an", "net.ipv4.ip_forward", "1")
-        lab.nft(
-            "an",
-            f"""\
-table ip {OVPN_TABLE}
-delete table ip {OVPN_TABLE}
-table ip {OVPN_TABLE} {{
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "eth0" ip saddr {OVPN_NET} masquerade
-    }}
-}}
-""",
-        )
-        self.server = lab.start("an", "openvpn-an", self.server_argv())
+        lab.nft("an", nat_table(OVPN_TABLE, OVPN_NET))
+        self.server = lab.start("an", f"{self.name}-an", self.server_argv())
         # A client that starts first waits out a retry timer (~10 s) before it connects.
         wait_until(
             _logged(self.server, "link local (bound)"), 30, "openvpn-an to listen", (self.server,)
         )
-        self.client = lab.start("mh", "openvpn-mh", self.client_argv())
+        self.client = lab.start("mh", f"{self.name}-mh", self.client_argv())
         for daemon in (self.server, self.client):
             wait_until(
                 _logged(daemon, "Initialization Sequence Completed"),
@@ -250,6 +295,8 @@ table ip {OVPN_TABLE} {{
             comm = Path(f"/proc/{_pid(daemon)}/comm").read_text().strip()
             if comm != "openvpn":  # `ip netns exec` execs in place: the PID is openvpn's
                 raise UpmtError(f"{daemon.name}: PID {_pid(daemon)} is {comm!r}, not openvpn")
+            if self.gcm and "Data Channel: cipher 'AES-256-GCM'" not in daemon.log_tail(400):
+                raise UpmtError(f"{daemon.name}: the data channel is not AES-256-GCM")
         lab.ip("mh", "route", "replace", f"{CH_ADDR}/32", "dev", OVPN_DEV)
 
     def teardown(self, lab: Lab) -> None:
@@ -262,6 +309,97 @@ table ip {OVPN_TABLE} {{
 
     def processes(self) -> dict[str, int]:
         return {d.name: _pid(d) for d in (self.client, self.server) if d is not None}
+
+
+def run_checked(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise UpmtError(f"{argv[0]}: {(proc.stderr.strip() or 'failed').splitlines()[-1]}")
+
+
+class WireGuardGoPath(BenchPath):
+    """Debian's wireguard-go (userspace, a TUN), between the MH and the AN."""
+
+    name = "wireguard-go"
+    label = "wireguard-go\n(userspace)"
+
+    def __init__(self) -> None:
+        self.daemons: list[Daemon] = []
+        self._forwarding: str | None = None
+        self._devices: dict[str, str] = {}
+
+    @staticmethod
+    def available() -> str | None:
+        """None when wireguard-go and wg are installed, else what is missing."""
+        missing = [tool for tool in ("wireguard-go", "wg") if shutil.which(tool) is None]
+        return ", ".join(missing) or None
+
+    @property
+    def device(self) -> str:
+        return self._devices.get("mh", "")
+
+    def setup(self, lab: Lab) -> None:
+        missing = self.available()
+        if missing:
+            raise UpmtError(f"not installed: {missing}")
+        # wireguard-go's control socket is /var/run/wireguard/<dev>.sock in every
+        # namespace (/var/run is shared): the lab's prefix keeps the names apart.
+        self._devices = {"an": lab.prefix + "wa", "mh": lab.prefix + "wm"}
+        keys: dict[str, tuple[Path, str]] = {}
+        for role in ("an", "mh"):
+            private = lab.workdir / f"wg-{role}.key"
+            key = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True)
+            private.write_text(key.stdout)
+            private.chmod(0o600)
+            public = subprocess.run(
+                ["wg", "pubkey"], input=key.stdout, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            keys[role] = (private, public)
+        self._forwarding = lab.exec("an", "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip()
+        lab.sysctl("an", "net.ipv4.ip_forward", "1")
+        lab.nft("an", nat_table(WG_TABLE, WG_NET))
+        for role in ("an", "mh"):
+            dev = self._devices[role]
+            daemon = lab.start(role, f"wireguard-go-{role}", ["wireguard-go", "-f", dev])
+            self.daemons.append(daemon)
+            socket_path = Path("/var/run/wireguard") / f"{dev}.sock"
+            wait_until(socket_path.exists, 10, f"{dev}'s control socket", (daemon,))
+        an_dev, mh_dev = self._devices["an"], self._devices["mh"]
+        lab.exec(
+            "an", "wg", "set", an_dev, "private-key", str(keys["an"][0]),
+            "listen-port", str(WG_PORT), "peer", keys["mh"][1], "allowed-ips", f"{WG_MH_ADDR}/32",
+        )  # fmt: skip
+        lab.exec(
+            "mh", "wg", "set", mh_dev, "private-key", str(keys["mh"][0]),
+            "peer", keys["an"][1], "endpoint", f"{AN_ADDR}:{WG_PORT}",
+            "allowed-ips", f"{CH_ADDR}/32", "persistent-keepalive", "1",
+        )  # fmt: skip
+        for role, mine, theirs in (("an", WG_AN_ADDR, WG_MH_ADDR), ("mh", WG_MH_ADDR, WG_AN_ADDR)):
+            dev = self._devices[role]
+            lab.ip(role, "addr", "add", mine, "peer", theirs, "dev", dev)
+            lab.ip(role, "link", "set", dev, "mtu", str(WG_MTU), "up")
+        lab.ip("mh", "route", "replace", f"{CH_ADDR}/32", "dev", mh_dev)
+
+        def handshake_done() -> bool:
+            # The first packet towards the peer starts the handshake.
+            lab.exec("mh", "ping", "-c", "1", "-W", "1", CH_ADDR, check=False, timeout=10)
+            return "latest handshake" in lab.exec("mh", "wg", "show", mh_dev).stdout
+
+        wait_until(handshake_done, 20, "the WireGuard handshake", tuple(self.daemons))
+
+    def teardown(self, lab: Lab) -> None:
+        if self._devices:
+            lab.exec(
+                "mh", "ip", "route", "del", f"{CH_ADDR}/32", "dev", self._devices["mh"], check=False
+            )
+        for daemon in self.daemons:
+            _stop(daemon)  # SIGTERM: it removes its TUN and its control socket
+        lab.exec("an", "nft", "delete", "table", "ip", WG_TABLE, check=False)
+        if self._forwarding is not None:
+            lab.sysctl("an", "net.ipv4.ip_forward", self._forwarding)
+
+    def processes(self) -> dict[str, int]:
+        return {d.name: _pid(d) for d in self.daemons}
 
 
 class UpmtPath(BenchPath):
@@ -328,17 +466,29 @@ class UpmtPath(BenchPath):
 
 def default_paths() -> list[BenchPath]:
     """The paths, in the order they run (direct first: before any tunnel exists)."""
+    clear = ("--encryption", "off")
     return [
         DirectPath(),
         OpenVpnPath(),
+        OpenVpnPath(gcm=True),
+        WireGuardGoPath(),
         UpmtPath(
             "upmt-plain",
-            "UPMT plain",
-            client_args=("--offload", "off"),
-            anchor_args=("--offload", "off"),
+            "UPMT plain\nno crypto",
+            client_args=("--offload", "off", *clear),
+            anchor_args=("--offload", "off", *clear),
         ),
         UpmtPath(
-            "upmt", "UPMT offload", client_args=("--offload", "on"), anchor_args=("--offload", "on")
+            "upmt-clear",
+            "UPMT offload\nno crypto",
+            client_args=("--offload", "on", *clear),
+            anchor_args=("--offload", "on", *clear),
+        ),
+        UpmtPath(
+            "upmt",
+            "UPMT offload\nAES-256-GCM",
+            client_args=("--offload", "on"),
+            anchor_args=("--offload", "on"),
         ),
     ]
 
@@ -520,24 +670,39 @@ def summarize(measured: dict[str, JSONDict]) -> JSONDict:
             f["added_rtt_avg_ms"] = f["rtt_avg_ms"] - direct["rtt_avg_ms"]
             f["added_rtt_p50_ms"] = f["rtt_p50_ms"] - direct["rtt_p50_ms"]
     vs: JSONDict = {}
+    # Each tunnel against the direct path and against its peers: the paths without
+    # crypto against OpenVPN without crypto, the encrypted ones against OpenVPN
+    # with AES-256-GCM and wireguard-go.
+    peers = {
+        "upmt": ("openvpn-gcm", "wireguard-go"),
+        "upmt-clear": ("openvpn",),
+        "upmt-plain": ("openvpn",),
+    }
     for name, f in figures.items():
         if name == "direct":
             continue
         entry: JSONDict = {}
         if direct is not None:
             entry["vs_direct"] = ratios(f, direct)
-        if name != "openvpn" and "openvpn" in figures:
-            entry["vs_openvpn"] = ratios(f, figures["openvpn"])
-            entry["vs_openvpn"]["added_rtt_p50_ms"] = ratio(
-                f["added_rtt_p50_ms"], figures["openvpn"]["added_rtt_p50_ms"]
-            )
+        for peer in peers.get(name, ()):
+            if peer in figures:
+                key = "vs_" + peer.replace("-", "_")
+                entry[key] = ratios(f, figures[peer])
+                entry[key]["added_rtt_p50_ms"] = ratio(
+                    f["added_rtt_p50_ms"], figures[peer]["added_rtt_p50_ms"]
+                )
         vs[name] = entry
     out: JSONDict = {"figures": figures, "ratios": vs}
     if "upmt" in vs:
-        out["upmt_over_openvpn"] = vs["upmt"].get("vs_openvpn")
+        out["upmt_over_openvpn_gcm"] = vs["upmt"].get("vs_openvpn_gcm")
+        out["upmt_over_wireguard_go"] = vs["upmt"].get("vs_wireguard_go")
         out["upmt_over_direct"] = vs["upmt"].get("vs_direct")
-    if "upmt" in figures and "upmt-plain" in figures:
-        out["offload_over_plain"] = ratios(figures["upmt"], figures["upmt-plain"])
+    if "upmt-clear" in vs:
+        out["upmt_clear_over_openvpn"] = vs["upmt-clear"].get("vs_openvpn")
+    if "upmt" in figures and "upmt-clear" in figures:
+        out["encrypted_over_clear"] = ratios(figures["upmt"], figures["upmt-clear"])
+    if "upmt-clear" in figures and "upmt-plain" in figures:
+        out["offload_over_plain"] = ratios(figures["upmt-clear"], figures["upmt-plain"])
     return out
 
 

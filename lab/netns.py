@@ -18,7 +18,11 @@ from upmt.errors import SetupError
 def run(
     cmd: Sequence[str], *, check: bool = True, timeout: float = 60.0, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command, raising SetupError with its first error line on failure."""
+    """Run a command, raising SetupError with its error line on failure.
+
+    The first line of what it printed, or, for a Python traceback, the last
+    one (the exception itself).
+    """
     try:
         proc = subprocess.run(
             list(cmd), capture_output=True, text=True, timeout=timeout, input=input, check=False
@@ -27,7 +31,8 @@ def run(
         raise SetupError(f"{' '.join(cmd)}: {exc}") from None
     if check and proc.returncode != 0:
         err = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()
-        raise SetupError(f"{' '.join(cmd)}: {err[0] if err else proc.returncode}")
+        line = err[-1] if err and err[0].startswith("Traceback") else err[0] if err else ""
+        raise SetupError(f"{' '.join(cmd)}: {line or proc.returncode}")
     return proc
 
 

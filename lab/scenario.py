@@ -52,11 +52,12 @@ def start_overlay(
     anchor_args: tuple[str, ...] = (),
     tunnels: int = 2,
     timeout: float = 30.0,
+    interfaces: tuple[str, ...] = ("if0", "if1"),
 ) -> tuple[Daemon, Daemon]:
     """Anchor and client started, the client's tunnels up; (anchor, client)."""
     anchor = lab.start_anchor(*anchor_args)
     wait_until(anchor.status, timeout, "the anchor's control socket", (anchor,))
-    client = lab.start_client(*client_args)
+    client = lab.start_client(*client_args, interfaces=interfaces)
     wait_until(tunnels_up(client, tunnels), timeout, f"{tunnels} tunnels up", (anchor, client))
     return anchor, client
 

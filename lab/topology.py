@@ -41,6 +41,11 @@ ACCESS = {  # MH interface → (MH address, NAT LAN address, NAT WAN address, in
 }
 MH_ROLE = "mh"
 NAT_OF = {"if0": "nat0", "if1": "nat1"}
+# With `anchor_lan`: a network behind a second interface of the anchor, which
+# terminals must not reach unless the anchor is told (--allow-prefix).
+ANCHOR_LAN = "10.99.0.0/24"
+ANCHOR_LAN_ADDR = "10.99.0.1"  # the anchor's eth1
+LAN_HOST_ADDR = "10.99.0.2"  # host `lan`
 
 
 def nat_ruleset(conntrack_note: str = "") -> str:
@@ -116,11 +121,13 @@ class Lab:
         prefix: str | None = None,
         conntrack_udp_timeout: int | None = None,
         extra_hosts: int = 0,
+        anchor_lan: bool = False,
     ) -> None:
         self.workdir = workdir
         self.prefix = prefix or f"upmt{secrets.token_hex(3)}-"
         self.conntrack_udp_timeout = conntrack_udp_timeout
         self.extra_hosts = extra_hosts
+        self.anchor_lan = anchor_lan
         self.daemons: list[Daemon] = []
         self._servers: list[subprocess.Popen[bytes]] = []
 
@@ -130,9 +137,11 @@ class Lab:
 
     @property
     def roles(self) -> list[str]:
-        return ["inet", "nat0", "nat1", MH_ROLE, "an", "ch"] + [
-            f"h{i}" for i in range(self.extra_hosts)
-        ]
+        return (
+            ["inet", "nat0", "nat1", MH_ROLE, "an", "ch"]
+            + [f"h{i}" for i in range(self.extra_hosts)]
+            + (["lan"] if self.anchor_lan else [])
+        )
 
     @staticmethod
     def extra_host_addr(i: int) -> tuple[str, str]:
@@ -207,6 +216,11 @@ class Lab:
             self._addr(role, "eth0", addr, 30)
             self._addr("inet", role, gw, 30)
             self.ip(role, "route", "add", "default", "via", gw)
+        if self.anchor_lan:
+            self._link("an", "eth1", "lan", "eth0")
+            self._addr("an", "eth1", ANCHOR_LAN_ADDR, 24)
+            self._addr("lan", "eth0", LAN_HOST_ADDR, 24)
+            self.ip("lan", "route", "add", "default", "via", ANCHOR_LAN_ADDR)
 
     def down(self) -> None:
         """Stop every daemon and server, delete every namespace; safe to repeat."""
@@ -384,6 +398,9 @@ class Lab:
             str(control),
             "--run-dir",
             str(self.workdir / f"{name}.run"),
+            # The terminal's key pair lives with its identity, whichever daemon runs it.
+            "--state-dir",
+            str(self.workdir / f"{terminal_id}.state"),
         ]
         for ifname in interfaces:
             argv += ["--interface", ifname]

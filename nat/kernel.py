@@ -6,17 +6,50 @@ Everything here acts on the namespace the daemon runs in, never elsewhere.
 """
 
 import contextlib
+import ipaddress
 import json
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nat.ruleset import anchor_ruleset, delete_script
 from upmt.errors import SetupError
+from upmt.keyfile import write_private
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 TCP_LIBERAL = Path("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def uplinks_and_networks(tun_name: str) -> tuple[list[str], list[str]]:
+    """The interfaces of this namespace's default routes, and the networks of its interfaces.
+
+    What the pool may reach is what lies behind the former and outside the
+    latter (see `nat.ruleset`). Read over netlink at start-up (and on SIGHUP).
+    """
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            uplinks: set[str] = set()
+            for route in ipr.get_default_routes(family=socket.AF_INET):
+                oifs = [route.get_attr("RTA_OIF")]
+                for hop in route.get_attr("RTA_MULTIPATH") or []:
+                    oifs.append(hop.get("oif"))
+                uplinks.update(str(names[i]) for i in oifs if i in names)
+            networks: set[str] = set()
+            for addr in ipr.get_addr(family=socket.AF_INET):
+                if names.get(addr["index"]) in (tun_name, "lo"):
+                    continue
+                local = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
+                with contextlib.suppress(ValueError, TypeError):
+                    network = ipaddress.IPv4Network(f"{local}/{addr['prefixlen']}", strict=False)
+                    networks.add(str(network))
+    except OSError as exc:
+        raise SetupError(f"cannot read the interfaces: {exc}") from None
+    return sorted(uplinks - {tun_name}), sorted(networks)
 
 
 def _nft(args: list[str], script: str | None = None) -> str:
@@ -49,12 +82,32 @@ class NatSetup:
     pool: str
     tun_name: str
     record: Path
+    allow_prefixes: list[str] = field(default_factory=list)
+    client_to_client: bool = False
     previous: dict[str, str] = field(default_factory=dict)
     installed: bool = False
 
+    def ruleset(self) -> str:
+        uplinks, networks = uplinks_and_networks(self.tun_name)
+        return anchor_ruleset(
+            self.pool,
+            self.tun_name,
+            uplinks=uplinks,
+            connected=networks,
+            allowed=self.allow_prefixes,
+            client_to_client=self.client_to_client,
+        )
+
+    def refresh(self) -> None:
+        """Re-read the interfaces and replace the table atomically (connections stay)."""
+        if self.installed:
+            _nft(["-f", "-"], self.ruleset())
+
     def install(self) -> None:
         """Forwarding on, table `upmt` replaced atomically, liberal TCP tracking."""
-        script = anchor_ruleset(self.pool, self.tun_name)
+        if shutil.which("nft") is None:
+            raise SetupError("nft not found: install the nftables package")
+        script = self.ruleset()
         self.previous = self._recorded()
         try:
             self._set(IP_FORWARD, "1")
@@ -82,7 +135,8 @@ class NatSetup:
     def _set(self, path: Path, value: str) -> None:
         current = path.read_text().strip()
         self.previous.setdefault(str(path), current)
-        self.record.write_text(json.dumps(self.previous))
+        # Atomically: a crash mid-write must not leave a record that restores nothing.
+        write_private(self.record, json.dumps(self.previous).encode())
         # In a container /proc/sys may be read-only, with the value set by the runtime.
         if current != value:
             path.write_text(value + "\n")

@@ -4,7 +4,10 @@ Theory of operation. `entries` is a plain dict from `FiveTuple` to a mutable
 `FlowEntry`, so the data path finds a flow with one `dict.get` and updates its
 counters in place. Everything that is not per packet — learning a new flow,
 moving flows on handover, ageing, dropping a dead tunnel — goes through the
-methods, which keep the counters of `statistics()`.
+methods, which keep the counters of `statistics()` and an index of the flows
+of each source address (a terminal's VIPA at the anchor): a handover or an
+unregistration touches only that terminal's flows, never the whole table,
+and `count_of` is the one count of a terminal's flows.
 
 The table is generic in the tunnel identifier: the client uses interface
 names, the anchor `(ip, port)` tunnel ids. It reads no clock; `now` is passed in.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import heapq
 import ipaddress
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -228,6 +231,7 @@ class Paft(Generic[T]):
         "_moved",
         "_relearned",
         "_removed",
+        "by_src",
         "entries",
         "max_entries",
     )
@@ -238,6 +242,8 @@ class Paft(Generic[T]):
         if evict_batch is not None and evict_batch < 1:
             raise ValueError(f"evict_batch must be positive, not {evict_batch}")
         self.entries: dict[FiveTuple, FlowEntry[T]] = {}
+        # Source address -> its flows (a dict as an insertion-ordered set).
+        self.by_src: dict[bytes, dict[FiveTuple, None]] = {}
         self.max_entries = max_entries
         if evict_batch is None:
             evict_batch = max(1, (max_entries or 0) // 64)
@@ -273,15 +279,50 @@ class Paft(Generic[T]):
             self._evict(len(self.entries) - self.max_entries + self._evict_batch)
         entry = FlowEntry(tunnel, now, now, app)
         self.entries[key] = entry
+        flows = self.by_src.get(key.src)
+        if flows is None:
+            self.by_src[key.src] = {key: None}
+        else:
+            flows[key] = None
         self._learned += 1
         return entry
+
+    def _forget(self, key: FiveTuple) -> None:
+        """Drop `key` from `entries` and from the index (it must be present)."""
+        del self.entries[key]
+        flows = self.by_src[key.src]
+        del flows[key]
+        if not flows:
+            del self.by_src[key.src]
 
     def _evict(self, count: int) -> None:
         # nsmallest is stable for equal keys, so ties go to the earliest inserted.
         victims = heapq.nsmallest(count, self.entries.items(), key=lambda item: item[1].last_seen)
         for key, _ in victims:
-            del self.entries[key]
+            self._forget(key)
         self._evicted += len(victims)
+
+    def count_of(self, src: bytes) -> int:
+        """How many flows come from `src` (one dict look-up)."""
+        flows = self.by_src.get(src)
+        return 0 if flows is None else len(flows)
+
+    def flows_of(self, src: bytes) -> list[FiveTuple]:
+        return list(self.by_src.get(src, ()))
+
+    def remove_src(self, src: bytes) -> int:
+        """Drop every flow from `src` (a terminal that left); returns how many."""
+        keys = self.flows_of(src)
+        for key in keys:
+            del self.entries[key]
+        self.by_src.pop(src, None)
+        self._removed += len(keys)
+        return len(keys)
+
+    def clear(self) -> None:
+        self._removed += len(self.entries)
+        self.entries.clear()
+        self.by_src.clear()
 
     @staticmethod
     def account_up(entry: FlowEntry[T], nbytes: int, now: float) -> None:
@@ -306,10 +347,17 @@ class Paft(Generic[T]):
 
         Returns the keys whose tunnel changed, in table order; flows already on
         `tunnel` are not reported. `movable` is not consulted here: handover
-        passes `only=lambda k, e: e.movable`, an explicit request may not.
+        passes `only=lambda k, e: e.movable`, an explicit request may not. A
+        selector naming one source host walks only that source's flows.
         """
         moved: list[FiveTuple] = []
-        for key, entry in self.entries.items():
+        entries = self.entries
+        if selector.src is not None and selector.src_prefix in (None, len(selector.src) * 8):
+            keys: Iterable[FiveTuple] = self.by_src.get(selector.src, ())
+        else:
+            keys = entries
+        for key in keys:
+            entry = entries[key]
             if (
                 entry.tunnel != tunnel
                 and selector.matches(key, entry)
@@ -321,8 +369,9 @@ class Paft(Generic[T]):
         return moved
 
     def remove(self, key: FiveTuple) -> FlowEntry[T] | None:
-        entry = self.entries.pop(key, None)
+        entry = self.entries.get(key)
         if entry is not None:
+            self._forget(key)
             self._removed += 1
         return entry
 
@@ -330,7 +379,7 @@ class Paft(Generic[T]):
         """Drop every flow on `tunnel`; returns how many."""
         keys = self.flows_on(tunnel)
         for key in keys:
-            del self.entries[key]
+            self._forget(key)
         self._removed += len(keys)
         return len(keys)
 
@@ -353,7 +402,7 @@ class Paft(Generic[T]):
             if now - entry.last_seen > timeout_of(key, entry)
         ]
         for key in keys:
-            del self.entries[key]
+            self._forget(key)
         self._expired += len(keys)
         return keys
 

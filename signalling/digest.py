@@ -56,6 +56,7 @@ __all__ = [
     "ha1",
     "is_valid_realm",
     "new_cnonce",
+    "parse_auth_untrusted",
     "verify",
 ]
 
@@ -156,7 +157,7 @@ def _canonical_algorithm(value: str | None) -> str | None:
     return None
 
 
-def _parse_auth_untrusted(value: str) -> tuple[str, dict[str, str]]:
+def parse_auth_untrusted(value: str) -> tuple[str, dict[str, str]]:
     """(scheme, {lowercased name: unquoted value}) of a challenge or credentials value.
 
     RFC 3261 §25.1: `scheme LWS auth-param *(COMMA auth-param)`. Names are
@@ -393,7 +394,7 @@ def verify(
     whatever the value holds (unless `ha1_of` does).
     """
     try:
-        scheme, params = _parse_auth_untrusted(credentials_header_value)
+        scheme, params = parse_auth_untrusted(credentials_header_value)
     except MalformedError as exc:
         return DigestResult(Outcome.MALFORMED, reason=str(exc))
     if scheme.lower() != DIGEST_SCHEME.lower():
@@ -476,7 +477,7 @@ class ParsedChallenge:
 def _usable_challenges(values: list[str]) -> Iterator[ParsedChallenge]:
     for value in values:
         try:
-            scheme, params = _parse_auth_untrusted(value)
+            scheme, params = parse_auth_untrusted(value)
         except MalformedError:
             continue
         if scheme.lower() != DIGEST_SCHEME.lower():

@@ -99,10 +99,10 @@ OVERLOAD_RETRY_AFTER: Final = 5
 # times the bytes received from it. Applied to every stateless answer.
 AMPLIFICATION_LIMIT: Final = 3
 
-# A new request, its source and its size in bytes -> True: open a server
-# transaction (the TU answers it); False: drop it; a Response: send that
-# statelessly (no transaction), within AMPLIFICATION_LIMIT.
-Screen: TypeAlias = "Callable[[Request, Addr, int], Response | bool]"
+# A new request, its source, its size in bytes and the time -> True: open a
+# server transaction (the TU answers it); False: drop it; a Response: send
+# that statelessly (no transaction), within AMPLIFICATION_LIMIT.
+Screen: TypeAlias = "Callable[[Request, Addr, int, float], Response | bool]"
 
 
 class TransactionStateError(UpmtError):
@@ -545,7 +545,7 @@ class TransactionLayer:
             self._pump_server(server)
             return
         if self._screen is not None:
-            verdict = self._screen(request, addr, size)
+            verdict = self._screen(request, addr, size, now)
             if verdict is False:
                 self._screened_out += 1
                 return

@@ -177,6 +177,11 @@ class TunnelAuthVerifier:
         # Bit i set: seq `_highest - i` was accepted.
         self._seen = 0
 
+    @property
+    def used(self) -> bool:
+        """Whether a request ever verified under this key."""
+        return self._highest > 0
+
     def verify(self, request: Request, now: float) -> None:
         """Accept `request` or raise `MalformedError` with the reason.
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -54,7 +55,9 @@ __all__ = [
     "Opener",
     "ReplayWindow",
     "Sealer",
+    "TunnelKeys",
     "receiver_of",
+    "seal_run",
 ]
 
 # The wire format's discriminator byte of an ENCRYPTED frame.
@@ -119,17 +122,22 @@ class ReplayWindow:
     def accept(self, counter: int) -> bool:
         """Record `counter` (after its frame authenticated); False if it was a replay."""
         words = self._words
-        index = counter >> 6
         top = self._top
+        index = counter >> 6
         if counter > top:
-            current = top >> 6 if top >= 0 else -1
-            gap = index - current
-            if gap > len(words):
-                gap = len(words)
-            for step in range(1, gap + 1):
-                words[(current + step) & self._mask] = 0
+            # The common case, in order: at most one word to clear.
+            current = top >> 6  # -1 before the first counter
+            if index != current:
+                gap = index - current
+                if gap > len(words):
+                    gap = len(words)
+                mask = self._mask
+                for step in range(1, gap + 1):
+                    words[(current + step) & mask] = 0
             self._top = counter
-        elif top - counter >= (len(words) - 1) * _WORD_BITS:
+            words[index & self._mask] |= 1 << (counter & 63)
+            return True
+        if top - counter >= (len(words) - 1) * _WORD_BITS:
             return False
         slot = index & self._mask
         bit = 1 << (counter & 63)
@@ -153,7 +161,7 @@ def _aead(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def receiver_of(datagram: bytes) -> int | None:
+def receiver_of(datagram: bytes | memoryview) -> int | None:
     """The receiver index of an ENCRYPTED datagram, or None if it is not one (or too short)."""
     if len(datagram) < OVERHEAD or datagram[0] != ENCRYPTED:
         return None
@@ -226,35 +234,142 @@ def _peek(counter: itertools.count[int]) -> int:
 class Opener:
     """The receiving key of one tunnel direction, with its replay window."""
 
-    __slots__ = ("_decrypt", "created", "index", "window")
+    __slots__ = ("_decrypt", "_index", "created", "index", "window")
 
     def __init__(self, key: bytes, index: int, *, created: float = 0.0) -> None:
         if not 0 < index <= 0xFFFF_FFFF:
             raise ValueError(f"receiver index {index} is not a non-zero u32")
         self._decrypt = _aead(key).decrypt
         self.index = index
+        self._index = _RECEIVER.pack(index)
         self.created = created
         self.window = ReplayWindow()
 
-    def open_untrusted(self, datagram: bytes) -> bytes:
+    def open_untrusted(self, datagram: bytes | memoryview) -> bytes:
         """The inner frame of an ENCRYPTED datagram addressed to this key.
 
         Raises `MalformedError` if it is too short, not for this index, a
         replay, too old for the window, or does not authenticate; the window
-        moves only when the tag is good.
+        moves only when the tag is good. (The data path's hottest function:
+        hence the slices instead of a struct, and the window's fast path.)
         """
-        if len(datagram) < OVERHEAD + 1:
+        if len(datagram) <= OVERHEAD or datagram[0] != ENCRYPTED:
             raise MalformedError("ENCRYPTED: too short")
-        kind, index, counter = _HEADER.unpack_from(datagram)
-        if kind != ENCRYPTED or index != self.index:
+        if datagram[1:5] != self._index:
             raise MalformedError("ENCRYPTED: not for this key")
+        counter_bytes = datagram[5:13]
+        counter = int.from_bytes(counter_bytes, "big")
         window = self.window
-        if not window.fresh(counter):
+        if counter <= window.top and not window.fresh(counter):
             raise MalformedError("ENCRYPTED: replayed or too old")
         try:
-            frame = self._decrypt(_NONCE_PAD + datagram[5:13], memoryview(datagram)[13:], None)
+            # A bytes slice is cheaper here than a memoryview (measured).
+            frame = self._decrypt(_NONCE_PAD + counter_bytes, datagram[13:], None)
         except InvalidTag:
             raise MalformedError("ENCRYPTED: authentication failed") from None
         if not window.accept(counter):  # a twin authenticated in between
             raise MalformedError("ENCRYPTED: replayed")
         return frame
+
+    def open_many(
+        self, datagrams: Sequence[bytes | memoryview]
+    ) -> tuple[list[bytes], int, list[bytes | memoryview]]:
+        """`open_untrusted` over a GRO batch: (inner frames, failures, datagrams for other keys).
+
+        The same checks, in one loop with its look-ups hoisted: a batch is one
+        sender's datagrams, almost always all under this key. Those under
+        another index (a rekey in the middle of a batch) come back untouched.
+        """
+        frames: list[bytes] = []
+        others: list[bytes | memoryview] = []
+        failed = 0
+        decrypt = self._decrypt
+        window = self.window
+        fresh, accept = window.fresh, window.accept
+        index = self._index
+        for datagram in datagrams:
+            if len(datagram) <= OVERHEAD or datagram[0] != ENCRYPTED:
+                failed += 1
+                continue
+            if datagram[1:5] != index:
+                others.append(datagram)
+                continue
+            counter_bytes = datagram[5:13]
+            counter = int.from_bytes(counter_bytes, "big")
+            if counter <= window._top and not fresh(counter):
+                failed += 1
+                continue
+            try:
+                frame = decrypt(_NONCE_PAD + counter_bytes, datagram[13:], None)
+            except InvalidTag:
+                failed += 1
+                continue
+            if accept(counter):
+                frames.append(frame)
+            else:
+                failed += 1
+        return frames, failed, others
+
+
+def seal_run(
+    sealer: Sealer, buffers: Sequence[bytes | memoryview], per_datagram: int
+) -> list[bytes]:
+    """The datagrams of a GSO run (`per_datagram` buffers each), sealed one by one.
+
+    Returns a gather list of two buffers per datagram (header, ciphertext);
+    every ENCRYPTED datagram is `OVERHEAD` longer than its plaintext, so equal
+    sizes stay equal and the run can still be sent with one UDP_SEGMENT.
+    """
+    out: list[bytes] = []
+    append = out.append
+    encrypt, counters = sealer._encrypt, sealer._counter
+    receiver, reject = sealer.receiver, sealer.reject_after
+    pack = _HEADER.pack
+    for at in range(0, len(buffers), per_datagram):
+        plain = buffers[at] if per_datagram == 1 else b"".join(buffers[at : at + per_datagram])
+        counter = next(counters)
+        if counter >= reject:
+            raise KeyExhausted(f"key to receiver {receiver} sent {counter} messages")
+        head = pack(ENCRYPTED, receiver, counter)
+        append(head)
+        append(encrypt(_NONCE_PAD + head[5:], plain, None))
+    return out
+
+
+class TunnelKeys:
+    """One tunnel's keys at the terminal: the sealer in use and the openers it accepts.
+
+    A rekey replaces the sealer at once (the anchor holds the new keys before
+    the terminal learns them) and keeps the previous opener beside the new
+    one, for frames the anchor sent before it switched.
+    """
+
+    __slots__ = ("current", "openers", "sealer")
+
+    def __init__(self, sealer: Sealer, opener: Opener) -> None:
+        self.sealer = sealer
+        self.current = opener
+        self.openers = {opener.index: opener}
+
+    def rekey(self, sealer: Sealer, opener: Opener) -> None:
+        # One dict assignment: the data-path thread sees the old or the new one.
+        self.openers = {self.current.index: self.current, opener.index: opener}
+        self.current = opener
+        self.sealer = sealer
+
+    def open_untrusted(self, datagram: bytes | memoryview) -> bytes:
+        index = receiver_of(datagram)
+        opener = None if index is None else self.openers.get(index)
+        if opener is None:
+            raise MalformedError("ENCRYPTED: no key for this receiver index")
+        return opener.open_untrusted(datagram)
+
+    def open_many(self, datagrams: Sequence[bytes | memoryview]) -> tuple[list[bytes], int]:
+        """The inner frames of a batch (in order per key) and how many did not open."""
+        frames, failed, others = self.current.open_many(datagrams)
+        for datagram in others:
+            try:
+                frames.append(self.open_untrusted(datagram))
+            except MalformedError:
+                failed += 1
+        return frames, failed

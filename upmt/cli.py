@@ -62,6 +62,15 @@ offload_option = click.option(
     "the kernel offers, on refuses to start without all of it, off is the plain path.",
 )
 
+encryption_option = click.option(
+    "--encryption",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    show_default=True,
+    help="Authenticated encryption (AES-256-GCM) of every tunnel frame; off only on trusted "
+    "networks, and on both ends.",
+)
+
 
 def control_option(default: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The `--control SOCKET` option of every command that talks to a daemon."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from upmt.errors import SetupError
+from upmt.keyfile import write_private
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,22 @@ def exec_self(
     state: dict[str, Any],
     state_file: Path,
 ) -> NoReturn:
-    """Write `state`, keep `fds` open across exec, and become `python -m module ARGV...`."""
-    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(state, f)
+    """Write `state`, keep `fds` open across exec, and become `python -I -m module ARGV...`.
+
+    The state (keys among it) is written as a private file (0600, created
+    exclusively, atomically renamed). The new interpreter runs isolated
+    (``-I``): no PYTHON* variables, no user site, neither the current directory
+    nor a script's on `sys.path` — what it imports is what is installed, not
+    whatever sits where the daemon was started.
+    """
+    write_private(state_file, json.dumps(state).encode())
     for kept in fds.values():
         os.set_inheritable(kept, True)
     env = dict(os.environ)
     env[env_name] = json.dumps({"fds": fds, "extra": extra, "state_file": str(state_file)})
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-I", "-m", module, *sys.argv[1:]], env)
 
 
 def take_handover(env_name: str) -> Handover | None:

@@ -26,9 +26,10 @@ import errno
 import fcntl
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, NamedTuple
 
+from tunnel.crypto import OVERHEAD, KeyExhausted, Sealer, seal_run
 from tunnel.frames import FrameType
 from tunnel.offload import VNET_HDR_LEN, Segments, coalesce, lone_frame
 
@@ -164,11 +165,24 @@ class GsoSender:
             return "on"
         return "off" if self.fallback_reason is None else f"off ({self.fallback_reason})"
 
-    def send(self, segments: Segments, addr: Addr | None = None) -> int:
-        """Send every datagram of `segments`; returns how many were dropped."""
-        buffers, size, count = segments.buffers, segments.size, segments.count
+    def send(
+        self, segments: Segments, addr: Addr | None = None, sealer: Sealer | None = None
+    ) -> int:
+        """Send every datagram of `segments` (each sealed by `sealer`); returns how many dropped.
+
+        Sealing is per datagram, inside the run: every ENCRYPTED datagram grows
+        by the same `OVERHEAD`, so the run still goes out with one UDP_SEGMENT.
+        """
+        buffers: Sequence[bytes | memoryview] = segments.buffers
+        size, count = segments.size, segments.count
         if count == 1:
-            return self._send_one(b"".join(buffers) if len(buffers) > 1 else buffers[0], addr)
+            datagram = b"".join(buffers) if len(buffers) > 1 else buffers[0]
+            if sealer is not None:
+                try:
+                    datagram = sealer.seal(datagram)
+                except KeyExhausted:
+                    return 1
+            return self._send_one(datagram, addr)
         # `tunnel_segments_untrusted` gives one or two buffers per datagram; any
         # other layout is cut by size first.
         per_datagram, uneven = divmod(len(buffers), count)
@@ -176,6 +190,13 @@ class GsoSender:
             joined = b"".join(buffers)
             buffers = [joined[i : i + size] for i in range(0, len(joined), size)]
             per_datagram = 1
+        if sealer is not None:
+            try:
+                buffers = seal_run(sealer, buffers, per_datagram)
+            except KeyExhausted:
+                return count
+            per_datagram = 2
+            size += OVERHEAD
         if not self.gso:
             return self._send_each(buffers, per_datagram, addr)
         batch = max(1, min(_GSO_MAX_SEGMENTS, _GSO_MAX_BYTES // size))
@@ -225,6 +246,15 @@ def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
     Raises BlockingIOError when nothing is queued and OSError for socket
     errors; a truncated batch (larger than `buf`) comes back empty.
     """
+    views, addr = recv_views(sock, buf)
+    return [bytes(v) for v in views], addr
+
+
+def recv_views(sock: socket.socket, buf: bytearray) -> tuple[list[memoryview], Addr]:
+    """`recv_batch` without the copies: views into `buf`, valid until its next receive.
+
+    For decryption, which reads each datagram once and makes its own plaintext.
+    """
     size, ancdata, flags, addr = sock.recvmsg_into([buf], _ANCILLARY)
     if flags & _MSG_TRUNC:
         return [], addr
@@ -234,8 +264,8 @@ def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
             (segment,) = _INT_NATIVE.unpack_from(data)
     view = memoryview(buf)
     if segment <= 0 or segment >= size:
-        return [bytes(view[:size])], addr
-    return [bytes(view[at : min(at + segment, size)]) for at in range(0, size, segment)], addr
+        return [view[:size]], addr
+    return [view[at : min(at + segment, size)] for at in range(0, size, segment)], addr
 
 
 def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], list[bytes], int]:
@@ -280,11 +310,28 @@ class Batch(NamedTuple):
     addr: Addr
 
 
-def receive_batches(sock: socket.socket, buf: bytearray) -> Iterator[Batch | None]:
-    """Every receive queued on `sock`, sorted; None for a socket error or a truncated batch."""
+def receive_batches(
+    sock: socket.socket,
+    buf: bytearray,
+    opener: Callable[[Sequence[bytes | memoryview], Addr], list[bytes]] | None = None,
+) -> Iterator[Batch | None]:
+    """Every receive queued on `sock`, sorted; None for a socket error or a truncated batch.
+
+    With `opener` (decryption: the inner frames of a batch's datagrams, those
+    that did not open dropped and counted by it) each datagram of a GRO batch
+    is opened on its own before the batch is sorted and merged.
+    """
     while True:
+        truncated = False
         try:
-            datagrams, addr = recv_batch(sock, buf)
+            if opener is None:
+                datagrams, addr = recv_batch(sock, buf)
+                truncated = not datagrams
+            else:
+                views, addr = recv_views(sock, buf)
+                truncated = not views
+                datagrams = opener(views, addr) if views else []
+                del views[:]  # no view may outlive the buffer's next receive
         except BlockingIOError:
             return
         except OSError:
@@ -294,9 +341,11 @@ def receive_batches(sock: socket.socket, buf: bytearray) -> Iterator[Batch | Non
             # loop again while datagrams are queued.
             yield None
             return
-        if not datagrams:
-            yield None  # longer than any GRO batch: truncated
+        if truncated:
+            yield None  # longer than any GRO batch
             continue
+        if not datagrams:
+            continue  # nothing opened: the opener counted why
         packets, partial, other, malformed = sort_batch(datagrams)
         yield Batch(packets, partial, other, malformed, addr)
 

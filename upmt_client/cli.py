@@ -8,6 +8,7 @@ import click
 from upmt.cli import (
     LOG_LEVELS,
     datapath_line,
+    encryption_option,
     flow_rows,
     json_option,
     offload_option,
@@ -23,6 +24,7 @@ from upmt.cli import control_option as shared_control_option
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
 DEFAULT_RUN_DIR = Path("/run/upmt/client")
+DEFAULT_STATE_DIR = Path("/var/lib/upmt/client")
 
 control_option = shared_control_option(DEFAULT_CONTROL)
 
@@ -105,6 +107,27 @@ def cli() -> None:
     help="Seconds to wait for the anchor's answer to REGISTER on one interface.",
 )
 @offload_option
+@encryption_option
+@click.option(
+    "--anchor-key",
+    default=None,
+    help="The anchor's public key ('anchor-node key' prints it); without it the key is "
+    "trusted on first use and remembered in --state-dir.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    show_default=True,
+    help="Where this terminal keeps its key pair and the anchor keys it trusts.",
+)
+@click.option(
+    "--rekey-interval",
+    type=click.FloatRange(5, 300),
+    default=120.0,
+    show_default=True,
+    help="Seconds between key exchanges with the anchor (new tunnel keys each time).",
+)
 @click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
 def run(
     anchor: str,
@@ -123,6 +146,10 @@ def run(
     expires: int,
     register_timeout: float,
     offload: str,
+    encryption: str,
+    anchor_key: str | None,
+    state_dir: Path,
+    rekey_interval: float,
     log_level: str,
 ) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
@@ -149,6 +176,10 @@ def run(
         hold_down=hold_down,
         password_file=password_file,
         offload=offload,
+        encryption=encryption,
+        state_dir=state_dir,
+        anchor_key=anchor_key,
+        rekey_interval=rekey_interval,
     )
     if policy is not None:
         load_policy(policy, fallback_interfaces=interfaces)  # a bad file stops us here

@@ -1,11 +1,14 @@
 """The client's validated configuration."""
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunnel.addr import parse_hostport
 from upmt.errors import ConfigError
 from upmt.names import is_ifname
+from upmt_client.trust import parse_anchor_key
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -29,6 +32,10 @@ class ClientConfig:
     hold_down: float = 10.0
     password: str | None = field(default=None, repr=False)
     offload: str = "auto"  # auto | on | off (--offload)
+    encryption: bool = True  # --encryption on|off
+    state_dir: Path = Path("/var/lib/upmt/client")
+    anchor_key: bytes | None = None  # --anchor-key: the anchor's pinned public key
+    rekey_interval: float = 120.0
 
     @classmethod
     def build(
@@ -50,6 +57,10 @@ class ClientConfig:
         hold_down: float = 10.0,
         password_file: Path | None = None,
         offload: str = "auto",
+        encryption: str = "on",
+        state_dir: Path = Path("/var/lib/upmt/client"),
+        anchor_key: str | None = None,
+        rekey_interval: float = 120.0,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -63,6 +74,8 @@ class ClientConfig:
             raise ConfigError(f"--tun-name {tun_name!r} is not a valid interface name")
         if len(set(interfaces)) != len(interfaces):
             raise ConfigError("--interface given twice for the same interface")
+        if encryption not in ("on", "off"):
+            raise ConfigError(f"--encryption {encryption!r}: use on or off")
         return cls(
             anchor=host,
             sip_port=port,
@@ -80,15 +93,35 @@ class ClientConfig:
             hold_down=hold_down,
             password=read_password(password_file) if password_file is not None else None,
             offload=offload,
+            encryption=encryption == "on",
+            state_dir=state_dir,
+            anchor_key=parse_anchor_key(anchor_key) if anchor_key is not None else None,
+            rekey_interval=rekey_interval,
         )
 
 
 def read_password(path: Path) -> str:
-    """The first line of a password file; ConfigError (one line) if there is none."""
+    """The first line of a password file; ConfigError (one line) if there is none.
+
+    A file that group or others may read is refused, as ssh refuses such a key:
+    the password is as good as published.
+    """
     try:
-        text = path.read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise ConfigError(f"--password-file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"--password-file {path}: not a regular file")
+        if mode & 0o077:
+            raise ConfigError(
+                f"--password-file {path}: group or others may read it "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+            )
+        raw = file.read(1 << 16)
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"--password-file {path}: not UTF-8 text") from None
     password = text.split("\n", 1)[0].rstrip("\r")

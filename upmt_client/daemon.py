@@ -34,21 +34,20 @@ from typing import Any
 import trio
 from sipmessage import Request
 
-from paft.flow import FiveTuple, proto_name
+from paft.flow import FiveTuple
 from paft.table import Paft
 from signalling.bodies import (
-    FlowMove,
-    HandoverRequest,
     HandoverResponse,
-    StructuredMatch,
     TunnelSetupRequest,
     TunnelSetupResponse,
     decode_body_untrusted,
     encode_body,
 )
-from signalling.message import build_request, new_branch, new_call_id, new_tag
+from signalling.handshake import SessionKeys, encode_key
+from signalling.message import MessageTooLarge, build_request, new_branch, new_call_id, new_tag
 from signalling.tunnelauth import sign
 from tunnel.addr import format_hostport
+from tunnel.crypto import OVERHEAD, REKEY_AFTER_MESSAGES
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from tunnel.state import ProbeScheduler
@@ -63,6 +62,7 @@ from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath, FlowChoice
 from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.handover import handover_requests
 from upmt_client.inplace import (
     export_state,
     import_registration,
@@ -85,6 +85,7 @@ from upmt_client.procscan import AppInfo
 from upmt_client.routing import FWMARK, TABLE, PolicyRouting
 from upmt_client.sockdiag import SockDiag, SocketOwner
 from upmt_client.steering import BLOCKED, Steering
+from upmt_client.trust import AnchorTrust, load_terminal_key
 from upmt_client.tunnels import ClientTunnel, TunnelPhase
 
 log = logging.getLogger("upmt.client")
@@ -97,6 +98,10 @@ MAX_BACKOFF = 16.0
 REEVALUATE_INTERVAL = 0.5
 CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
 REEXAMINE_TRIES = 3
+# Set-ups that go unanswered in a row before the client suspects the anchor
+# forgot it (a restart) and associates again; not more often than this.
+SETUP_FAILURES_BEFORE_REASSOCIATION = 2
+REASSOCIATION_HOLD = 15.0
 
 
 def run_client(config: ClientConfig) -> None:
@@ -111,7 +116,10 @@ class ClientDaemon:
         self.paft: Paft[str] = Paft(max_entries=200_000)
         self.lock = threading.Lock()
         self.tunnels: dict[str, ClientTunnel] = {}
-        self.associator = Associator(config, self._change_vipa)
+        # Made in `main` once the command line checked out: it reads (or creates)
+        # the key files of --state-dir.
+        self.associator: Associator
+        self._reassociated_at = -REASSOCIATION_HOLD
         self.book = FlowBook()
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
@@ -134,7 +142,18 @@ class ClientDaemon:
         if not names:
             raise SetupError("no --interface given and no interface has a default route")
         check_interfaces(names)
+        self.associator = Associator(
+            cfg,
+            self._change_vipa,
+            static=load_terminal_key(cfg.state_dir),
+            trust=AnchorTrust(
+                cfg.state_dir, format_hostport((cfg.anchor, cfg.sip_port)), cfg.anchor_key
+            ),
+            on_new_keys=self._new_keys,
+        )
         self.interface_order = names
+        for number, name in enumerate(names, 1):
+            self.tunnels[name] = ClientTunnel(name, number)
         self.steering = Steering(self._load_policy(), cfg.hold_down)
         routing = PolicyRouting(cfg.run_dir / "routing.json")
         self.classifier = Classifier()
@@ -161,8 +180,13 @@ class ClientDaemon:
                     self.link_up[access.name] = True
                     self.link_addrs[access.name] = {access.address}
                 mtu = min(a.mtu for a in accesses) - TUNNEL_OVERHEAD
+                if cfg.encryption:
+                    mtu -= OVERHEAD
                 if inherited is not None:
                     vipa = import_registration(self.associator.registration, inherited.state)
+                    restored = self.associator.registration.keys
+                    assert restored is not None
+                    self._new_keys(restored)
                     self.tun = adopt_tun(cfg.tun_name, inherited.fds["tun"])
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
@@ -194,6 +218,7 @@ class ClientDaemon:
                     blocked=BLOCKED,
                     offload=self.tun.vnet_hdr,
                     mtu=self.tun.mtu,
+                    encrypted=cfg.encryption,
                 )
                 stack.callback(self.datapath.stop)
                 self.datapath.start()
@@ -212,8 +237,6 @@ class ClientDaemon:
                     "offload" if self.tun.vnet_hdr else "plain",
                     f" without {'; '.join(refusals)}" if refusals and self.tun.vnet_hdr else "",
                 )
-                for number, name in enumerate(names, 1):
-                    self.tunnels[name] = ClientTunnel(name, number)
                 if inherited is not None:
                     import_tunnels_and_flows(self, inherited)
                 for name in names:
@@ -273,6 +296,14 @@ class ClientDaemon:
         live = [n for n in self.interface_order if self.steering.view.live(n)]
         rest = [n for n in self.interface_order if n not in live]
         return usable(live) + usable(rest)
+
+    def _new_keys(self, keys: SessionKeys) -> None:
+        """A new association: every tunnel's keys change (a rekey, or the first keys)."""
+        if not self.config.encryption:
+            return
+        now = time.monotonic()
+        for tunnel in self.tunnels.values():
+            tunnel.install_keys(keys, now)
 
     def _change_vipa(self, old: str, new: str) -> None:
         log.warning("anchor assigned a new VIPA %s (was %s): open connections break", new, old)
@@ -373,9 +404,9 @@ class ClientDaemon:
         tunnel.sock = sock
         tunnel.local = format_hostport(sock.getsockname())
         tunnel.sip = SipChannel(
-            f"tunnel-{tunnel.name}", lambda d, _a: sock.send(encode_frame(Signal(d)))
+            f"tunnel-{tunnel.name}", lambda d, _a: tunnel.send_frame(encode_frame(Signal(d)))
         )
-        self.datapath.attach(tunnel.name, sock)
+        self.datapath.attach(tunnel.name, sock, tunnel.keys)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tunnel.sip.run)
@@ -418,7 +449,10 @@ class ClientDaemon:
                 response = await tunnel.sip.request(self._message(tunnel, body), self.anchor_tunnel)
         except (trio.TooSlowError, TransactionFailed):
             log.info("tunnel on %s: no answer to set-up", tunnel.name)
+            tunnel.setup_failures += 1
+            await self._maybe_reassociate(tunnel)
             return False
+        tunnel.setup_failures = 0
         if response.code == 403:
             log.warning(
                 "tunnel on %s refused (%s): registering again", tunnel.name, response.phrase
@@ -451,6 +485,19 @@ class ClientDaemon:
         )
         return True
 
+    async def _maybe_reassociate(self, tunnel: ClientTunnel) -> None:
+        """Unanswered set-ups: the anchor may have forgotten us (its keys too). Ask again."""
+        now = trio.current_time()
+        if (
+            tunnel.setup_failures < SETUP_FAILURES_BEFORE_REASSOCIATION
+            or now - self._reassociated_at < REASSOCIATION_HOLD
+        ):
+            return
+        self._reassociated_at = now
+        log.info("set-ups on %s go unanswered: associating again", tunnel.name)
+        with contextlib.suppress(TransactionFailed):
+            await self.associator.associate(self._preferred_accesses())
+
     def _tunnel_up(self, tunnel: ClientTunnel) -> None:
         tunnel.scheduler = ProbeScheduler(
             tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
@@ -479,7 +526,7 @@ class ClientDaemon:
             content_type=JSON_TYPE,
         )
         reg = self.associator.registration
-        sign(request, reg.key, now=time.time(), seq=reg.next_seq())
+        sign(request, reg.signing_key, now=time.time(), seq=reg.next_seq())
         return request
 
     async def _probe_until_dead(self, tunnel: ClientTunnel) -> None:
@@ -489,8 +536,7 @@ class ClientDaemon:
             probe = scheduler.make_probe(trio.current_time(), time.monotonic_ns())
             if scheduler.dead:
                 return
-            with contextlib.suppress(OSError):
-                tunnel.sock.send(encode_frame(probe))
+            tunnel.send_frame(encode_frame(probe))
             await trio.sleep(scheduler.interval)
 
     def _tunnel_down(self, tunnel: ClientTunnel, reason: str) -> None:
@@ -603,37 +649,43 @@ class ClientDaemon:
     async def _announce(
         self, tunnel: ClientTunnel, keys: list[FiveTuple], index: int | None = None
     ) -> tuple[str, float | None, int | None]:
-        """Tell the anchor, on the target tunnel, which flows now travel on it."""
-        moves = tuple(
-            FlowMove(
-                match=StructuredMatch(
-                    proto=proto_name(k.proto),
-                    src=None,
-                    sport=k.sport,
-                    dst=_text(k.dst),
-                    dport=k.dport,
-                ),
-                tunnel_id=None,
-            )
-            for k in keys
-        )
-        if tunnel.sip is None:
+        """Tell the anchor, on the target tunnel, which flows now travel on it.
+
+        In as many HandoverRequests as the anchor's cap and the datagram size
+        need (`handover_requests`); the answer reported is the last one, moved
+        flows add up.
+        """
+        sip = tunnel.sip
+        if sip is None:
             return "no tunnel", None, None
         started = trio.current_time()
-        request = self._message(tunnel, encode_body(HandoverRequest(flows=moves)))
-        answer, elapsed_ms, moved = "no answer", None, None
+        answer, moved_total = "no answer", 0
         try:
-            with trio.fail_after(SETUP_TIMEOUT):
-                response = await tunnel.sip.request(request, self.anchor_tunnel)
-            elapsed_ms = round((trio.current_time() - started) * 1000, 3)
+            requests = handover_requests(keys, lambda body: self._message(tunnel, body))
+        except MessageTooLarge as exc:  # one move alone does not fit: cannot happen, but
+            log.error("HandoverRequest on %s not sent: %s", tunnel.name, exc)
+            return "not sent (too large)", None, None
+        for request in requests:
+            try:
+                with trio.fail_after(SETUP_TIMEOUT):
+                    response = await sip.request(request, self.anchor_tunnel)
+            except (trio.TooSlowError, TransactionFailed):
+                log.warning("no answer to HandoverRequest on %s", tunnel.name)
+                answer = "no answer"
+                break
             answer = f"{response.code} {response.phrase}"
             with contextlib.suppress(MalformedError):
                 body = decode_body_untrusted(response.body)
                 if isinstance(body, HandoverResponse):
-                    moved = body.moved
-                    answer += f", moved {moved}"
-        except (trio.TooSlowError, TransactionFailed):
-            log.warning("no answer to HandoverRequest on %s", tunnel.name)
+                    moved_total += body.moved
+        elapsed_ms: float | None = round((trio.current_time() - started) * 1000, 3)
+        moved: int | None = moved_total
+        if answer.startswith("200"):
+            answer += f", moved {moved_total}"
+        else:
+            moved = None
+            if answer == "no answer":
+                elapsed_ms = None
         if index is not None and 0 <= index < len(self.book.history):
             old = self.book.history[index]
             self.book.history[index] = HandoverRecord(
@@ -718,6 +770,8 @@ class ClientDaemon:
                 self._reexamined.pop(key, None)
             if gone:
                 self.book.forget_missing(live)
+            if any(_keys_worn(t) for t in self.tunnels.values()):
+                self.associator.request_rekey()
 
     # -- control -------------------------------------------------------------
     async def _control(self, request: JSON) -> JSON:
@@ -760,11 +814,17 @@ class ClientDaemon:
             sched = t.scheduler
             stats = sched.statistics() if sched is not None else None
             rtt = stats.srtt if stats is not None else None
+            keys = t.keys
             tunnels.append(
                 {
                     "tunnel_id": t.tunnel_id,
                     "interface": name,
                     "state": t.phase.value,
+                    "encrypted": keys is not None,
+                    "key_age_s": None
+                    if keys is None
+                    else round(time.monotonic() - keys.sealer.created, 1),
+                    "frames_sealed": 0 if keys is None else keys.sealer.sent(),
                     "down_reason": t.down_reason or None,
                     "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
                     "observed": t.observed,
@@ -786,6 +846,9 @@ class ClientDaemon:
             "uptime_s": time.monotonic() - self.started,
             "vipa": reg.vipa,
             "anchor": format_hostport(self.associator.anchor_sip),
+            "anchor_key": _key_text(self.associator.trust.pinned()),
+            "encryption": "on" if self.config.encryption else "off",
+            "associations": self.associator.associations,
             "tun": self.config.tun_name,
             "registration_expires_in_s": reg.expires_in(now),
             "policy": self.policy.source if hasattr(self, "steering") else None,
@@ -808,5 +871,13 @@ class ClientDaemon:
         return {**found, "tunnels": self.datapath.offload_json()}
 
 
-def _text(packed: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+def _key_text(key: bytes | None) -> str | None:
+    return None if key is None else encode_key(key)
+
+
+def _keys_worn(tunnel: ClientTunnel) -> bool:
+    """Whether a key of the tunnel has carried enough messages to be replaced (rekey by count)."""
+    keys = tunnel.keys
+    if keys is None:
+        return False
+    return keys.sealer.wants_rekey() or keys.current.window.top >= REKEY_AFTER_MESSAGES

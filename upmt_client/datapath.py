@@ -19,6 +19,10 @@ TCP super-packet: it is classified once (all its segments share the
 5-tuple), cut into MTU-sized inner packets and sent with one UDP_SEGMENT
 sendmsg; a UDP_GRO receive is merged per flow and written to the TUN as GSO
 packets. Accounting counts every inner packet either way.
+
+With `encrypted` every datagram a tunnel sends is sealed under the tunnel's
+current key (one by one inside GSO runs) and every datagram it receives must
+open under one of its keys; nothing travels, in or out, without one.
 """
 
 import contextlib
@@ -33,6 +37,7 @@ from typing import NamedTuple
 
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
+from tunnel.crypto import KeyExhausted, Sealer, TunnelKeys
 from tunnel.frames import FrameType
 from tunnel.offload import (
     VNET_HDR_LEN,
@@ -52,6 +57,8 @@ from upmt.offload import (
 )
 from upmt.pump import Pump
 
+Addr = tuple[str, int]
+_NO_ADDR: Addr = ("", 0)  # a connected tunnel socket: the sender is the anchor
 MAX_PACKET = 65535
 MAX_HELD_PACKETS = 64
 MAX_HELD_FLOWS = 4096
@@ -101,6 +108,8 @@ class ClientCounters:
     control_frames: int = 0
     gso_reads: int = 0  # TUN reads that were super-packets
     gro_batches: int = 0  # receives that held more than one inner packet
+    tunnel_unauthenticated: int = 0  # received datagrams that did not open under a key
+    no_key: int = 0  # packets for a tunnel without keys (not sent)
 
     def snapshot(self) -> dict[str, int]:
         return asdict(self)
@@ -120,8 +129,10 @@ class ClientDataPath:
         hold_timeout: float = 0.2,
         offload: bool = False,
         mtu: int = 1500,
+        encrypted: bool = False,
     ) -> None:
         self.tun_fd = tun_fd
+        self.encrypted = encrypted
         self.paft = paft
         self.lock = lock
         self.decide = decide
@@ -133,6 +144,7 @@ class ClientDataPath:
         self.mtu = mtu
         self.sockets: dict[str, socket.socket] = {}
         self.senders: dict[str, GsoSender] = {}
+        self.keys: dict[str, TunnelKeys] = {}
         self.gro: dict[str, str] = {}
         self.counters = ClientCounters()
         self._buffer = bytearray(GRO_BUFFER)
@@ -163,12 +175,16 @@ class ClientDataPath:
     def held_flows(self) -> int:
         return len(self._held)
 
-    def attach(self, ifname: str, sock: socket.socket) -> None:
-        """Start carrying traffic on `sock` (connected to the anchor)."""
+    def attach(self, ifname: str, sock: socket.socket, keys: TunnelKeys | None = None) -> None:
+        """Start carrying traffic on `sock` (connected to the anchor), under `keys`."""
+        if self.encrypted and keys is None:
+            raise ValueError(f"{ifname}: an encrypted data path needs the tunnel's keys")
         # Set both ways: a socket handed over by exec keeps the option, and a
         # plain receive loop would take a GRO batch for one datagram.
         refused = set_udp_gro(sock, self.offload)
         self.gro[ifname] = "off" if not self.offload else f"off ({refused})" if refused else "on"
+        if keys is not None:
+            self.keys[ifname] = keys
         self.senders[ifname] = GsoSender(sock, gso=self.offload)
         self.sockets[ifname] = sock
         drain = self._drain_tunnel_offload if self.offload else self._drain_tunnel
@@ -186,6 +202,7 @@ class ClientDataPath:
 
     def detach(self, ifname: str) -> None:
         self.senders.pop(ifname, None)
+        self.keys.pop(ifname, None)
         sock = self.sockets.pop(ifname, None)
         if sock is not None:
             self._pump.remove(sock.fileno())
@@ -300,11 +317,18 @@ class ClientDataPath:
             else:
                 c.no_tunnel += count
             return
+        sealer: Sealer | None = None
+        if self.encrypted:
+            keys = self.keys.get(entry.tunnel)
+            if keys is None:
+                c.no_key += count
+                return
+            sealer = keys.sealer
         entry.packets_up += count
         entry.bytes_up += size
         entry.last_seen = now
         for item in items:
-            c.send_dropped += _transmit(sender, item)
+            c.send_dropped += _transmit(sender, item, sealer)
 
     def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
         assert choice.tunnel is not None
@@ -353,11 +377,31 @@ class ClientDataPath:
         entry = self._learn(key, choice, now)
         self._send(entry, held.items, held.packets, held.size, now)
 
+    def _opener(
+        self, ifname: str
+    ) -> Callable[[Sequence[bytes | memoryview], Addr], list[bytes]] | None:
+        """Decryption for the datagrams of tunnel `ifname` (None: plain), counting failures."""
+        if not self.encrypted:
+            return None
+        c = self.counters
+
+        def open_batch(datagrams: Sequence[bytes | memoryview], _addr: Addr) -> list[bytes]:
+            keys = self.keys.get(ifname)
+            if keys is None:
+                c.tunnel_unauthenticated += len(datagrams)
+                return []
+            frames, failed = keys.open_many(datagrams)
+            c.tunnel_unauthenticated += failed
+            return frames
+
+        return open_batch
+
     def _drain_tunnel(self, ifname: str, sock: socket.socket) -> None:
         recv = sock.recv
         write = os.write
         fd = self.tun_fd
         account = self._account_down
+        open_batch = self._opener(ifname)
         c = self.counters
         now = time.monotonic()
         while True:
@@ -374,6 +418,11 @@ class ClientDataPath:
             if not data:
                 c.tunnel_malformed += 1
                 continue
+            if open_batch is not None:
+                opened = open_batch([data], _NO_ADDR)
+                if not opened:
+                    continue
+                data = opened[0]
             version = data[0] >> 4
             if version != 4 and version != 6:
                 if data[0] != FrameType.DATA_CSUM_PARTIAL:
@@ -398,7 +447,7 @@ class ClientDataPath:
         account = self._account_down
         c = self.counters
         now = time.monotonic()
-        for batch in receive_batches(sock, self._buffer):
+        for batch in receive_batches(sock, self._buffer, self._opener(ifname)):
             if batch is None:
                 c.tunnel_malformed += 1
                 continue
@@ -434,13 +483,13 @@ class ClientDataPath:
         return True
 
 
-def _transmit(sender: GsoSender, item: Outbound) -> int:
-    """Send one packet or one read's segments; returns the datagrams dropped."""
+def _transmit(sender: GsoSender, item: Outbound, sealer: Sealer | None) -> int:
+    """Send one packet or one read's segments (sealed); returns the datagrams dropped."""
     if isinstance(item, Segments):
-        return sender.send(item)
+        return sender.send(item, None, sealer)
     try:
-        sender.sock.send(item)
-    except OSError:
+        sender.sock.send(item if sealer is None else sealer.seal(item))
+    except (OSError, KeyExhausted):
         # Full socket buffer or a link that just went away: UDP semantics, drop.
         return 1
     return 0

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from paft.flow import FiveTuple
-from signalling.tunnelauth import decode_key_untrusted, encode_key
+from signalling.handshake import SessionKeys, decode_key_untrusted, encode_key, tunnel_keys
+from tunnel.crypto import Opener, Sealer, TunnelKeys
 from upmt.inplace import Handover, exec_self, take_handover
 from upmt_client.association import Registration
 from upmt_client.tunnels import TunnelPhase
 
 if TYPE_CHECKING:
     from upmt_client.daemon import ClientDaemon
+    from upmt_client.tunnels import ClientTunnel
 
 log = logging.getLogger("upmt.client")
 
@@ -70,17 +72,29 @@ def export_state(
         if t.sock is not None and t.phase is TunnelPhase.UP:
             fds[f"tunnel:{name}"] = t.sock.fileno()
             tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
+            if t.keys is not None:
+                # The data path is stopped: these counters are final.
+                tunnels[name]["sent"] = t.keys.sealer.next_counter()
+                tunnels[name]["received_top"] = t.keys.current.window.top
     with daemon.lock:
         flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in daemon.paft]
+    keys = reg.keys
+    assert keys is not None
     state = {
         "registration": {
-            "call_id": reg.call_id,
-            "from_tag": reg.from_tag,
-            "cseq": reg.cseq,
+            "call_id": reg.dialog.call_id,
+            "from_tag": reg.dialog.from_tag,
+            "cseq": reg.dialog.cseq,
             "vipa": reg.vipa,
             "expires": reg.expires,
             "expires_in": reg.expires_in(now),
-            "key": encode_key(reg.key),
+            "keys": {
+                "up": encode_key(keys.up),
+                "down": encode_key(keys.down),
+                "signing": encode_key(keys.signing),
+                "terminal_index": keys.terminal_index,
+                "anchor_index": keys.anchor_index,
+            },
             "seq": reg.seq,
             "via": reg.via,
         },
@@ -99,17 +113,40 @@ def export_state(
 def import_registration(reg: Registration, state: dict[str, Any]) -> str:
     """Restore the association (no REGISTER needed until the refresh is due); the VIPA."""
     item = state["registration"]
-    reg.call_id, reg.from_tag = str(item["call_id"]), str(item["from_tag"])
-    reg.cseq, reg.seq = int(item["cseq"]), int(item["seq"])
+    reg.dialog.call_id, reg.dialog.from_tag = str(item["call_id"]), str(item["from_tag"])
+    reg.dialog.cseq, reg.seq = int(item["cseq"]), int(item["seq"])
     reg.vipa, reg.expires, reg.via = str(item["vipa"]), int(item["expires"]), str(item["via"])
-    reg.key = decode_key_untrusted(str(item["key"]))
+    k = item["keys"]
+    reg.keys = SessionKeys(
+        decode_key_untrusted(str(k["up"])),
+        decode_key_untrusted(str(k["down"])),
+        decode_key_untrusted(str(k["signing"])),
+        int(k["terminal_index"]),
+        int(k["anchor_index"]),
+    )
     reg.registered_at = trio.current_time() - (reg.expires - float(item["expires_in"]))
     return reg.vipa
+
+
+def restore_keys(tunnel: "ClientTunnel", keys: SessionKeys, item: dict[str, Any]) -> None:
+    """The tunnel's keys, with the sending counter moved on by a margin and the window kept."""
+    now = time.monotonic()
+    up, down = tunnel_keys(keys, tunnel.slot)
+    start = int(item.get("sent", 0)) + 1024
+    opener = Opener(down, keys.terminal_index + tunnel.slot, created=now)
+    top = int(item.get("received_top", -1))
+    if top >= 0:
+        opener.window.start_at(top)
+    # Not attached to the data path yet: a new object is fine.
+    tunnel.keys = TunnelKeys(
+        Sealer(up, keys.anchor_index + tunnel.slot, created=now, start=start), opener
+    )
 
 
 def import_tunnels_and_flows(daemon: "ClientDaemon", handover: Handover) -> None:
     """Live tunnels (with their sockets), flows and pins of the previous process."""
     state = handover.state
+    keys = daemon.associator.registration.keys
     for name, item in state.get("tunnels", {}).items():
         tunnel = daemon.tunnels.get(name)
         fd = handover.fds.get(f"tunnel:{name}")
@@ -118,6 +155,8 @@ def import_tunnels_and_flows(daemon: "ClientDaemon", handover: Handover) -> None
         tunnel.inherited = tunnel_socket(fd)
         tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
         tunnel.phase = TunnelPhase.UP
+        if daemon.config.encryption and keys is not None:
+            restore_keys(tunnel, keys, item)
     now = time.monotonic()
     with daemon.lock:
         for *key, iface, app, movable in state.get("flows", []):

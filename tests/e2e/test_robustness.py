@@ -14,7 +14,7 @@ SIPP_SCENARIO = Path(__file__).parent / "sipp" / "register.xml"
 
 
 @pytest.mark.lab(extra_hosts=1)
-def test_sipp_register_gets_200_with_vipaddr(lab: Lab) -> None:
+def test_sipp_register_gets_the_stateless_key_exchange_challenge(lab: Lab) -> None:
     if shutil.which("sipp") is None:
         pytest.fail("sipp (Debian sip-tester) is not installed; ./run installs it")
     anchor = lab.start_anchor()
@@ -22,8 +22,13 @@ def test_sipp_register_gets_200_with_vipaddr(lab: Lab) -> None:
     log = lab.workdir / "sipp.log"
     proc = run_sipp(lab, SIPP_SCENARIO, 5070, log)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "VIPA 100.64." in log.read_text()
-    assert "sipp-terminal" in {t["terminal_id"] for t in anchor.status()["terminals"]}
+    challenge = log.read_text()
+    assert "CHALLENGE UPMT-KX cookie=" in challenge
+    assert anchor.status()["anchor_key"] in challenge
+    # A bare REGISTER earns no lease and no transaction.
+    status = anchor.status()
+    assert status["terminals"] == []
+    assert status["counters"]["sip_stateless_answers"] >= 1
 
 
 @pytest.mark.lab(extra_hosts=1)
@@ -56,7 +61,13 @@ def test_random_datagrams_are_dropped_and_counted(lab: Lab) -> None:
     assert anchor.running()
     # Dropped as malformed, or before parsing by the per-source rate limit.
     assert after["sip_malformed"] + after["sip_rate_limited"] > 1000
-    frame_drops = ("malformed_frames", "unknown_tunnel", "sip_malformed_signal")
+    frame_drops = (
+        "malformed_frames",
+        "unknown_tunnel",
+        "sip_malformed_signal",
+        "plaintext_dropped",  # no ENCRYPTED frame: never looked at further
+        "auth_failed",
+    )
     assert sum(after[k] for k in frame_drops) > sum(before[k] for k in frame_drops) + 1000
     # The legitimate terminal keeps working.
     assert udp_request(lab, "still here") == ["still here"]

@@ -6,12 +6,17 @@ project's malformed-input error — never any other exception. Run one target:
     python -m tests.fuzz.harness sip -runs=100000
 
 Targets: sip, frame, ip, body, iptables, digest, netlink, sockdiag, segments,
-gro (a received batch: sorted, merged per flow, counted; must never raise).
+gro (a received batch: sorted, merged per flow, counted; must never raise),
+anchor (the anchor's whole receive path, see `tests.fuzz.anchor_path`: its
+first input byte picks the port and whether the datagram is sealed under a
+terminal's key; no exception at all may escape, and every answer must fit).
 """
 
 import contextlib
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import atheris
 
@@ -21,6 +26,7 @@ with atheris.instrument_imports():
     from signalling.digest import NonceStore, verify
     from signalling.message import parse_message_untrusted
     from signalling.transaction import TransactionLayer
+    from tests.fuzz.anchor_path import AnchorUnderFuzz, check_answers
     from tunnel.frames import decode_frame_untrusted
     from tunnel.offload import coalesce, tunnel_datagram_untrusted, tunnel_segments_untrusted
     from upmt.errors import MalformedError
@@ -72,6 +78,33 @@ def _gro(data: bytes) -> None:
         frame_segments(frame)
 
 
+_anchor_path: AnchorUnderFuzz | None = None
+_KINDS = ("sip", "tunnel", "stranger", "sealed")
+# Seeds the mutations start from: what a terminal sends, so that the fuzzer gets
+# past the parsers into the registrar (short compact headers make answers grow).
+_SEED_SIP = (
+    b"REGISTER sip:an SIP/2.0\r\nv:SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+    b"f:<sip:t@an>;tag=1\r\nt:<sip:t@an>\r\ni:1\r\nCSeq:1 REGISTER\r\n"
+)
+
+
+def _anchor(data: bytes) -> None:
+    """Bytes into the whole receive path; an exception or an oversized answer is a finding."""
+    global _anchor_path
+    if _anchor_path is None:
+        _anchor_path = AnchorUnderFuzz(Path(tempfile.mkdtemp(prefix="upmt-fuzz-")))
+    if not data:
+        return
+    kind = _KINDS[data[0] % len(_KINDS)]
+    body = data[1:]
+    if data[0] & 0x10 and kind in ("sip", "sealed"):
+        # Grow a real request with the fuzzer's bytes repeated: bloated headers.
+        body = _SEED_SIP + body * (1 + data[0] % 64) + b"\r\n"
+        if kind == "sealed":
+            body = b"\x01" + body
+    check_answers(kind, _anchor_path.feed(kind, body))
+
+
 def _guarded(parse: Callable[[bytes], object]) -> Callable[[bytes], None]:
     def target(data: bytes) -> None:
         with contextlib.suppress(MalformedError):
@@ -93,14 +126,40 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
         lambda d: (tunnel_datagram_untrusted(d, 1471), tunnel_segments_untrusted(d, 1471))
     ),
     "gro": _gro,
+    "anchor": _anchor,
 }
+
+
+def _anchor_seeds() -> list[bytes]:
+    """Starting inputs for `anchor`: the attacks on the anchor's answers, each one input."""
+    from lab.apps.sip_probe import bloated_register, bloated_signal
+
+    kinds = {k: i for i, k in enumerate(_KINDS)}
+    seeds = [
+        bytes((kinds["sip"],)) + bloated_register("an"),
+        bytes((kinds["tunnel"],)) + bloated_signal("an"),
+        bytes((kinds["sealed"],)) + bloated_signal("an"),
+        bytes((kinds["sealed"],)) + b"\x02" + bytes(18),  # a PROBE
+        bytes((kinds["stranger"],)) + b"\x05" + bytes(40),
+    ]
+    moves = b",".join(b'{"match":{"proto":"udp","dport":%d}}' % p for p in range(600))
+    handover = b'{"mType":"HandoverRequest","flows":[%s]}' % moves
+    seeds.append(bytes((kinds["sealed"],)) + b"\x01" + _SEED_SIP + b"\r\n" + handover)
+    return seeds
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         sys.exit(f"usage: harness {{{','.join(TARGETS)}}} [libFuzzer options]")
-    target = TARGETS[sys.argv[1]]
-    atheris.Setup([sys.argv[0], *sys.argv[2:]], target)
+    name = sys.argv[1]
+    target = TARGETS[name]
+    args = [sys.argv[0], *sys.argv[2:]]
+    if name == "anchor":
+        corpus = Path(tempfile.mkdtemp(prefix="upmt-fuzz-seeds-"))
+        for i, seed in enumerate(_anchor_seeds()):
+            (corpus / f"seed-{i}").write_bytes(seed)
+        args += ["-max_len=9000", str(corpus)]
+    atheris.Setup(args, target)
     atheris.Fuzz()
 
 

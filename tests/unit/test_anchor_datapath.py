@@ -144,7 +144,7 @@ def make_anchor(sockets: list[socket.socket]) -> Iterator[MakeAnchor]:
             sock,
             Paft[Addr](),
             threading.Lock(),
-            lambda addr, frame: control.append((addr, frame)),
+            lambda origin, frame: control.append((origin[0], frame)),
             max_flows_per_terminal=max_flows,
             offload=offload,
             mtu=MTU,
@@ -231,7 +231,7 @@ def test_gro_batch_merges_the_legit_flow_and_drops_spoofed_segments(anchor: Anch
     assert entry.tunnel == anchor.tx_addr
     assert (entry.packets_up, entry.bytes_up) == (5, sum(map(len, legit)))
     assert (entry.packets_down, entry.bytes_down) == (0, 0)
-    assert anchor.dp.flow_count == {pack_address(VIPA): 1}
+    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 1
     assert anchor.dp.default_tunnel == {pack_address(VIPA): anchor.tx_addr}
     assert set(anchor.dp.last_heard) == {anchor.tx_addr}
 
@@ -257,7 +257,7 @@ def test_unknown_tunnel_counts_every_inner_packet_and_learns_nothing(
     assert receive(stranger) == ([], 0)  # the probe is not answered either
     assert anchor.dp.counters.snapshot() == counters(unknown_tunnel=5)
     assert len(anchor.dp.paft) == 0
-    assert anchor.dp.flow_count == {}
+    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 0
     assert anchor.dp.last_heard == {}
     assert anchor.control == []
 
@@ -334,7 +334,7 @@ def test_flow_limit_applies_to_every_segment_of_a_batch(make_anchor: MakeAnchor)
         tunnel_packets=3, tunnel_bytes=3 * 1040, flow_limit=3, gro_batches=1
     )
     assert list(anchor.dp.paft.entries) == [key_up(sport=40000)]
-    assert anchor.dp.flow_count == {pack_address(VIPA): 1}
+    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 1
 
     # The learnt flow still passes; the other one is still refused, segment by segment.
     more_a = tcp_packet(VIPA, SERVER, sport=40000, seq=3 * PAYLOAD, payload=data(PAYLOAD, 3))

@@ -1,7 +1,11 @@
-"""The anchor's registrar (sans-IO): REGISTER, tunnel set-up, handover, expiry.
+"""The anchor's registrar (sans-IO): REGISTER and its key exchange, set-up, handover, expiry.
 
-Requests are built with the real signalling builders and go through the wire
-format (serialize, then parse) both ways, as the daemon would see them.
+Requests are built with the real signalling builders (the terminal's side of
+the key exchange included) and go through the wire format (serialize, then
+parse) both ways, as the daemon would see them; the SIP port's screen sees
+every REGISTER first, as the transaction layer would run it. Most tests run
+the registrar with tunnel encryption off (its signalling logic is the same);
+those of `TunnelSessions` binding keys to tunnels run it on.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from anchor_node.registrar import Addr, Registrar
 from anchor_node.users import UserStore
 from paft.flow import FiveTuple
 from paft.table import Paft
+from signalling.association import AnchorMismatch, AssociationAttempt, Dialog
 from signalling.bodies import (
     FlowMove,
     HandoverRequest,
@@ -30,10 +35,11 @@ from signalling.bodies import (
     decode_body_untrusted,
     encode_body,
 )
-from signalling.digest import authorization_value, choose_challenge, ha1, new_cnonce
+from signalling.handshake import KX_HEADER, StaticKey
 from signalling.message import build_request, parse_message_untrusted, serialize
 from signalling.register import build_register, parse_register_ok_untrusted
-from signalling.tunnelauth import KEY_HEADER, decode_key_untrusted, derive_key, sign
+from signalling.transaction import AMPLIFICATION_LIMIT
+from signalling.tunnelauth import sign
 
 AN = "198.51.100.1"
 SOURCE: Addr = ("192.0.2.10", 5060)
@@ -52,7 +58,72 @@ def wire_response(response: Response) -> Response:
     return parsed
 
 
+# Each terminal's key pair, and the signing key of its association.
+TERMINAL_KEYS: dict[str, StaticKey] = {}
+KEYS: dict[str, bytes] = {}
+WALL = 1_000_000.0
+
+
+def through_screen(reg: Registrar, request: Request, now: float, source: Addr) -> Response:
+    """What the SIP port answers: the screen first, then the registrar in a transaction."""
+    request = wire_request(request)
+    verdict = reg.screen(request, source, len(serialize(request)), now)
+    assert verdict is not False, "dropped by the screen"
+    if verdict is True:
+        return wire_response(reg.on_plain_message(request, source, now))
+    return wire_response(verdict)
+
+
+def attempt_for(
+    reg: Registrar,
+    terminal_id: str,
+    *,
+    expires: int = 600,
+    vipa: str | None = None,
+    password: str | None = None,
+    static: StaticKey | None = None,
+    anchor_key: bytes | None = None,
+) -> AssociationAttempt:
+    n = next(_counter)
+    return AssociationAttempt(
+        dialog=Dialog(f"call-{n}", f"tag{n}", cseq=n),
+        static=static or TERMINAL_KEYS.setdefault(terminal_id, StaticKey.generate()),
+        terminal_id=terminal_id,
+        an_host=AN,
+        an_port=5060,
+        expires=expires,
+        vipa=vipa,
+        index=64 * n,
+        encryption=reg.encryption,
+        pinned_anchor_key=anchor_key or reg.static_key.public,
+        password=password,
+    )
+
+
+def run_attempt(
+    reg: Registrar, attempt: AssociationAttempt, now: float = 0.0, source: Addr = SOURCE
+) -> Response:
+    """REGISTER until the anchor answers with something other than a challenge."""
+    for _round in range(3):
+        response = through_screen(reg, attempt.register(*source), now, source)
+        if response.code != 401:
+            if response.code == 200:
+                _vipa, _expires, keys = attempt.on_ok(response)
+                if keys is not None:
+                    KEYS[attempt.terminal_id] = keys.signing
+            return response
+        attempt.on_challenge(response)
+    raise AssertionError("still challenged")
+
+
+def register_response(
+    reg: Registrar, terminal_id: str, now: float = 0.0, expires: int = 600, **kwargs: object
+) -> Response:
+    return run_attempt(reg, attempt_for(reg, terminal_id, expires=expires, **kwargs), now)  # type: ignore[arg-type]
+
+
 def register(terminal_id: str, expires: int = 600, vipa: str | None = None) -> Request:
+    """A bare REGISTER (no cookie, no key exchange), as sipp or an attacker sends it."""
     n = next(_counter)
     return wire_request(
         build_register(
@@ -69,11 +140,6 @@ def register(terminal_id: str, expires: int = 600, vipa: str | None = None) -> R
             vipa=vipa,
         )
     )
-
-
-# The association key each terminal got in its 200 OK, and whether to sign with it.
-KEYS: dict[str, bytes] = {}
-WALL = 1_000_000.0
 
 
 def message(body: bytes, terminal_id: str = "alice", *, key: bytes | None = None) -> Request:
@@ -106,18 +172,30 @@ def handover_body(*moves: FlowMove) -> bytes:
     return encode_body(HandoverRequest(flows=moves))
 
 
+def make_registrar(tmp_path: Path, *, encryption: bool = False, **kwargs: object) -> Registrar:
+    leases = LeaseStore(tmp_path / f"leases-{next(_counter)}.sqlite", parse_pool("100.64.0.0/10"))
+    return Registrar(
+        leases,
+        Paft(),
+        encryption=encryption,
+        wall_clock=lambda: WALL,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def registrar(tmp_path: Path) -> Iterator[Registrar]:
-    leases = LeaseStore(tmp_path / "leases.sqlite", parse_pool("100.64.0.0/10"))
     KEYS.clear()
-    yield Registrar(leases, Paft(), min_expires=30, max_tunnels=3, wall_clock=lambda: WALL)
-    leases.close()
+    TERMINAL_KEYS.clear()
+    reg = make_registrar(tmp_path, min_expires=30, max_tunnels=3)
+    yield reg
+    reg.leases.close()
 
 
 def associate(reg: Registrar, terminal_id: str, now: float = 0.0, expires: int = 600) -> str:
-    response = wire_response(reg.on_register(register(terminal_id, expires), SOURCE, now))
+    response = register_response(reg, terminal_id, now, expires)
+    assert response.code == 200, response.phrase
     vipa, granted = parse_register_ok_untrusted(response)
-    KEYS[terminal_id] = decode_key_untrusted(response.headers.get(KEY_HEADER) or "")
     assert granted == expires
     return vipa
 
@@ -157,24 +235,68 @@ def snapshot(reg: Registrar) -> dict[FiveTuple, Addr]:
     return {key: entry.tunnel for key, entry in reg.paft}
 
 
-# --- REGISTER ----------------------------------------------------------------
+# --- REGISTER: the screen, then the key exchange ----------------------------------------
+
+
+def test_bare_register_gets_a_stateless_challenge_within_three_times_its_size(
+    registrar: Registrar,
+) -> None:
+    request = register("alice")
+    size = len(serialize(request))
+    verdict = registrar.screen(request, SOURCE, size, 0.0)
+    assert isinstance(verdict, Response) and verdict.code == 401
+    assert len(serialize(verdict)) <= AMPLIFICATION_LIMIT * size
+    assert verdict.headers.getlist("WWW-Authenticate")[0].startswith("UPMT-KX cookie=")
+    assert registrar.terminals == {} and registrar.leases.lookup("alice") is None
+
+
+def test_register_with_a_forged_or_foreign_cookie_is_challenged_again(
+    registrar: Registrar,
+) -> None:
+    attempt = attempt_for(registrar, "alice")
+    first = through_screen(registrar, attempt.register(*SOURCE), 0.0, SOURCE)
+    attempt.on_challenge(first)
+    request = wire_request(attempt.register(*SOURCE))
+    # The same cookie from another address, or later than its lifetime: a new challenge.
+    other: Addr = ("203.0.113.66", 5060)
+    for source, now in ((other, 0.0), (SOURCE, 1000.0)):
+        verdict = registrar.screen(request, source, 500, now)
+        assert isinstance(verdict, Response) and verdict.code == 401
+    assert registrar.screen(request, SOURCE, 500, 10.0) is True
+
+
+def test_source_inside_the_pool_is_dropped(registrar: Registrar) -> None:
+    assert registrar.screen(register("alice"), ("100.64.0.9", 5060), 300, 0.0) is False
 
 
 def test_register_grants_vipa_and_expires(registrar: Registrar) -> None:
-    """The 200 carries the first pool VIPA and the Expires asked for."""
-    response = wire_response(registrar.on_register(register("alice", 600), SOURCE, 0.0))
+    """The 200 carries the first pool VIPA, the Expires asked for and the anchor's half."""
+    response = register_response(registrar, "alice")
     assert response.code == 200
     assert parse_register_ok_untrusted(response) == ("100.64.0.2", 600)
+    assert response.headers.get(KX_HEADER) is not None
     assert registrar.terminals["alice"].vipa == "100.64.0.2"
     assert registrar.terminals["alice"].expires_at == 600.0
 
 
+def test_no_key_ever_travels(registrar: Registrar) -> None:
+    response = register_response(registrar, "alice")
+    text = serialize(response).decode()
+    assert "UPMT-Key" not in text
+    keys = registrar.terminals["alice"].keys[0]
+    for secret in (keys.up, keys.down, keys.signing):
+        assert secret.hex() not in text
+
+
 def test_register_again_same_vipa(registrar: Registrar) -> None:
-    """A refresh of the same terminal keeps its VIPA and pushes Expires on."""
+    """A refresh of the same terminal keeps its VIPA, pushes Expires on and rekeys."""
     first = associate(registrar, "alice", now=0.0)
-    response = registrar.on_register(register("alice", 600, vipa=first), SOURCE, 100.0)
-    assert parse_register_ok_untrusted(wire_response(response))[0] == first
+    old_keys = registrar.terminals["alice"].keys[0]
+    response = register_response(registrar, "alice", 100.0, vipa=first)
+    assert parse_register_ok_untrusted(response)[0] == first
     assert registrar.terminals["alice"].expires_at == 700.0
+    assert registrar.terminals["alice"].keys == [registrar.terminals["alice"].keys[0], old_keys]
+    assert registrar.terminals["alice"].keys[0].up != old_keys.up
 
 
 def test_two_terminals_distinct_vipas(registrar: Registrar) -> None:
@@ -185,18 +307,17 @@ def test_two_terminals_distinct_vipas(registrar: Registrar) -> None:
 
 def test_expires_above_maximum_is_capped(tmp_path: Path) -> None:
     """An Expires above the anchor's maximum is granted as the maximum."""
-    leases = LeaseStore(tmp_path / "l.sqlite", parse_pool("100.64.0.0/10"))
+    reg = make_registrar(tmp_path, max_expires=1000)
     try:
-        reg = Registrar(leases, Paft(), max_expires=1000)
-        response = wire_response(reg.on_register(register("alice", 5000), SOURCE, 0.0))
+        response = register_response(reg, "alice", expires=5000)
         assert parse_register_ok_untrusted(response)[1] == 1000
     finally:
-        leases.close()
+        reg.leases.close()
 
 
 def test_expires_too_brief_is_423(registrar: Registrar) -> None:
     """Expires below the minimum: 423 with Min-Expires, no terminal, no lease."""
-    response = wire_response(registrar.on_register(register("alice", 10), SOURCE, 0.0))
+    response = register_response(registrar, "alice", expires=10)
     assert response.code == 423
     assert response.headers.get("Min-Expires") == "30"
     assert registrar.terminals == {}
@@ -204,12 +325,12 @@ def test_expires_too_brief_is_423(registrar: Registrar) -> None:
 
 
 def test_expires_zero_unregisters_but_keeps_lease(registrar: Registrar) -> None:
-    """Expires: 0 removes the terminal, its tunnels and flows; the lease stays."""
+    """Expires: 0 (proven by the terminal's key) removes the terminal, tunnels and flows."""
     vipa = associate(registrar, "alice")
     tunnel: Addr = ("203.0.113.5", 40000)
     open_tunnel(registrar, "alice", vipa, tunnel)
     registrar.paft.learn(flow(17, vipa, 1000, "203.0.113.2", 3000), tunnel, 0.0)
-    response = wire_response(registrar.on_register(register("alice", 0), SOURCE, 5.0))
+    response = register_response(registrar, "alice", 5.0, expires=0)
     assert response.code == 200
     assert "alice" not in registrar.terminals
     assert registrar.tunnel_vipa == {}
@@ -221,9 +342,88 @@ def test_expires_zero_unregisters_but_keeps_lease(registrar: Registrar) -> None:
     assert associate(registrar, "alice", now=10.0) == vipa
 
 
+def test_expires_zero_from_another_key_changes_nothing(registrar: Registrar) -> None:
+    """An outsider's `Expires: 0` for the victim's id: 403, the victim stays."""
+    vipa = associate(registrar, "alice")
+    response = register_response(registrar, "alice", 5.0, expires=0, static=StaticKey.generate())
+    assert response.code == 403
+    assert registrar.terminals["alice"].vipa == vipa
+
+
+def test_first_key_owns_the_terminal_id(registrar: Registrar) -> None:
+    """Trust on first use: another key for a known id gets 403 and nothing of the owner's."""
+    vipa = associate(registrar, "alice")
+    owner_keys = registrar.terminals["alice"].keys
+    intruder = register_response(registrar, "alice", 1.0, static=StaticKey.generate())
+    assert intruder.code == 403
+    assert intruder.headers.get("VIpAddr") is None and intruder.headers.get(KX_HEADER) is None
+    assert registrar.terminals["alice"].keys == owner_keys
+    assert registrar.leases.pinned_key("alice") == TERMINAL_KEYS["alice"].public
+    # The owner goes on, even after an anchor restart (the pin is in the lease store).
+    assert associate(registrar, "alice", now=2.0) == vipa
+
+
+def test_replayed_key_exchange_is_refused(registrar: Registrar) -> None:
+    attempt = attempt_for(registrar, "alice")
+    first = through_screen(registrar, attempt.register(*SOURCE), 0.0, SOURCE)
+    attempt.on_challenge(first)
+    request = attempt.register(*SOURCE)
+    assert through_screen(registrar, request, 0.0, SOURCE).code == 200
+    # The same REGISTER later (its transaction gone), from the same address.
+    again = wire_request(request)
+    again.headers.set("Via", again.headers["Via"].replace("branch=", "branch=z9hG4bKx"))
+    assert through_screen(registrar, again, 10.0, SOURCE).code == 403
+
+
+def test_encryption_mismatch_is_a_clear_refusal(tmp_path: Path) -> None:
+    on = make_registrar(tmp_path, encryption=True)
+    try:
+        attempt = attempt_for(on, "alice")
+        attempt.encryption = False
+        # The terminal sees it in the challenge ...
+        with pytest.raises(AnchorMismatch, match="encryption on"):
+            run_attempt(on, attempt)
+        # ... and the anchor refuses an offer that asks for the other setting.
+        challenge = through_screen(on, attempt.register(*SOURCE), 0.0, SOURCE)
+        attempt.encryption = True
+        attempt.on_challenge(challenge)
+        attempt.encryption = False
+        refused = through_screen(on, attempt.register(*SOURCE), 0.0, SOURCE)
+        assert refused.code == 488 and "--encryption on" in refused.phrase
+        assert on.terminals == {}
+    finally:
+        on.leases.close()
+
+
+def test_a_client_pinned_to_another_anchor_key_refuses(registrar: Registrar) -> None:
+    attempt = attempt_for(registrar, "alice", anchor_key=StaticKey.generate().public)
+    with pytest.raises(AnchorMismatch, match="not the pinned key"):
+        run_attempt(registrar, attempt)
+    assert registrar.terminals == {}
+
+
+def test_lease_cap_per_source_prefix(tmp_path: Path) -> None:
+    leases = LeaseStore(tmp_path / "capped.sqlite", parse_pool("100.64.0.0/10"), prefix_cap=2)
+    reg = Registrar(leases, Paft(), encryption=False, wall_clock=lambda: WALL)
+    try:
+        assert register_response(reg, "t1").code == 200
+        assert register_response(reg, "t2").code == 200
+        refused = register_response(reg, "t3")
+        assert refused.code == 403 and "too many terminals" in refused.phrase
+        assert leases.lookup("t3") is None
+        # Another network is not affected, and known terminals come back.
+        other = run_attempt(reg, attempt_for(reg, "t3"), 0.0, ("198.18.7.7", 5060))
+        assert other.code == 200
+        assert register_response(reg, "t1").code == 200
+    finally:
+        leases.close()
+
+
 def test_bad_terminal_id_is_400(registrar: Registrar) -> None:
     """A To user that is not a valid terminal id: 400."""
-    request = register("alice")
+    attempt = attempt_for(registrar, "alice")
+    attempt.on_challenge(through_screen(registrar, attempt.register(*SOURCE), 0.0, SOURCE))
+    request = wire_request(attempt.register(*SOURCE))
     request.headers.set("To", f"<sip:bad%21id@{AN}>")
     response = registrar.on_register(request, SOURCE, 0.0)
     assert response.code == 400
@@ -576,68 +776,65 @@ def test_nat_reused_tunnel_address_goes_to_new_terminal(registrar: Registrar) ->
 def secured(tmp_path: Path) -> Iterator[Registrar]:
     users = UserStore.create(tmp_path / "users.json")
     users.add("alice", "wonderland")
-    leases = LeaseStore(tmp_path / "leases.sqlite", parse_pool("100.64.0.0/10"))
     KEYS.clear()
-    yield Registrar(leases, Paft(), users=users, wall_clock=lambda: WALL)
-    leases.close()
-
-
-def answered(reg: Registrar, terminal_id: str, user: str, password: str) -> tuple[Response, bytes]:
-    """REGISTER, take the 401's challenge, REGISTER again with credentials."""
-    first = wire_response(reg.on_register(register(terminal_id), SOURCE, 0.0))
-    assert first.code == 401
-    values = first.headers.getlist("WWW-Authenticate")
-    assert [v.split("algorithm=")[1] for v in values] == ["SHA-256", "MD5"]
-    challenge = choose_challenge(values)
-    request = register(terminal_id)
-    cnonce = new_cnonce()
-    request.headers.add(
-        "Authorization",
-        authorization_value(
-            challenge,
-            username=user,
-            password=password,
-            method="REGISTER",
-            uri=str(request.uri),
-            cnonce=cnonce,
-        ),
-    )
-    response = wire_response(reg.on_register(wire_request(request), SOURCE, 0.0))
-    secret = ha1(user, challenge.realm, password, challenge.algorithm)
-    return response, derive_key(secret, challenge.nonce, cnonce, terminal_id)
+    reg = make_registrar(tmp_path, users=users)
+    yield reg
+    reg.leases.close()
 
 
 def test_register_with_the_right_password_gets_a_vipa_and_a_shared_key(
     secured: Registrar,
 ) -> None:
-    response, key = answered(secured, "alice", "alice", "wonderland")
+    response = register_response(secured, "alice", password="wonderland")
     assert response.code == 200
-    assert response.headers.get(KEY_HEADER) is None  # the key is derived, never sent
     vipa, _ = parse_register_ok_untrusted(response)
-    KEYS["alice"] = key
     assert open_tunnel(secured, "alice", vipa, ("203.0.113.9", 5000)).tunnel_id
 
 
+def test_the_first_challenge_carries_the_digest_ones_when_they_fit(secured: Registrar) -> None:
+    attempt = attempt_for(secured, "alice", password="wonderland")
+    request = attempt.register(*SOURCE)
+    request.headers.set("User-Agent", "x" * 300)  # a request of a real client's size
+    first = through_screen(secured, request, 0.0, SOURCE)
+    values = first.headers.getlist("WWW-Authenticate")
+    assert [v.split()[0] for v in values] == ["Digest", "Digest", "UPMT-KX"]
+    # A minimal request gets only what fits in three times its size.
+    bare = register("alice")
+    answer = secured.screen(bare, SOURCE, len(serialize(bare)), 0.0)
+    assert isinstance(answer, Response)
+    assert len(serialize(answer)) <= AMPLIFICATION_LIMIT * len(serialize(bare))
+
+
 @pytest.mark.parametrize(
-    ("terminal", "user", "password"),
+    ("terminal", "password"),
     [
-        ("alice", "alice", "looking-glass"),  # wrong password
-        ("alice", "mallory", "wonderland"),  # unknown user
-        ("bob", "alice", "wonderland"),  # alice's credentials for another terminal id
+        ("alice", "looking-glass"),  # wrong password
+        ("mallory", "wonderland"),  # unknown user
     ],
 )
 def test_wrong_credentials_are_refused_with_403(
-    secured: Registrar, terminal: str, user: str, password: str
+    secured: Registrar, terminal: str, password: str
 ) -> None:
-    response, _key = answered(secured, terminal, user, password)
+    response = register_response(secured, terminal, password=password)
     assert response.code == 403
     assert secured.terminals == {}
-    assert secured.counters.auth_failures == 1
+    assert secured.statistics()["auth_failures"] == 1
+
+
+def test_deleted_user_loses_the_association(secured: Registrar, tmp_path: Path) -> None:
+    assert register_response(secured, "alice", password="wonderland").code == 200
+    users = UserStore.create(tmp_path / "users2.json")
+    users.add("bob", "builder")
+    assert secured.reload_users(users) == ["alice"]
+    assert secured.terminals == {}
+    assert register_response(secured, "alice", password="wonderland").code == 403
 
 
 def test_unparsable_credentials_get_400(secured: Registrar) -> None:
-    request = register("alice")
-    request.headers.add("Authorization", 'Digest username="alice", nc=zz')
+    attempt = attempt_for(secured, "alice", password="wonderland")
+    attempt.on_challenge(through_screen(secured, attempt.register(*SOURCE), 0.0, SOURCE))
+    request = wire_request(attempt.register(*SOURCE))
+    request.headers.set("Authorization", 'Digest username="alice", nc=zz')
     response = wire_response(secured.on_register(wire_request(request), SOURCE, 0.0))
     assert response.code == 400
     assert secured.terminals == {}

@@ -54,7 +54,14 @@ def anchor_paths(tmp_path: Path) -> list[str]:
 
 
 def client_paths(tmp_path: Path) -> list[str]:
-    return ["--control", str(tmp_path / "cl.sock"), "--run-dir", str(tmp_path / "run")]
+    return [
+        "--control",
+        str(tmp_path / "cl.sock"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -42,9 +42,56 @@ def test_mss_clamp_to_route_mtu() -> None:
 
 def test_braces_balanced() -> None:
     """The script's blocks are closed."""
-    script = anchor_ruleset("100.64.0.0/10", "tun-x")
-    assert script.count("{") == script.count("}") == 3
+    script = anchor_ruleset("100.64.0.0/10", "tun-x", uplinks=["eth0"], connected=["10.0.0.0/8"])
+    assert script.count("{") == script.count("}")
     assert script.endswith("}\n")
+
+
+def rules_of(script: str, chain: str) -> list[str]:
+    """The rule lines of one chain, in order."""
+    body = script.split(f"chain {chain} {{", 1)[1].split("}", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def test_pool_is_confined_to_what_lies_behind_the_default_route() -> None:
+    script = anchor_ruleset(
+        "100.64.0.0/10",
+        "upmt-an",
+        uplinks=["eth0"],
+        connected=["198.51.100.0/24", "10.1.0.0/16", "100.64.0.0/10"],
+        allowed=["10.1.2.0/24"],
+    )
+    # Nothing from the TUN reaches the anchor itself (its SIP and tunnel ports included).
+    assert rules_of(script, "input")[-1] == 'iifname "upmt-an" counter drop'
+    assert rules_of(script, "from_pool") == [
+        "ip saddr != 100.64.0.0/10 counter drop",
+        'oifname "upmt-an" counter drop',  # not other terminals
+        "ip daddr @allowed accept",  # --allow-prefix first
+        "ip daddr @special counter drop",
+        "ip daddr @connected counter drop",  # no network of any interface
+        "oifname != @uplinks counter drop",  # nothing routed out of another interface
+    ]
+    # Unsolicited traffic towards the pool goes nowhere.
+    assert rules_of(script, "to_pool") == ["ct state established,related accept", "counter drop"]
+    assert "elements = { 198.51.100.0/24, 10.1.0.0/16 }" in script  # not the pool itself
+    assert "elements = { 10.1.2.0/24 }" in script
+    assert 'elements = { "eth0" }' in script
+
+
+def test_client_to_client_opens_the_pool_to_itself() -> None:
+    script = anchor_ruleset("100.64.0.0/10", "upmt-an", client_to_client=True)
+    assert 'oifname "upmt-an" accept' in rules_of(script, "from_pool")
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "not-a-prefix", "10.0.0.0/8; flush ruleset"])
+def test_bad_allowed_prefix_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        anchor_ruleset("100.64.0.0/10", "upmt-an", allowed=[bad])
+
+
+def test_bad_uplink_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        anchor_ruleset("100.64.0.0/10", "upmt-an", uplinks=['eth0"; flush ruleset; "'])
 
 
 def test_other_tun_name() -> None:

@@ -413,7 +413,7 @@ def test_layer_answer_that_cannot_fit_at_all_is_dropped_not_raised() -> None:
 def test_screen_answers_statelessly_within_three_times_the_request() -> None:
     seen: list[int] = []
 
-    def screen(request: Request, addr: tuple[str, int], size: int) -> Response | bool:
+    def screen(request: Request, addr: tuple[str, int], size: int, now: float) -> Response | bool:
         seen.append(size)
         return build_response(request, 401, headers=[("WWW-Authenticate", "x" * 200)])
 
@@ -429,7 +429,7 @@ def test_screen_answers_statelessly_within_three_times_the_request() -> None:
 
 
 def test_screen_answer_over_three_times_the_request_is_not_sent() -> None:
-    def screen(request: Request, addr: tuple[str, int], size: int) -> Response | bool:
+    def screen(request: Request, addr: tuple[str, int], size: int, now: float) -> Response | bool:
         return build_response(request, 401, headers=[("WWW-Authenticate", "x" * 3 * size)])
 
     an = TransactionLayer(screen=screen)
@@ -440,7 +440,7 @@ def test_screen_answer_over_three_times_the_request_is_not_sent() -> None:
 
 def test_screen_drops_and_admits() -> None:
     verdicts = [False, True]
-    an = TransactionLayer(screen=lambda _r, _a, _s: verdicts.pop(0))
+    an = TransactionLayer(screen=lambda _r, _a, _s, _n: verdicts.pop(0))
     an.receive_datagram(serialize(make_request()), MH, now=0.0)
     assert an.next_event() is None
     an.receive_datagram(serialize(make_request()), MH, now=0.0)
