@@ -288,16 +288,23 @@ class AnchorDataPath:
             c.auth_failed += 1
             return None
         if rx.endpoint != addr:
-            if frame[0] == FrameType.SIGNAL:
-                c.control_frames += 1
-                self.on_control((addr, rx), frame)
-            else:
-                c.wrong_endpoint += 1
+            self._from_elsewhere(frame, addr, rx)
             return None
+        self._confirm(rx, addr)
+        return frame, rx
+
+    def _from_elsewhere(self, frame: bytes, addr: Addr, rx: Receiver) -> None:
+        """An authentic frame from another address than its tunnel's: only a SIGNAL goes on."""
+        if frame[0] == FrameType.SIGNAL:
+            self.counters.control_frames += 1
+            self.on_control((addr, rx), frame)
+        else:
+            self.counters.wrong_endpoint += 1
+
+    def _confirm(self, rx: Receiver, addr: Addr) -> None:
         if rx.current and self.senders.get(addr) is not rx.sealer:
             # The first frame under a new key: the terminal has it, answer under it.
             self.senders[addr] = rx.sealer
-        return frame, rx
 
     def _open_batch(self, datagrams: Sequence[bytes | memoryview], addr: Addr) -> list[bytes]:
         """`_open` over one receive's datagrams (one sender, so almost always one key).
@@ -316,14 +323,9 @@ class AnchorDataPath:
         rest = self._open_each(others, addr) if others else []
         if rx.endpoint != addr:
             for frame in frames:
-                if frame[0] == FrameType.SIGNAL:
-                    c.control_frames += 1
-                    self.on_control((addr, rx), frame)
-                else:
-                    c.wrong_endpoint += 1
+                self._from_elsewhere(frame, addr, rx)
             return rest
-        if rx.current and self.senders.get(addr) is not rx.sealer:
-            self.senders[addr] = rx.sealer
+        self._confirm(rx, addr)
         self._batch_rx = rx
         return frames + rest if rest else frames
 
@@ -384,6 +386,7 @@ class AnchorDataPath:
         sendto = self.sock.sendto
         route = self._route_downstream
         seal = self._seal
+        encrypted = self.sessions is not None
         c = self.counters
         now = time.monotonic()
         while True:
@@ -397,12 +400,15 @@ class AnchorDataPath:
             addr = route(packet, now, 1, len(packet))
             if addr is None:
                 continue
-            datagram = seal(packet, addr)
-            if datagram is not None:
-                try:
-                    sendto(datagram, addr)
-                except OSError:
-                    c.send_dropped += 1
+            if encrypted:
+                sealed = seal(packet, addr)
+                if sealed is None:
+                    continue
+                packet = sealed
+            try:
+                sendto(packet, addr)
+            except OSError:
+                c.send_dropped += 1
 
     def _drain_tun_offload(self) -> None:
         """Like `_drain_tun`, for vnet-header reads sent with UDP_SEGMENT."""
@@ -437,12 +443,15 @@ class AnchorDataPath:
                 addr = route(packet, now, 1, len(packet))
                 if addr is None:
                     continue
-                sealed = seal(datagram, addr)
-                if sealed is not None:
-                    try:
-                        sendto(sealed, addr)
-                    except OSError:
-                        c.send_dropped += 1
+                if encrypted:
+                    sealed = seal(datagram, addr)
+                    if sealed is None:
+                        continue
+                    datagram = sealed
+                try:
+                    sendto(datagram, addr)
+                except OSError:
+                    c.send_dropped += 1
                 continue
             if segments.count > 1:
                 c.gso_reads += 1

@@ -113,9 +113,16 @@ class LeaseStore:
 
     @contextlib.contextmanager
     def _durable(self) -> Iterator[None]:
+        """One transaction, synced to disk before it returns."""
         self._db.execute("PRAGMA synchronous=FULL")
         try:
-            yield
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
         finally:
             self._db.execute("PRAGMA synchronous=NORMAL")
 
@@ -137,13 +144,20 @@ class LeaseStore:
         in_use: Callable[[str], bool] = lambda _tid: False,
         *,
         prefix: str | None = None,
+        pin: bytes | None = None,
     ) -> str:
-        """The terminal's VIPA, allocating one on first association (asked from `prefix`)."""
+        """The terminal's VIPA, allocating one on first association (asked from `prefix`).
+
+        `pin`: the public key to pin the terminal id to in the same durable
+        transaction (its first association without users).
+        """
         current = self.lookup(terminal_id)
         if current is not None:
             self._db.execute(
                 "UPDATE leases SET last_seen = ? WHERE terminal_id = ?", (now, terminal_id)
             )
+            if pin is not None:
+                self.pin_key(terminal_id, pin, now)
             return current
         if prefix is not None:
             (count,) = self._db.execute(
@@ -163,6 +177,8 @@ class LeaseStore:
                 "INSERT INTO leases (terminal_id, vipa, last_seen, prefix) VALUES (?, ?, ?, ?)",
                 (terminal_id, vipa, now, prefix),
             )
+            if pin is not None:
+                self._insert_pin(terminal_id, pin, now)
         return str(ipaddress.IPv4Address(vipa))
 
     # -- pinned keys (trust on first use) ----------------------------------------
@@ -175,11 +191,14 @@ class LeaseStore:
     def pin_key(self, terminal_id: str, public_key: bytes, now: float) -> None:
         """Bind `terminal_id` to `public_key`; a binding that exists is kept."""
         with self._durable():
-            self._db.execute(
-                "INSERT OR IGNORE INTO terminal_keys (terminal_id, public_key, pinned_at) "
-                "VALUES (?, ?, ?)",
-                (terminal_id, public_key, now),
-            )
+            self._insert_pin(terminal_id, public_key, now)
+
+    def _insert_pin(self, terminal_id: str, public_key: bytes, now: float) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO terminal_keys (terminal_id, public_key, pinned_at) "
+            "VALUES (?, ?, ?)",
+            (terminal_id, public_key, now),
+        )
 
     def unpin_key(self, terminal_id: str) -> bool:
         """Forget the key of `terminal_id` (an operator's decision); whether there was one."""

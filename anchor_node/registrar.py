@@ -194,16 +194,20 @@ class Registrar:
                 headers=[("Min-Expires", str(self.min_expires))],
             )
         expires = min(expires, self.max_expires)
+        pin = None if admitted.pinned else admitted.proven.offer.static
         try:
             vipa = self.leases.acquire(
-                info.terminal_id, now, in_use=self._in_use, prefix=source_prefix(source[0])
+                info.terminal_id,
+                now,
+                in_use=self._in_use,
+                prefix=source_prefix(source[0]),
+                pin=pin,
             )
         except PoolExhausted as exc:
             return self._reject(request, 503, str(exc))
         except PrefixCapReached as exc:
             return self._reject(request, 403, f"too many terminals from here: {exc}")
-        if not admitted.pinned:
-            self.leases.pin_key(info.terminal_id, admitted.proven.offer.static, self.wall_clock())
+        if pin is not None:
             log.info(
                 "terminal %s pinned to key %s (first use)",
                 info.terminal_id,

@@ -4,9 +4,10 @@ Method
 ------
 1. REGISTER rate against the real daemon, in the namespace lab. The anchor
    runs in `an` with `--sip-rate` raised to SIP_RATE and
-   `--sip-transactions-per-source` to the whole table, because all the load
-   comes from one source address and the per-source defaults (50/s, 256
-   transactions) would be measured instead. A load generator (the `generate`
+   `--sip-transactions-per-source` to the whole table and
+   `--max-leases-per-prefix` to the pool, because all the load comes from
+   one source address and the per-source defaults (50/s, 256 transactions,
+   1024 leases per /24) would be measured instead. A load generator (the `generate`
    sub-mode of this module) runs in the extra host `h0`. It keeps
    `--outstanding` REGISTERs in flight, one per UDP socket (so one per
    source port), for `--seconds`, cycling over `--terminals` distinct
@@ -605,7 +606,14 @@ def run_case(
     from lab.topology import AN_ADDR
 
     # All the load comes from one address: neither per-source limit may be what is measured.
-    anchor_args = ["--sip-rate", str(SIP_RATE), "--sip-transactions-per-source", "16384"]
+    anchor_args = [
+        "--sip-rate",
+        str(SIP_RATE),
+        "--sip-transactions-per-source",
+        "16384",
+        "--max-leases-per-prefix",
+        str(1 << 22),
+    ]
     if users is not None:
         anchor_args += ["--users", str(users)]
     anchor = lab.start_anchor(*anchor_args, name=name)

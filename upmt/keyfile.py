@@ -21,6 +21,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -122,9 +123,14 @@ def load_or_create_key(
 
 def _read_key(path: Path, what: str) -> StaticKey:
     text = read_private(path, what=what).decode("ascii", "replace").strip()
+    for _wait in range(40):
+        if text:
+            break
+        # Another process created the file and is writing it (a second at most).
+        time.sleep(0.025)
+        text = read_private(path, what=what).decode("ascii", "replace").strip()
     if not text:
-        # Another process created the file and has not written it yet.
-        raise ConfigError(f"{what} {path}: empty (being created by another process?)")
+        raise ConfigError(f"{what} {path}: empty")
     try:
         return StaticKey.from_private_bytes(decode_key_untrusted(text))
     except MalformedError:

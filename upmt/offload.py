@@ -240,14 +240,33 @@ class GsoSender:
         return 0
 
 
+def _receive(sock: socket.socket, buf: bytearray) -> tuple[int, int, Addr]:
+    """One recvmsg into `buf`: (bytes, GRO segment size or 0, sender); -1 bytes if truncated."""
+    size, ancdata, flags, addr = sock.recvmsg_into([buf], _ANCILLARY)
+    if flags & _MSG_TRUNC:
+        return -1, 0, addr
+    segment = 0
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            (segment,) = _INT_NATIVE.unpack_from(data)
+    if segment <= 0 or segment >= size:
+        segment = 0
+    return size, segment, addr
+
+
 def recv_batch(sock: socket.socket, buf: bytearray) -> tuple[list[bytes], Addr]:
     """One recvmsg: the datagrams it holds (one, or a GRO batch) and the sender.
 
     Raises BlockingIOError when nothing is queued and OSError for socket
     errors; a truncated batch (larger than `buf`) comes back empty.
     """
-    views, addr = recv_views(sock, buf)
-    return [bytes(v) for v in views], addr
+    size, segment, addr = _receive(sock, buf)
+    if size < 0:
+        return [], addr
+    view = memoryview(buf)
+    if not segment:
+        return [bytes(view[:size])], addr
+    return [bytes(view[at : min(at + segment, size)]) for at in range(0, size, segment)], addr
 
 
 def recv_views(sock: socket.socket, buf: bytearray) -> tuple[list[memoryview], Addr]:
@@ -255,15 +274,11 @@ def recv_views(sock: socket.socket, buf: bytearray) -> tuple[list[memoryview], A
 
     For decryption, which reads each datagram once and makes its own plaintext.
     """
-    size, ancdata, flags, addr = sock.recvmsg_into([buf], _ANCILLARY)
-    if flags & _MSG_TRUNC:
+    size, segment, addr = _receive(sock, buf)
+    if size < 0:
         return [], addr
-    segment = 0
-    for level, kind, data in ancdata:
-        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
-            (segment,) = _INT_NATIVE.unpack_from(data)
     view = memoryview(buf)
-    if segment <= 0 or segment >= size:
+    if not segment:
         return [view[:size]], addr
     return [view[at : min(at + segment, size)] for at in range(0, size, segment)], addr
 

@@ -306,6 +306,9 @@ def format_status(st: dict[str, Any]) -> str:
         f"terminal {st['terminal_id']}  VIPA {st['vipa']} on {st['tun']}  "
         f"anchor {st['anchor']}  registration {st['registration_expires_in_s']:.0f} s  "
         f"policy {st['policy']}",
+        f"anchor key {st.get('anchor_key') or '(not yet trusted)'}  "
+        f"tunnel encryption {st.get('encryption', '?')}  "
+        f"associations {st.get('associations', 0)}",
         datapath_line(st.get("datapath", {})),
     ]
     rows = [
@@ -315,10 +318,15 @@ def format_status(st: dict[str, Any]) -> str:
             str(t["tunnel_id"] or "-"),
             "-" if t["rtt_ms"] is None else f"{t['rtt_ms']:.2f}",
             str(t["observed"] or "-"),
+            "-" if t.get("key_age_s") is None else f"{t['key_age_s']:.0f}",
         ]
         for t in st["tunnels"]
     ]
-    out += ["", "tunnels:", table(rows, ["INTERFACE", "STATE", "TUNNEL", "RTT_MS", "OBSERVED"])]
+    out += [
+        "",
+        "tunnels:",
+        table(rows, ["INTERFACE", "STATE", "TUNNEL", "RTT_MS", "OBSERVED", "KEY_AGE_S"]),
+    ]
     out += [
         "",
         "flows:",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from upmt.errors import SetupError
+from upmt.keyfile import write_private
 
 log = logging.getLogger("upmt.client.routing")
 
@@ -133,8 +134,9 @@ class PolicyRouting:
         self.rp_saved = {}
 
     def _record(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps({"rp_filter": self.rp_saved}))
+        self.state_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Atomically and private: a crash mid-write must not lose what to restore.
+        write_private(self.state_file, json.dumps({"rp_filter": self.rp_saved}).encode())
 
     def _forget(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -211,3 +211,28 @@ def assert_offload_used(anchor: Daemon, client: Daemon) -> None:
     assert an["datapath"]["mode"] == mh["datapath"]["mode"] == "offload"
     assert an["counters"]["gso_reads"] > 0, an["counters"]
     assert mh["counters"]["gro_batches"] > 0, mh["counters"]
+
+
+def add_user(lab: Lab, users: Path, user_id: str, password: str) -> None:
+    """`anchor-node user add` in the anchor's namespace, the password on stdin."""
+    lab.exec(
+        "an",
+        lab.python(),
+        "-m",
+        "anchor_node",
+        "user",
+        "add",
+        user_id,
+        "--users",
+        str(users),
+        "--password-stdin",
+        input=password + "\n",
+    )
+
+
+def password_file(lab: Lab, name: str, password: str) -> Path:
+    """A client's --password-file, mode 0600."""
+    path = lab.workdir / name
+    path.write_text(password + "\n")
+    path.chmod(0o600)
+    return path

@@ -6,33 +6,10 @@ import pytest
 
 from lab.scenario import tunnels_up, wait_until
 from lab.topology import Lab
-from tests.e2e.helpers import run_sipp, udp_request
+from tests.e2e.helpers import add_user, password_file, run_sipp, udp_request
 
 pytestmark = pytest.mark.e2e
 SIPP = Path(__file__).parent / "sipp"
-
-
-def add_user(lab: Lab, users: Path, user_id: str, password: str) -> None:
-    lab.exec(
-        "an",
-        lab.python(),
-        "-m",
-        "anchor_node",
-        "user",
-        "add",
-        user_id,
-        "--users",
-        str(users),
-        "--password-stdin",
-        input=password + "\n",
-    )
-
-
-def password_file(lab: Lab, name: str, password: str) -> Path:
-    path = lab.workdir / name
-    path.write_text(password + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def test_right_password_works_and_wrong_one_is_refused(lab: Lab) -> None:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +30,14 @@ from lab.topology import (
     Lab,
 )
 from signalling.handshake import StaticKey, encode_key
-from tests.e2e.helpers import ch_seen_sources, download, sha256, udp_request
+from tests.e2e.helpers import (
+    add_user,
+    ch_seen_sources,
+    download,
+    password_file,
+    sha256,
+    udp_request,
+)
 
 pytestmark = pytest.mark.e2e
 MB = 1 << 20
@@ -273,16 +279,22 @@ def test_a_nats_wan_sees_no_application_payload_in_clear(lab: Lab) -> None:
 # --- the confined pool -----------------------------------------------------------------------
 
 
-@pytest.mark.lab(extra_hosts=1, anchor_lan=True)
-def test_from_a_vipa_the_anchor_its_lan_and_other_terminals_are_unreachable(lab: Lab) -> None:
+def two_terminals_and_targets(lab: Lab, *anchor_args: str) -> tuple[Daemon, Daemon, str]:
+    """mh1 and mh2 (in h0) up; UDP echo servers on the anchor, its LAN and mh2's VIPA."""
     lab.start_servers(file_size=MB)
-    anchor, client = start_overlay(lab)
+    anchor, client = start_overlay(lab, anchor_args=anchor_args)
     second = lab.start_client(role="h0", name="client2", terminal_id="mh2", interfaces=("eth0",))
     wait_until(tunnels_up(second, 1), 30, "second terminal up", (anchor, second))
-    other_vipa = second.status()["vipa"]
+    other_vipa: str = second.status()["vipa"]
     echo_server(lab, "an", "0.0.0.0", "an-echo")
     echo_server(lab, "lan", LAN_HOST_ADDR, "lan-echo")
     echo_server(lab, "h0", other_vipa, "mh2-echo")
+    return anchor, client, other_vipa
+
+
+@pytest.mark.lab(extra_hosts=1, anchor_lan=True)
+def test_from_a_vipa_the_anchor_its_lan_and_other_terminals_are_unreachable(lab: Lab) -> None:
+    _anchor, client, other_vipa = two_terminals_and_targets(lab)
     # The servers answer where they should (from the anchor itself, and over
     # the overlay from their own terminal).
     assert udp_to(lab, "an", LAN_HOST_ADDR, PROBE_PORT, "lan from the anchor")
@@ -305,38 +317,15 @@ def test_from_a_vipa_the_anchor_its_lan_and_other_terminals_are_unreachable(lab:
 
 @pytest.mark.lab(extra_hosts=1, anchor_lan=True)
 def test_allow_prefix_and_client_to_client_open_them_on_purpose(lab: Lab) -> None:
-    lab.start_servers(file_size=MB)
-    anchor, _client = start_overlay(
-        lab, anchor_args=("--allow-prefix", ANCHOR_LAN, "--client-to-client")
+    _anchor, _client, other_vipa = two_terminals_and_targets(
+        lab, "--allow-prefix", ANCHOR_LAN, "--client-to-client"
     )
-    second = lab.start_client(role="h0", name="client2", terminal_id="mh2", interfaces=("eth0",))
-    wait_until(tunnels_up(second, 1), 30, "second terminal up", (anchor, second))
-    other_vipa = second.status()["vipa"]
-    echo_server(lab, "an", "0.0.0.0", "an-echo")
-    echo_server(lab, "lan", LAN_HOST_ADDR, "lan-echo")
-    echo_server(lab, "h0", other_vipa, "mh2-echo")
     assert udp_to(lab, "mh", LAN_HOST_ADDR, PROBE_PORT, "to the lan")
     assert udp_to(lab, "mh", other_vipa, PROBE_PORT, "to mh2")
     assert not udp_to(lab, "mh", AN_ADDR, PROBE_PORT, "to the anchor")  # still closed
 
 
 # --- answers to unproven sources ---------------------------------------------------------------
-
-
-def add_user(lab: Lab, users: Path, user_id: str, password: str) -> None:
-    lab.exec(
-        "an",
-        lab.python(),
-        "-m",
-        "anchor_node",
-        "user",
-        "add",
-        user_id,
-        "--users",
-        str(users),
-        "--password-stdin",
-        input=password + "\n",
-    )
 
 
 @pytest.mark.lab(extra_hosts=1)
@@ -361,9 +350,7 @@ def test_a_deleted_user_is_cut_off_after_sighup(lab: Lab) -> None:
     users = lab.workdir / "users.json"
     add_user(lab, users, "mh1", "correct horse")
     add_user(lab, users, "other", "battery staple")
-    password = lab.workdir / "mh1.password"
-    password.write_text("correct horse\n")
-    password.chmod(0o600)
+    password = password_file(lab, "mh1.password", "correct horse")
     anchor, client = start_overlay(
         lab, anchor_args=("--users", str(users)), client_args=("--password-file", str(password))
     )

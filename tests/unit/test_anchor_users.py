@@ -350,3 +350,35 @@ def test_cli_errors(path: Path) -> None:
     result = run("del", "alice", "--users", str(path))
     assert isinstance(result.exception, ConfigError)
     assert "no user" in str(result.exception)
+
+
+def test_concurrent_user_adds_lose_nothing(path: Path) -> None:
+    """Each `user add` holds the file's lock across read, change and write."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "anchor_node",
+                "user",
+                "add",
+                f"t{i}",
+                "--users",
+                str(path),
+                "--password-stdin",
+            ],
+            cwd=root,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(6)
+    ]
+    for proc in procs:
+        proc.communicate(b"secret\n", timeout=60)
+        assert proc.returncode == 0
+    assert UserStore.load(path).users() == [f"t{i}" for i in range(6)]

@@ -122,3 +122,19 @@ def test_config_is_frozen() -> None:
     cfg = build()
     with pytest.raises(AttributeError):
         cfg.anchor = "198.51.100.1"  # type: ignore[misc]
+
+
+def test_password_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    from upmt_client.config import read_password
+
+    path = tmp_path / "pw"
+    path.write_text("secret\nignored\n")
+    path.chmod(0o600)
+    assert read_password(path) == "secret"
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_password(path)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(ConfigError):
+        read_password(link)

@@ -18,6 +18,7 @@ from tunnel.crypto import (
     Opener,
     ReplayWindow,
     Sealer,
+    TunnelKeys,
     receiver_of,
 )
 from tunnel.frames import (
@@ -226,3 +227,20 @@ def test_restored_window_refuses_everything_up_to_its_start() -> None:
     window.start_at(5000)
     assert not window.fresh(5000) and not window.fresh(4000) and not window.fresh(0)
     assert window.accept(5001)
+
+
+def test_the_client_asks_for_a_rekey_when_either_direction_wore_its_key() -> None:
+    from upmt_client.daemon import _keys_worn
+    from upmt_client.tunnels import ClientTunnel
+
+    tunnel = ClientTunnel("if0", 1)
+    assert not _keys_worn(tunnel)  # no keys (encryption off): nothing to wear
+    tunnel.keys = TunnelKeys(Sealer(KEY, INDEX, rekey_after=2), Opener(OTHER_KEY, INDEX + 1))
+    assert not _keys_worn(tunnel)
+    tunnel.keys.sealer.seal(b"E")
+    tunnel.keys.sealer.seal(b"E")
+    assert _keys_worn(tunnel)  # sent enough
+    fresh = TunnelKeys(Sealer(KEY, INDEX), Opener(OTHER_KEY, INDEX + 1))
+    fresh.current.window.start_at(2**60)  # the anchor's counter reached the limit
+    tunnel.keys = fresh
+    assert _keys_worn(tunnel)
