@@ -315,6 +315,8 @@ class AnchorNode:
             self.sip_counters["sip_malformed_signal"] += 1
         elif not self.tunnel_sip_limiter.allow(addr[0], trio.current_time()):
             self.sip_counters["sip_rate_limited"] += 1
+        elif rx is not None and not self.registrar.sessions.live(rx):
+            self.sip_counters["sip_no_key"] += 1  # its key was retired while it was queued
         else:
             if rx is not None:
                 self.registrar.sessions.note_origin(addr, rx)

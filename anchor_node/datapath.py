@@ -321,6 +321,8 @@ class AnchorDataPath:
         frames, failed, others = rx.opener.open_many(datagrams)
         c.auth_failed += failed
         rest = self._open_each(others, addr) if others else []
+        if not frames:  # nothing authenticated under this key: it earns nothing
+            return rest
         if rx.endpoint != addr:
             for frame in frames:
                 self._from_elsewhere(frame, addr, rx)

@@ -10,7 +10,9 @@ prefix may create at most `prefix_cap` leases, so that one network cannot
 drain the pool with made-up terminal ids.
 
 Without a users file a terminal id belongs to the first key that registered
-it (trust on first use): `terminal_keys` keeps that public key.
+it (trust on first use): `terminal_keys` keeps that public key, and the
+prefix it came from, which may pin at most `prefix_cap` ids too (a
+reclaimed lease frees an address, never an id's pinned key).
 
 Durability: the file is in WAL mode. A new lease or a pinned key is written
 with ``synchronous=FULL`` (fsync before the answer leaves), so that a power
@@ -37,7 +39,8 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS terminal_keys (
     terminal_id TEXT PRIMARY KEY,
     public_key BLOB NOT NULL,
-    pinned_at REAL NOT NULL
+    pinned_at REAL NOT NULL,
+    prefix TEXT
 );
 """
 DEFAULT_PREFIX_CAP = 1024
@@ -104,10 +107,11 @@ class LeaseStore:
             # the writes that must survive a power loss (see the module docstring).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(leases)")}
-            if "prefix" not in columns:  # a store written before the prefix cap
-                self._db.execute("ALTER TABLE leases ADD COLUMN prefix TEXT")
-            self._db.execute("CREATE INDEX IF NOT EXISTS leases_prefix ON leases (prefix)")
+            for table in ("leases", "terminal_keys"):
+                columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if "prefix" not in columns:  # a store written before the prefix caps
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN prefix TEXT")
+                self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_prefix ON {table} (prefix)")
         except sqlite3.Error as exc:
             raise SetupError(f"cannot open lease store {path}: {exc}") from None
 
@@ -157,16 +161,12 @@ class LeaseStore:
                 "UPDATE leases SET last_seen = ? WHERE terminal_id = ?", (now, terminal_id)
             )
             if pin is not None:
-                self.pin_key(terminal_id, pin, now)
+                self._check_cap("terminal_keys", prefix)
+                self.pin_key(terminal_id, pin, now, prefix=prefix)
             return current
-        if prefix is not None:
-            (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM leases WHERE prefix = ?", (prefix,)
-            ).fetchone()
-            if count >= self.prefix_cap:
-                raise PrefixCapReached(
-                    f"{prefix} already holds {count} leases (limit {self.prefix_cap})"
-                )
+        self._check_cap("leases", prefix)
+        if pin is not None:
+            self._check_cap("terminal_keys", prefix)
         with self._durable():
             # A lease outside the (possibly changed) pool is stale: forget it.
             self._db.execute("DELETE FROM leases WHERE terminal_id = ?", (terminal_id,))
@@ -178,8 +178,20 @@ class LeaseStore:
                 (terminal_id, vipa, now, prefix),
             )
             if pin is not None:
-                self._insert_pin(terminal_id, pin, now)
+                self._insert_pin(terminal_id, pin, now, prefix)
         return str(ipaddress.IPv4Address(vipa))
+
+    def _check_cap(self, table: str, prefix: str | None) -> None:
+        """PrefixCapReached if `prefix` made `prefix_cap` rows of `table` (leases, or pins:
+        a reclaimed lease frees its address, never its terminal id's pinned key)."""
+        if prefix is None:
+            return
+        (count,) = self._db.execute(
+            f"SELECT COUNT(*) FROM {table} WHERE prefix = ?", (prefix,)
+        ).fetchone()
+        if count >= self.prefix_cap:
+            what = "leases" if table == "leases" else "pinned terminal keys"
+            raise PrefixCapReached(f"{prefix} made {count} {what} (limit {self.prefix_cap})")
 
     # -- pinned keys (trust on first use) ----------------------------------------
     def pinned_key(self, terminal_id: str) -> bytes | None:
@@ -188,16 +200,20 @@ class LeaseStore:
         ).fetchone()
         return None if row is None else bytes(row[0])
 
-    def pin_key(self, terminal_id: str, public_key: bytes, now: float) -> None:
+    def pin_key(
+        self, terminal_id: str, public_key: bytes, now: float, *, prefix: str | None = None
+    ) -> None:
         """Bind `terminal_id` to `public_key`; a binding that exists is kept."""
         with self._durable():
-            self._insert_pin(terminal_id, public_key, now)
+            self._insert_pin(terminal_id, public_key, now, prefix)
 
-    def _insert_pin(self, terminal_id: str, public_key: bytes, now: float) -> None:
+    def _insert_pin(
+        self, terminal_id: str, public_key: bytes, now: float, prefix: str | None
+    ) -> None:
         self._db.execute(
-            "INSERT OR IGNORE INTO terminal_keys (terminal_id, public_key, pinned_at) "
-            "VALUES (?, ?, ?)",
-            (terminal_id, public_key, now),
+            "INSERT OR IGNORE INTO terminal_keys (terminal_id, public_key, pinned_at, prefix) "
+            "VALUES (?, ?, ?, ?)",
+            (terminal_id, public_key, now, prefix),
         )
 
     def unpin_key(self, terminal_id: str) -> bool:

@@ -413,7 +413,9 @@ class Registrar:
             terminal = found
         if self.encryption:
             origin = self.sessions.origin(tunnel)
-            if origin is None or origin.terminal_id != terminal.terminal_id:
+            if origin is None or not self.sessions.live(origin):
+                return None  # its key is gone: nothing can be answered under it
+            if origin.terminal_id != terminal.terminal_id:
                 # Under another terminal's key: its owner cannot speak for this one.
                 self.counters.auth_failures += 1
                 return self._reject(request, 403, "not this terminal's tunnel key")
@@ -460,9 +462,10 @@ class Registrar:
         if owner is not None and owner is not terminal:
             # A NAT reused the address for another terminal: the old binding is stale.
             self._drop_tunnel(owner, tunnel)
+        origin = self.sessions.origin(tunnel) if self.encryption else None
         if self.encryption:
-            origin = self.sessions.origin(tunnel)
-            assert origin is not None  # on_tunnel_message checked it
+            if origin is None or not self.sessions.live(origin):  # retired while it waited
+                return self._reject(request, 403, "tunnel key retired: associate again")
             # The slot's tunnel moved (a NAT rebinding): its old address is gone.
             for addr in list(terminal.tunnels):
                 if addr != tunnel and self.sessions.slot_of(terminal.terminal_id, addr) == (
@@ -481,10 +484,8 @@ class Registrar:
             )
         else:
             terminal.tunnels[tunnel].interface = body.interface
-        if self.encryption:
-            origin = self.sessions.origin(tunnel)
-            assert origin is not None
-            self.sessions.bind(origin, tunnel)
+        if origin is not None:
+            self.sessions.bind(origin, tunnel)  # live: checked above
         self._tunnel_owner[tunnel] = terminal
         self.tunnel_vipa[tunnel] = terminal.vipa_packed
         self.default_tunnel.setdefault(terminal.vipa_packed, tunnel)

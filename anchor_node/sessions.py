@@ -133,10 +133,19 @@ class TunnelSessions:
             self._drop_generation(generation)
 
     def _drop_generation(self, generation: _Generation) -> None:
+        dropped = set()
         for rx in generation.receivers:
             self.receivers.pop(rx.opener.index, None)
+            dropped.add(id(rx))
             if rx.endpoint is not None and self.senders.get(rx.endpoint) is rx.sealer:
                 del self.senders[rx.endpoint]
+        # No answer may go out under a retired key.
+        for addr in [a for a, rx in self._origins.items() if id(rx) in dropped]:
+            del self._origins[addr]
+
+    def live(self, rx: Receiver) -> bool:
+        """Whether `rx` is still installed (a frame queued for the control plane may outlive it)."""
+        return self.receivers.get(rx.opener.index) is rx
 
     # -- tunnels ---------------------------------------------------------------
     def note_origin(self, addr: Addr, rx: Receiver) -> None:
@@ -149,14 +158,21 @@ class TunnelSessions:
     def origin(self, addr: Addr) -> Receiver | None:
         return self._origins.get(addr)
 
-    def bind(self, rx: Receiver, addr: Addr) -> None:
-        """Tunnel slot `rx.slot` of its terminal now lives at `addr` (a tunnel set-up)."""
-        for generation in self._generations.get(rx.terminal_id, []):
+    def bind(self, rx: Receiver, addr: Addr) -> bool:
+        """Tunnel slot `rx.slot` of its terminal now lives at `addr` (a tunnel set-up).
+
+        False (nothing bound) when `rx` was retired meanwhile.
+        """
+        gens = self._generations.get(rx.terminal_id)
+        if not gens or not self.live(rx):
+            return False
+        for generation in gens:
             for other in generation.receivers:
                 if other.slot == rx.slot:
                     other.endpoint = addr
-        newest = self._generations[rx.terminal_id][-1].receivers[rx.slot]
+        newest = gens[-1].receivers[rx.slot]
         self.senders[addr] = newest.sealer if rx.current else rx.sealer
+        return True
 
     def unbind(self, addr: Addr) -> None:
         """`addr` is no tunnel any more: no key sends to it, no frame from it counts."""
@@ -194,11 +210,16 @@ class TunnelSessions:
         orphaned = []
         for terminal_id, gens in list(self._generations.items()):
             keep = []
-            for generation in gens:
+            for at, generation in enumerate(gens):
                 superseded = generation.superseded_at
-                if now - generation.created > REJECT_AFTER_TIME or (
-                    superseded is not None and now - superseded > PREVIOUS_GRACE
-                ):
+                # The grace runs out only once the terminal uses a newer key: while
+                # its answer is lost, the keys in use are the older ones.
+                replaced = (
+                    superseded is not None
+                    and now - superseded > PREVIOUS_GRACE
+                    and any(_used(newer) for newer in gens[at + 1 :])
+                )
+                if now - generation.created > REJECT_AFTER_TIME or replaced:
                     self._drop_generation(generation)
                 else:
                     keep.append(generation)

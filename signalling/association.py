@@ -195,6 +195,9 @@ class AssociationAttempt:
         """VIPA, granted expires and the session keys (None for an unregistration)."""
         vipa, expires = parse_register_ok_untrusted(response)
         if expires == 0:
+            # Unauthenticated: only the answer to an unregistration may say so.
+            if self.expires != 0:
+                raise MalformedError("200 with Expires 0 to a registration")
             return vipa, 0, None
         if self._initiator is None or self._sent is None:
             raise MalformedError("200 to a REGISTER without a key exchange")

@@ -340,7 +340,7 @@ class TunnelKeys:
     """One tunnel's keys at the terminal: the sealer in use and the openers it accepts.
 
     A rekey replaces the sealer at once (the anchor holds the new keys before
-    the terminal learns them) and keeps the previous opener beside the new
+    the terminal learns them) and keeps the previous openers beside the new
     one, for frames the anchor sent before it switched.
     """
 
@@ -352,8 +352,11 @@ class TunnelKeys:
         self.openers = {opener.index: opener}
 
     def rekey(self, sealer: Sealer, opener: Opener) -> None:
+        # The two before the new one stay: two rekeys may end before the anchor
+        # saw a frame under the first, and it still seals under the one before.
         # One dict assignment: the data-path thread sees the old or the new one.
-        self.openers = {self.current.index: self.current, opener.index: opener}
+        kept = list(self.openers.items())[-2:]
+        self.openers = {**dict(kept), opener.index: opener}
         self.current = opener
         self.sealer = sealer
 

@@ -124,11 +124,11 @@ class Associator:
                     continue
                 try:
                     vipa, expires, keys = attempt.on_ok(response)
+                    self._associated(attempt, access, vipa, expires, keys)
                 except MalformedError as exc:
                     last_error = f"bad answer (forged?): {exc}"
                     log.warning("answer to REGISTER via %s unusable: %s", access.name, exc)
                     continue
-                self._associated(attempt, access, vipa, expires, keys)
                 return vipa
             self.last_error = last_error
             anchor = format_hostport(self.anchor_sip)
@@ -177,17 +177,19 @@ class Associator:
 
     async def refresh_forever(self, accesses: Callable[[], list[Access]]) -> None:
         """Associate again every rekey interval (or half the lifetime); retry on failure."""
+        retry_at: float | None = None
         while True:
             reg = self.registration
-            interval = min(reg.expires / 2, self.config.rekey_interval)
-            with trio.move_on_at(reg.registered_at + interval):
+            due = reg.registered_at + min(reg.expires / 2, self.config.rekey_interval)
+            with trio.move_on_at(due if retry_at is None else retry_at):
                 await self._rekey_now.wait()
             self._rekey_now = trio.Event()
             try:
                 await self.associate(accesses())
+                retry_at = None
             except TransactionFailed as exc:
                 log.warning("re-association failed: %s; retrying in %g s", exc, RETRY_DELAY)
-                reg.registered_at = trio.current_time() - interval + RETRY_DELAY
+                retry_at = trio.current_time() + RETRY_DELAY
 
     async def _register_via(self, access: Access) -> tuple[AssociationAttempt, Response]:
         """One association attempt over `access`: challenge, offer, final answer."""

@@ -72,10 +72,7 @@ def export_state(
         if t.sock is not None and t.phase is TunnelPhase.UP:
             fds[f"tunnel:{name}"] = t.sock.fileno()
             tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
-            if t.keys is not None:
-                # The data path is stopped: these counters are final.
-                tunnels[name]["sent"] = t.keys.sealer.next_counter()
-                tunnels[name]["received_top"] = t.keys.current.window.top
+
     with daemon.lock:
         flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in daemon.paft]
     keys = reg.keys
@@ -99,6 +96,7 @@ def export_state(
             "via": reg.via,
         },
         "tunnels": tunnels,
+        "counters": key_counters(daemon.tunnels),
         "flows": flows,
         "app_pins": [list(p) for p in daemon.steering.view.app_pins],
         "flow_pins": [
@@ -128,6 +126,27 @@ def import_registration(reg: Registration, state: dict[str, Any]) -> str:
     return reg.vipa
 
 
+def key_counters(tunnels: dict[str, "ClientTunnel"]) -> dict[str, dict[str, int]]:
+    """Every tunnel's key counters, up or not, for the next process.
+
+    A tunnel's key comes from the association and its slot, so a tunnel that
+    is down now has sent under it too: a counter that started from 0 again
+    would reuse nonces. The data path is stopped: these are final.
+    """
+    return {
+        name: {"sent": t.keys.sealer.next_counter(), "received_top": t.keys.current.window.top}
+        for name, t in tunnels.items()
+        if t.keys is not None
+    }
+
+
+def restore_key_counters(
+    tunnels: dict[str, "ClientTunnel"], keys: SessionKeys, counters: dict[str, Any]
+) -> None:
+    for name, tunnel in tunnels.items():
+        restore_keys(tunnel, keys, counters.get(name, {}))
+
+
 def restore_keys(tunnel: "ClientTunnel", keys: SessionKeys, item: dict[str, Any]) -> None:
     """The tunnel's keys, with the sending counter moved on by a margin and the window kept."""
     now = time.monotonic()
@@ -155,8 +174,8 @@ def import_tunnels_and_flows(daemon: "ClientDaemon", handover: Handover) -> None
         tunnel.inherited = tunnel_socket(fd)
         tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
         tunnel.phase = TunnelPhase.UP
-        if daemon.config.encryption and keys is not None:
-            restore_keys(tunnel, keys, item)
+    if daemon.config.encryption and keys is not None:
+        restore_key_counters(daemon.tunnels, keys, state.get("counters", {}))
     now = time.monotonic()
     with daemon.lock:
         for *key, iface, app, movable in state.get("flows", []):

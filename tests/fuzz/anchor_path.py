@@ -30,7 +30,7 @@ from anchor_node.registrar import Registrar
 from paft.table import Paft
 from signalling.association import AssociationAttempt, Dialog
 from signalling.events import RequestReceived
-from signalling.handshake import StaticKey, tunnel_keys
+from signalling.handshake import SessionKeys, StaticKey, tunnel_keys
 from signalling.message import MAX_MESSAGE_SIZE, serialize
 from signalling.transaction import TransactionLayer
 from signalling.tunnelauth import sign
@@ -93,6 +93,8 @@ class AnchorUnderFuzz:
         addr, rx = origin
         if data[0] != FrameType.SIGNAL or len(data) < 2:
             return
+        if rx is not None and not self.registrar.sessions.live(rx):
+            return
         if rx is not None:
             self.registrar.sessions.note_origin(addr, rx)
         self.tunnel_sip.receive_datagram(data[1:], addr, self.now)
@@ -110,9 +112,24 @@ class AnchorUnderFuzz:
 
     # -- the terminal that makes the crypto reachable --------------------------------------
     def _associate(self) -> None:
+        self.static = StaticKey.generate()
+        self.dialog = Dialog("fuzz-call", "fuzz-tag")
+        self.keys = self.associate_again()
+        up, down = tunnel_keys(self.keys, 0)
+        self.sealer = Sealer(up, self.keys.anchor_index)
+        self.opener = Opener(down, self.keys.terminal_index)
+        setup = (
+            b'{"mType":"TunnelSetupRequest","terminalId":"fuzzed","vipa":"%s","interface":"f0"}'
+            % self.vipa.encode()
+        )
+        answers = self.feed("sealed", encode_frame(Signal(self._signed_message(setup))))
+        assert answers, "the fuzzed terminal's tunnel did not come up"
+
+    def associate_again(self) -> SessionKeys:
+        """One more association (a rekey) of the fuzzed terminal; its keys."""
         attempt = AssociationAttempt(
-            dialog=Dialog("fuzz-call", "fuzz-tag"),
-            static=StaticKey.generate(),
+            dialog=self.dialog,
+            static=self.static,
             terminal_id="fuzzed",
             an_host=LOOPBACK,
             an_port=5060,
@@ -132,15 +149,7 @@ class AnchorUnderFuzz:
         vipa, _expires, keys = attempt.on_ok(response)
         assert keys is not None
         self.signing, self.vipa = keys.signing, vipa
-        up, down = tunnel_keys(keys, 0)
-        self.sealer = Sealer(up, keys.anchor_index)
-        self.opener = Opener(down, keys.terminal_index)
-        setup = (
-            b'{"mType":"TunnelSetupRequest","terminalId":"fuzzed","vipa":"%s","interface":"f0"}'
-            % vipa.encode()
-        )
-        answers = self.feed("sealed", encode_frame(Signal(self._signed_message(setup))))
-        assert answers, "the fuzzed terminal's tunnel did not come up"
+        return keys
 
     def _signed_message(self, body: bytes) -> bytes:
         from signalling.message import build_request, new_branch
@@ -179,9 +188,11 @@ class AnchorUnderFuzz:
         (self.stranger if kind == "stranger" else self.peer).send(data)
         self.datapath._drain_socket()
         # Tunnel-port answers leave as sealed SIGNAL frames (the daemon's `_send_tunnel_sip`).
-        out = [
-            (bytes(1 + OVERHEAD) + d, len(data)) for d, _addr in self.tunnel_sip.datagrams_to_send()
-        ]
+        out = []
+        for answer, addr in self.tunnel_sip.datagrams_to_send():
+            sealer = self.registrar.sessions.reply_sealer(addr)
+            if sealer is not None:
+                out.append((sealer.seal(encode_frame(Signal(answer))), len(data)))
         for sock in (self.peer, self.stranger):
             while True:
                 try:

@@ -12,7 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anchor_node.leases import LeaseStore, PoolExhausted, anchor_address, parse_pool
+from anchor_node.leases import (
+    LeaseStore,
+    PoolExhausted,
+    PrefixCapReached,
+    anchor_address,
+    parse_pool,
+)
 from upmt.errors import ConfigError
 
 
@@ -266,5 +272,21 @@ def test_against_model(
                 assert store.acquire(tid, now, in_use=in_use) == expected
             assert store.all() == model.lease
             assert len(set(store.all().values())) == len(store.all())
+    finally:
+        store.close()
+
+
+def test_pins_are_capped_per_prefix_too(tmp_path: Path) -> None:
+    """A reclaimed lease frees its address, never its id's pin: pins count on their own."""
+    store = LeaseStore(tmp_path / "p.sqlite", parse_pool("10.9.0.0/24"), prefix_cap=2)
+    try:
+        for tid in ("t1", "t2"):
+            store.acquire(tid, 1.0, prefix="192.0.2.0/24", pin=tid.encode() * 16)
+        store._db.execute("DELETE FROM leases")  # as reclaiming would
+        with pytest.raises(PrefixCapReached, match="pinned terminal keys"):
+            store.acquire("t3", 2.0, prefix="192.0.2.0/24", pin=b"k" * 32)
+        assert store.lookup("t3") is None and store.pinned_key("t3") is None
+        store.acquire("t3", 2.0, prefix="198.51.100.0/24", pin=b"k" * 32)  # another network
+        assert store.pinned_key("t1") == b"t1" * 16  # the pins that exist stay
     finally:
         store.close()

@@ -838,3 +838,12 @@ def test_unparsable_credentials_get_400(secured: Registrar) -> None:
     response = wire_response(secured.on_register(wire_request(request), SOURCE, 0.0))
     assert response.code == 400
     assert secured.terminals == {}
+
+
+def test_a_tunnel_address_inside_the_pool_is_refused(registrar: Registrar) -> None:
+    """A tunnel through the overlay itself (its outer source a VIPA): 403."""
+    vipa = associate(registrar, "alice")
+    inside: Addr = ("100.64.0.9", 40000)
+    answer = registrar.on_tunnel_message(message(setup_body("alice", vipa)), inside, 0.0)
+    assert answer is not None and wire_response(answer).code == 403
+    assert inside not in registrar.tunnel_vipa

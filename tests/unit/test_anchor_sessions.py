@@ -99,8 +99,14 @@ def test_rekey_keeps_bound_slots_and_switches_senders_on_first_use(reg: Registra
     assert new is not old and new.endpoint == T1 and not old.current
     assert reg.sessions.senders[T1] is old.sealer  # until the terminal uses the new key
     assert reg.terminals["alice"].vipa == vipa
-    # The previous generation is kept for frames in flight, then dropped.
+    # Unused, the new keys do not retire the old ones, however long it takes ...
     reg.expire(100.0 + PREVIOUS_GRACE + 1, {T1: 100.0 + PREVIOUS_GRACE}, tunnel_idle=600)
+    assert old.opener.index in reg.sessions.receivers
+    # ... used, they do, after the grace for frames in flight.
+    keys = reg.terminals["alice"].keys[0]
+    up, _down = tunnel_keys(keys, 0)
+    new.opener.open_untrusted(Sealer(up, keys.anchor_index).seal(b"E" + bytes(20)))
+    reg.expire(100.0 + PREVIOUS_GRACE + 2, {T1: 100.0 + PREVIOUS_GRACE}, tunnel_idle=600)
     assert old.opener.index not in reg.sessions.receivers
     assert new.opener.index in reg.sessions.receivers
 
@@ -209,3 +215,15 @@ def test_a_rekey_whose_answer_was_lost_does_not_cost_the_keys_in_use(reg: Regist
     assert receiver(reg, "alice", 0).endpoint == T1
     # The same for the signing keys of in-tunnel MESSAGEs (the set-up was signed).
     assert reg.terminals["alice"].keys[1] == keys
+
+
+def test_a_message_under_a_key_retired_while_it_waited_is_dropped(reg: Registrar) -> None:
+    vipa = associate(reg, "alice")
+    rx = receiver(reg, "alice", 0)
+    reg.sessions.note_origin(T1, rx)
+    reg.sessions.drop_terminal("alice")  # e.g. expired before the control plane got to it
+    assert not reg.sessions.live(rx) and reg.sessions.origin(T1) is None
+    assert not reg.sessions.bind(rx, T1)
+    answer = reg.on_tunnel_message(message(setup_body("alice", vipa), "alice"), T1, 1.0)
+    assert answer is None or wire_response(answer).code == 403
+    assert T1 not in reg.tunnel_vipa and T1 not in reg.sessions.senders

@@ -304,3 +304,26 @@ def test_cookie_is_bound_to_address_and_time() -> None:
     assert not CookieJar().valid(cookie, ("192.0.2.2", 5070), 1000.0)  # another secret
     assert not jar.valid(cookie[:-1] + bytes([cookie[-1] ^ 1]), ("192.0.2.2", 5070), 1000.0)
     assert not jar.valid(cookie[:10], ("192.0.2.2", 5070), 1000.0)
+
+
+def test_a_forged_200_with_expires_0_is_refused_by_a_registering_terminal() -> None:
+    from signalling.association import AssociationAttempt, Dialog
+    from signalling.message import new_tag
+    from signalling.register import build_register_ok
+
+    attempt = AssociationAttempt(
+        dialog=Dialog("c", "t"),
+        static=TERMINAL,
+        terminal_id="laptop1",
+        an_host="198.51.100.2",
+        an_port=5060,
+        expires=600,
+        vipa=None,
+        index=64,
+        encryption=True,
+        pinned_anchor_key=ANCHOR.public,
+    )
+    request = attempt.register("192.0.2.2", 5070)
+    forged = build_register_ok(request, vipa="100.64.0.2", expires=0, to_tag=new_tag())
+    with pytest.raises(MalformedError, match="Expires 0"):
+        attempt.on_ok(forged)

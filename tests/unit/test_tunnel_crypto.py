@@ -244,3 +244,23 @@ def test_the_client_asks_for_a_rekey_when_either_direction_wore_its_key() -> Non
     fresh.current.window.start_at(2**60)  # the anchor's counter reached the limit
     tunnel.keys = fresh
     assert _keys_worn(tunnel)
+
+
+def test_a_client_restart_in_place_moves_every_tunnels_counters_on() -> None:
+    """Also those of tunnels that are down: their key is the association's and slot's."""
+    from signalling.handshake import SessionKeys
+    from upmt_client.inplace import key_counters, restore_key_counters
+    from upmt_client.tunnels import ClientTunnel
+
+    keys = SessionKeys(KEY, OTHER_KEY, bytes(32), 64, 128)
+    old = {name: ClientTunnel(name, n) for n, name in enumerate(("if0", "if1"), 1)}
+    for tunnel in old.values():
+        tunnel.install_keys(keys, 0.0)
+    assert old["if1"].keys is not None
+    sent = [old["if1"].keys.sealer.seal(b"E") for _ in range(5)]  # if1 is down now
+    counters = key_counters(old)
+    new = {name: ClientTunnel(name, n) for n, name in enumerate(("if0", "if1"), 1)}
+    restore_key_counters(new, keys, counters)
+    assert new["if1"].keys is not None
+    after = new["if1"].keys.sealer.seal(b"E")
+    assert int.from_bytes(after[5:13], "big") > max(int.from_bytes(d[5:13], "big") for d in sent)
