@@ -27,6 +27,23 @@ DEFAULT_CONTROL = Path("/run/upmt/anchor-node.sock")
 DEFAULT_STATE = Path("/var/lib/upmt/anchor-node.sqlite")
 
 
+# Shared by `run` and `key`: the anchor's key lives beside its lease store.
+state_option = click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_STATE,
+    show_default=True,
+    help="SQLite file keeping the VIPA leases (the anchor key lives beside it).",
+)
+key_option = click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The anchor's X25519 key, generated on first start [default: <state>.key].",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """UPMT anchor node: VIPA registrar, tunnel broker and NAPT anchor point."""
@@ -44,13 +61,7 @@ def cli() -> None:
     show_default=True,
     help="VIPA pool; the anchor keeps its first address.",
 )
-@click.option(
-    "--state",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_STATE,
-    show_default=True,
-    help="SQLite file keeping the VIPA leases.",
-)
+@state_option
 @control_option(DEFAULT_CONTROL)
 @click.option(
     "--users",
@@ -109,13 +120,7 @@ def cli() -> None:
 )
 @offload_option
 @encryption_option
-@click.option(
-    "--key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The anchor's X25519 key, generated on first start [default: beside --state, "
-    "<state>.key].",
-)
+@key_option
 @click.option(
     "--max-leases-per-prefix",
     type=click.IntRange(1, 1 << 22),
@@ -156,7 +161,7 @@ def run(
     sip_transactions_per_source: int,
     offload: str,
     encryption: str,
-    key: Path | None,
+    key_path: Path | None,
     max_leases_per_prefix: int,
     allow_prefixes: tuple[str, ...],
     client_to_client: bool,
@@ -185,7 +190,7 @@ def run(
         sip_transactions_per_source=sip_transactions_per_source,
         offload=offload,
         encryption=encryption,
-        key=key,
+        key=key_path,
         max_leases_per_prefix=max_leases_per_prefix,
         allow_prefixes=allow_prefixes,
         client_to_client=client_to_client,
@@ -195,20 +200,8 @@ def run(
 
 
 @cli.command()
-@click.option(
-    "--state",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=DEFAULT_STATE,
-    show_default=True,
-    help="The lease store the key lives beside.",
-)
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The key file [default: <state>.key].",
-)
+@state_option
+@key_option
 def key(state: Path, key_path: Path | None) -> None:
     """Print the anchor's public key (for the clients' --anchor-key), creating it if needed."""
     from anchor_node.config import default_key_file
