@@ -30,6 +30,8 @@ from sipmessage import Request, Response
 
 from anchor_node.leases import LeaseStore
 from anchor_node.users import UserStore
+from ground.constants import Addr
+from ground.errors import MalformedError
 from signalling.cookies import CookieJar
 from signalling.digest import NonceStore, Outcome, challenge_values, verify
 from signalling.handshake import (
@@ -45,11 +47,9 @@ from signalling.message import build_response, checked, new_tag, serialize
 from signalling.register import RegisterInfo, parse_register_untrusted
 from signalling.transaction import AMPLIFICATION_LIMIT
 from signalling.tunnelauth import derive_key
-from upmt.errors import MalformedError
 
 __all__ = ["Admission", "Admitted"]
 
-Addr = tuple[str, int]
 log = logging.getLogger("upmt.anchor.admission")
 # Offers already used, per terminal: a REGISTER replayed after its transaction
 # ended (32 s) must not re-associate the terminal under keys it does not hold.

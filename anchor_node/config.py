@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anchor_node.leases import parse_pool
+from ground.errors import ConfigError
+from ground.names import is_ifname
 from paft.aging import Aging
-from upmt.errors import ConfigError
-from upmt.names import is_ifname
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,10 @@ from anchor_node.inplace import restart as restart_in_place
 from anchor_node.inplace import sockets as inherited_sockets
 from anchor_node.inplace import take_inherited
 from anchor_node.leases import LeaseStore, anchor_address
-from anchor_node.registrar import Addr, Registrar
+from anchor_node.registrar import Registrar
 from anchor_node.users import UserStore
+from ground.constants import TUN_OVERHEAD, Addr
+from ground.errors import SetupError, UpmtError, unwrap_errors
 from nat.kernel import NatSetup
 from paft.table import Paft
 from signalling.handshake import encode_key
@@ -36,8 +38,7 @@ from tunnel.crypto import OVERHEAD, KeyExhausted
 from tunnel.frames import FrameType, Signal, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import SetupError, UpmtError, unwrap_errors
-from upmt.handoff import ControlHandoff
+from upmt.control_queue import ControlQueue
 from upmt.keyfile import load_or_create_key
 from upmt.offload import offload_refusals, offload_status, set_udp_gro, udp_gso_refusal
 from upmt.ratelimit import RateLimiter
@@ -47,7 +48,6 @@ from upmt.tun import adopt_tun, open_tun
 log = logging.getLogger("upmt.anchor")
 # Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1),
 # and the ENCRYPTED frame's header and tag when tunnels are encrypted.
-TUN_OVERHEAD = 29
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_SIP_TRANSACTIONS = 16384
 
@@ -168,13 +168,13 @@ class AnchorNode:
             nat.install()
             self.nat = nat
 
-            self.handoff = ControlHandoff[Origin](self._control_frame)
+            self.control_queue = ControlQueue[Origin](self._control_frame)
             self.datapath = AnchorDataPath(
                 tun.fd,
                 tunnel_sock,
                 self.paft,
                 self.lock,
-                on_control=self.handoff,
+                on_control=self.control_queue,
                 max_flows_per_terminal=cfg.max_flows_per_terminal,
                 offload=tun.vnet_hdr,
                 mtu=tun.mtu,
@@ -389,7 +389,7 @@ class AnchorNode:
         counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
         counters.update({f"sip_{k}": v for k, v in self._sip_statistics().items()})
         counters.update(self.sip_counters)
-        counters["control_queue_dropped"] = self.handoff.dropped
+        counters["control_queue_dropped"] = self.control_queue.dropped
         counters.update({f"registrar_{k}": v for k, v in self.registrar.statistics().items()})
         return {
             "ok": True,

@@ -36,9 +36,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from anchor_node.sessions import Receiver, TunnelSessions
+from ground.constants import Addr
+from ground.errors import MalformedError
 from paft.aging import TCP_FIN, TCP_RST, tcp_flags
 from paft.flow import PROTO_TCP, flow_of_packet_untrusted
 from paft.table import Paft
+from tunnel.batch import tun_writes
 from tunnel.crypto import ENCRYPTED, OVERHEAD, KeyExhausted, Sealer
 from tunnel.frames import FrameType, Probe, ProbeAck, decode_frame_untrusted, encode_frame
 from tunnel.offload import (
@@ -47,17 +50,14 @@ from tunnel.offload import (
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
-from upmt.errors import MalformedError
 from upmt.offload import (
     GRO_BUFFER,
     TUN_READ_SIZE,
     GsoSender,
     receive_batches,
-    tun_writes,
 )
 from upmt.pump import Pump
 
-Addr = tuple[str, int]
 # What travels with a control frame: where it came from, and under which key.
 Origin = tuple[Addr, Receiver | None]
 MAX_PACKET = 65535

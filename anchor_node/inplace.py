@@ -14,19 +14,20 @@ import socket
 from pathlib import Path
 from typing import Any, NoReturn
 
-from upmt.inplace import Handover, exec_self, take_handover
+import upmt.inplace as upmt_inplace
+from upmt.inplace import Inherited, exec_self
 
 ENV = "UPMT_ANCHOR_INHERIT"
 
 
-def take_inherited() -> Handover | None:
-    return take_handover(ENV)
+def take_inherited() -> Inherited | None:
+    return upmt_inplace.take_inherited(ENV)
 
 
-def sockets(handover: Handover) -> tuple[socket.socket, socket.socket, socket.socket]:
-    sip = socket.socket(fileno=handover.fds["sip"])
-    tunnel = socket.socket(fileno=handover.fds["tunnel"])
-    control = socket.socket(fileno=handover.fds["control"])
+def sockets(inherited: Inherited) -> tuple[socket.socket, socket.socket, socket.socket]:
+    sip = socket.socket(fileno=inherited.fds["sip"])
+    tunnel = socket.socket(fileno=inherited.fds["tunnel"])
+    control = socket.socket(fileno=inherited.fds["control"])
     for sock in (sip, tunnel):
         sock.setblocking(False)
     return sip, tunnel, control

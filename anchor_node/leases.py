@@ -28,7 +28,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from upmt.errors import ConfigError, SetupError
+from ground.errors import ConfigError, SetupError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (

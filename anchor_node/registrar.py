@@ -34,6 +34,8 @@ from anchor_node.admission import Admission, Admitted
 from anchor_node.leases import LeaseStore, PoolExhausted, PrefixCapReached, source_prefix
 from anchor_node.sessions import TunnelSessions
 from anchor_node.users import UserStore
+from ground.constants import JSON_TYPE, Addr
+from ground.errors import MalformedError
 from paft.flow import FiveTuple, proto_number
 from paft.table import FlowSelector, Paft
 from signalling.bodies import (
@@ -61,10 +63,7 @@ from signalling.message import build_response, new_tag
 from signalling.register import build_register_ok
 from signalling.tunnelauth import TunnelAuthVerifier
 from tunnel.addr import format_hostport
-from upmt.errors import MalformedError
 
-Addr = tuple[str, int]
-JSON_TYPE = "application/json"
 # RFC 9000-style cap on the work one request buys: a HandoverRequest names at
 # most this many flows (the client splits longer lists).
 MAX_MOVES = 64

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from ground.constants import Addr
 from signalling.handshake import MAX_SLOTS, SessionKeys, encode_key, tunnel_keys
 from tunnel.crypto import Opener, Sealer
 
@@ -37,7 +38,6 @@ __all__ = [
     "TunnelSessions",
 ]
 
-Addr = tuple[str, int]
 
 # A terminal rekeys every REKEY_AFTER_TIME (120 s, upmt_client); the anchor
 # tolerates three missed rekeys (its retries every few seconds) before it

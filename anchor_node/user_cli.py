@@ -18,7 +18,7 @@ from typing import Final
 
 import click
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 
 from .users import DEFAULT_REALM, UserStore, check_user_id
 

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
+from ground.errors import ConfigError
 from signalling.digest import ALGORITHMS, ha1, is_valid_realm
-from upmt.errors import ConfigError
 
 __all__ = ["DEFAULT_REALM", "FILE_MODE", "UserStore", "check_user_id"]
 
@@ -33,7 +33,7 @@ FILE_MODE: Final = 0o600
 # Any permission for group or others: readable leaks HA1s, writable lets
 # someone add a user.
 _SHARED_BITS: Final = 0o077
-# DESIGN §4 terminal ids (signalling.bodies.validate_terminal_id).
+# Terminal ids (signalling.bodies.validate_terminal_id).
 _USER_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Lowercase hex of the length of each algorithm's digest.
 _HA1_RE: Final = {

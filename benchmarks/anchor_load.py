@@ -422,13 +422,14 @@ def registrar_memory(count: int, tunnels: bool) -> JSONDict:
     from sipmessage import Request, Response
 
     from anchor_node.leases import LeaseStore, parse_pool
-    from anchor_node.registrar import Addr, Registrar
+    from anchor_node.registrar import Registrar
+    from ground.constants import Addr
     from paft.table import Paft
     from signalling.association import AssociationAttempt, Dialog
     from signalling.bodies import TunnelSetupRequest, encode_body
     from signalling.handshake import StaticKey
-    from signalling.message import build_request, parse_message_untrusted, serialize
-    from signalling.tunnelauth import sign
+    from signalling.message import parse_message_untrusted, serialize
+    from signalling.signed import signed_message
 
     an = "198.51.100.2"
     shm = Path("/dev/shm")
@@ -477,21 +478,16 @@ def registrar_memory(count: int, tunnels: bool) -> JSONDict:
             if not tunnels or keys is None:
                 continue
             body = encode_body(TunnelSetupRequest(terminal_id=tid, vipa=vipa, interface="wlan0"))
-            message = build_request(
-                "MESSAGE",
-                f"sip:{an}",
-                via_host=source[0],
-                via_port=source[1],
-                branch=f"z9hG4bK-m{n}",
-                from_uri=f"sip:{tid}@{an}",
-                from_tag=f"mtag{n}",
-                to_uri=f"sip:{an}",
-                call_id=f"mcall-{n}",
-                cseq=1,
+            message = signed_message(
+                terminal_id=tid,
+                anchor=an,
+                local=source,
                 body=body,
-                content_type="application/json",
+                key=keys.signing,
+                seq=1,
+                now=time.time(),
+                call_id=f"mcall-{n}",
             )
-            sign(message, keys.signing, now=time.time(), seq=1)
             request = wire(message)
             assert isinstance(request, Request)
             tunnel: Addr = (source[0], 40000 + n % 20000)
@@ -521,7 +517,7 @@ def registrar_memory(count: int, tunnels: bool) -> JSONDict:
 
 
 def paft_memory(count: int) -> JSONDict:
-    from anchor_node.registrar import Addr
+    from ground.constants import Addr
     from paft.flow import PROTO_TCP, PROTO_UDP, flow_of_packet_untrusted
     from paft.table import FlowEntry, Paft
 

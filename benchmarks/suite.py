@@ -79,9 +79,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import cpu_seconds, iperf3_tcp, write_results
+from ground.errors import UpmtError
 from lab.scenario import start_overlay, wait_until
 from lab.topology import AN_ADDR, CH_ADDR, IPERF_PORT, Daemon, Lab, have_lab_privileges
-from upmt.errors import UpmtError
 
 JSONDict = dict[str, Any]
 

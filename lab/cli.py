@@ -9,10 +9,10 @@ from pathlib import Path
 
 import click
 
+from ground.errors import SetupError
 from lab.scenario import sha256, start_overlay
 from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_lab_privileges
 from upmt.cli import datapath_line, run_cli
-from upmt.errors import SetupError
 
 PROG = "upmt-lab"
 

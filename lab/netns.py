@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from upmt.errors import SetupError
+from ground.errors import SetupError
 
 
 def run(

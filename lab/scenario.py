@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ground.errors import UpmtError
 from lab.topology import CBR_PORT, CH_ADDR, Daemon, Lab
-from upmt.errors import UpmtError
 
 
 class LabTimeout(UpmtError):

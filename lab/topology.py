@@ -1,4 +1,4 @@
-"""The namespace testbed of DESIGN §8, built and torn down as one object.
+"""The namespace testbed (docs/architecture.md, "The lab"), built and torn down as one object.
 
 ```
            198.18.1.0/24           192.0.2.0/30

@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ground.errors import SetupError
 from nat.ruleset import anchor_ruleset, delete_script
-from upmt.errors import SetupError
 from upmt.keyfile import write_private
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")

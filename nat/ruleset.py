@@ -23,8 +23,8 @@ replacement idempotent, also over a table a crashed run left behind.
 import ipaddress
 from collections.abc import Sequence
 
-from upmt.errors import ConfigError
-from upmt.names import is_ifname
+from ground.errors import ConfigError
+from ground.names import is_ifname
 
 TABLE_FAMILY = "ip"
 TABLE_NAME = "upmt"

@@ -13,7 +13,7 @@ import ipaddress
 import struct
 from typing import Final, NamedTuple
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "PROTO_ICMP",

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from ground.errors import MalformedError
 from paft.flow import FiveTuple, proto_name, proto_number
-from upmt.errors import MalformedError
 
 __all__ = ["FlowEntry", "FlowSelector", "Paft", "PaftStats"]
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from sipmessage import Request, Response
 
+from ground.errors import MalformedError
 from signalling.digest import (
     DIGEST_SCHEME,
     ParsedChallenge,
@@ -46,7 +47,6 @@ from signalling.handshake import (
 from signalling.message import checked, new_branch
 from signalling.register import build_register, parse_register_ok_untrusted
 from signalling.tunnelauth import derive_key
-from upmt.errors import MalformedError
 
 __all__ = ["AnchorMismatch", "AssociationAttempt", "Dialog", "kx_challenge_untrusted"]
 

@@ -1,4 +1,6 @@
-"""UPMT's JSON message bodies (DESIGN §4), carried with `Content-Type: application/json`.
+"""UPMT's JSON message bodies, carried with `Content-Type: application/json`.
+
+See docs/architecture.md, "Signalling".
 
 `encode_body` and `decode_body_untrusted` are the symmetric pair. Decoding is
 strict about types (strings are strings; integers are integers, not floats or
@@ -23,11 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "ANY_TUNNEL",
-    "JSON_CONTENT_TYPE",
     "MAX_BODY_SIZE",
     "Body",
     "FlowMove",
@@ -47,12 +48,11 @@ __all__ = [
     "validate_terminal_id",
 ]
 
-JSON_CONTENT_TYPE: Final = "application/json"
 # A body cannot be larger than the SIP message that carries it.
 MAX_BODY_SIZE: Final = 8192
 # An iptables rule longer than this is not a flow selector anyone wrote by hand.
 MAX_IPTABLES_RULE: Final = 1024
-ANY_TUNNEL: Final = "any"  # DESIGN §4: the tunnel the request arrived on
+ANY_TUNNEL: Final = "any"  # the tunnel the request arrived on
 IPTABLES_SYNTAX: Final = "IPTables"  # paper Fig. 9
 
 _TERMINAL_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -21,13 +21,13 @@ import secrets
 import struct
 from typing import Final
 
+from ground.constants import Addr
+
 __all__ = ["COOKIE_LIFETIME", "CookieJar"]
 
 COOKIE_LIFETIME: Final = 120.0
 _TIME: Final = struct.Struct("!I")
 _MAC_SIZE: Final = 16
-
-Addr = tuple[str, int]
 
 
 class CookieJar:

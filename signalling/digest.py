@@ -35,7 +35,7 @@ from typing import Final
 from sipmessage import AuthChallenge, AuthParameters
 from sipmessage.address import quote
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "ALGORITHMS",

@@ -13,6 +13,8 @@ from typing import NamedTuple, TypeAlias
 
 from sipmessage import Request, Response
 
+from ground.constants import Addr
+
 __all__ = [
     "Addr",
     "ClientKey",
@@ -24,8 +26,6 @@ __all__ = [
     "TransactionTerminated",
     "TransactionTimedOut",
 ]
-
-Addr: TypeAlias = tuple[str, int]
 
 
 class ClientKey(NamedTuple):

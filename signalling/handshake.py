@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "CHALLENGE_SCHEME",

@@ -28,7 +28,7 @@ from typing import Final, TypeVar
 from sipmessage import URI, Address, Parameters, Request, Response, Via
 from sipmessage.message import COMPACT_FORMS
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "BRANCH_MAGIC_COOKIE",

@@ -1,4 +1,6 @@
-"""Association (DESIGN §4): the REGISTER that gives a terminal its VIPA, and its refresh.
+"""Association: the REGISTER that gives a terminal its VIPA, and its refresh.
+
+See docs/architecture.md, "Signalling".
 
 The terminal registers `sip:TERMINAL_ID@<AN>`; the anchor answers `200 OK`
 with the VIPA in a `VIpAddr` header and the granted `Expires`. A refresh
@@ -14,7 +16,7 @@ from typing import Final
 
 from sipmessage import Address, Request, Response
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 from .bodies import validate_address, validate_terminal_id
 from .message import build_request, build_response, checked, new_branch, new_call_id, new_tag

@@ -46,7 +46,7 @@ from typing import Final, TypeAlias
 
 from sipmessage import Request, Response
 
-from upmt.errors import MalformedError, UpmtError
+from ground.errors import MalformedError, UpmtError
 
 from .events import (
     Addr,

@@ -1,10 +1,11 @@
 """Authentication of the SIP MESSAGEs a terminal sends inside its tunnels.
 
 Threat model. The AN identifies a tunnel by the source address it observes
-(DESIGN.md §3) and acts on the TunnelSetupRequest and HandoverRequest MESSAGEs
-that arrive in it (§4). Without protection, any host that can send a UDP
-datagram to the AN could attach a tunnel of its own to another terminal's
-association, or move that terminal's flows onto it, by forging such a MESSAGE.
+(docs/architecture.md, "Wire format") and acts on the TunnelSetupRequest and
+HandoverRequest MESSAGEs that arrive in it ("Signalling"). Without protection,
+any host that can send a UDP datagram to the AN could attach a tunnel of its
+own to another terminal's association, or move that terminal's flows onto it,
+by forging such a MESSAGE.
 Each in-tunnel request therefore carries an HMAC-SHA256 under a key only the
 terminal and the AN know, established with the association:
 
@@ -56,8 +57,8 @@ from typing import Final
 
 from sipmessage import Request
 
+from ground.errors import MalformedError
 from signalling.message import checked
-from upmt.errors import MalformedError
 
 __all__ = [
     "AUTH_HEADER",

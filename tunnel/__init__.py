@@ -1,4 +1,4 @@
-"""UDP tunnels between the MH and the Anchor Node (DESIGN §3).
+"""UDP tunnels between the MH and the Anchor Node (docs/architecture.md, "Wire format").
 
 `tunnel.frames` is the wire format, `tunnel.state` tunnel identity and
 probe-based liveness, `tunnel.addr` ``host:port`` text; all three are pure and

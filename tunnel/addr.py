@@ -13,7 +13,7 @@ import ipaddress
 import re
 from typing import Final
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 
 __all__ = ["format_hostport", "parse_hostport"]
 

@@ -41,7 +41,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "ENCRYPTED",

@@ -1,4 +1,4 @@
-"""The tunnel wire format (DESIGN §3): one UDP payload, one frame.
+"""The tunnel wire format (docs/architecture.md, "Wire format"): one UDP payload, one frame.
 
 The first byte of the payload says what it carries. DATA has no header at all:
 the inner IP packet travels unchanged, so its own first byte (version nibble 4
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 
 __all__ = [
     "DEFAULT_AN_PORT",
@@ -64,17 +64,17 @@ __all__ = [
     "push_probe_ack",
 ]
 
-# DESIGN §3: the AN listens on one UDP port.
+# The AN listens on one UDP port.
 DEFAULT_AN_PORT: Final = 1800
 
-# DESIGN §3: a SIGNAL carries at most 64 KiB of SIP, which is more than any
+# A SIGNAL carries at most 64 KiB of SIP, which is more than any
 # UDP datagram can hold anyway; the bound exists so the decoder never needs to
 # trust the datagram size for its allocation.
 MAX_SIGNAL_SIZE: Final = 64 * 1024
 
 
 class FrameType(IntEnum):
-    """Type byte of the non-DATA frames (DESIGN §3)."""
+    """Type byte of the non-DATA frames (docs/architecture.md, "Wire format")."""
 
     SIGNAL = 0x01
     PROBE = 0x02
@@ -100,8 +100,8 @@ class Data:
 class DataCsumPartial:
     """An inner IP packet whose L4 checksum holds only the pseudo-header sum.
 
-    Reserved for an offload data path (DESIGN §3): the receiver completes the
-    checksum or passes the packet to the TUN with ``NEEDS_CSUM``.
+    Used by the offload data path (docs/architecture.md, "Wire format"): the
+    receiver completes the checksum or passes the packet to the TUN with ``NEEDS_CSUM``.
     """
 
     packet: bytes
@@ -157,7 +157,7 @@ _U32_MAX: Final = 0xFFFF_FFFF
 _U64_MAX: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 # 0x40..0x44 carry version 4 but an IHL below the 20-byte minimum, so they are
-# not IPv4 and must not be taken for DATA (DESIGN §3 lists 0x45..0x4f).
+# not IPv4 and must not be taken for DATA (the wire format lists 0x45..0x4f).
 _IP_FIRST_BYTE: Final[tuple[bool, ...]] = tuple(
     0x45 <= b <= 0x4F or 0x60 <= b <= 0x6F for b in range(256)
 )

@@ -8,7 +8,7 @@ does that cut, so the tunnel can send MTU-sized inner packets in one
 consecutive TCP segments that ``UDP_GRO`` hands over into one GSO packet per
 run, so the TUN is written once per run instead of once per segment.
 `checksum_partial_fill` completes the checksum of a DATA-CSUM-PARTIAL frame
-(DESIGN §3, frame 0x04).
+(docs/architecture.md, "Wire format", frame 0x04).
 
 `tunnel_segments_untrusted` is the cut the tunnel sends: when the kernel
 left the checksum to the device (NEEDS_CSUM), every segment goes out as a
@@ -77,8 +77,8 @@ from enum import IntEnum
 from itertools import repeat
 from typing import Final
 
+from ground.errors import MalformedError
 from tunnel.frames import FrameType
-from upmt.errors import MalformedError
 
 __all__ = [
     "VIRTIO_NET_HDR_F_DATA_VALID",
@@ -666,7 +666,7 @@ def _fill_checksum(
 
 
 def checksum_partial_fill(packet: bytes) -> bytes:
-    """Complete the TCP/UDP checksum of a DATA-CSUM-PARTIAL packet (DESIGN §3, 0x04).
+    """Complete the TCP/UDP checksum of a DATA-CSUM-PARTIAL packet (frame 0x04).
 
     The field holds only the pseudo-header sum, as the kernel leaves it for
     CHECKSUM_PARTIAL. A computed 0 is written as 0xFFFF, as

@@ -3,12 +3,12 @@
 On the MH each tunnel is one UDP socket pinned to one access interface
 (``SO_BINDTODEVICE``) and marked (``SO_MARK``) so that the policy rule
 ``not fwmark M lookup <table>`` sends it out the physical path instead of back
-into the TUN (DESIGN §5). The AN uses the same function, without interface or
-mark, for its listening socket.
+into the TUN (docs/architecture.md, "Addressing and routing"). The AN uses the
+same function, without interface or mark, for its listening socket.
 
 Every refusal by the kernel becomes one `SetupError` whose message names the
 interface or address, so the daemon can print it and exit. The socket is
-non-blocking: the daemons drain it until `BlockingIOError` (DESIGN §9).
+non-blocking: the daemons drain it until `BlockingIOError` (docs/architecture.md, "The data path").
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import errno
 import socket
 from typing import Final
 
+from ground.errors import SetupError
 from tunnel.addr import format_hostport
-from upmt.errors import SetupError
 
 __all__ = ["open_tunnel_socket"]
 

@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 
 import click
 
+from ground.errors import UpmtError
 from upmt.control import control_request
-from upmt.errors import UpmtError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

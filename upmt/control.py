@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from upmt.errors import ConfigError, SetupError, UpmtError
+from ground.errors import ConfigError, SetupError, UpmtError
 
 JSON = dict[str, Any]
 Handler = Callable[[JSON], Awaitable[JSON]]

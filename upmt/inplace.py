@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from upmt.errors import SetupError
+from ground.errors import SetupError
 from upmt.keyfile import write_private
 
 
 @dataclass(frozen=True)
-class Handover:
+class Inherited:
+    """What a process exec'd by a restart in place receives: fds by name, extras, state."""
+
     fds: dict[str, int]
     extra: dict[str, Any]
     state: dict[str, Any]
@@ -54,7 +56,7 @@ def exec_self(
     os.execve(sys.executable, [sys.executable, "-I", "-m", module, *sys.argv[1:]], env)
 
 
-def take_handover(env_name: str) -> Handover | None:
+def take_inherited(env_name: str) -> Inherited | None:
     """What the previous process handed over, if this one was exec'd by a restart."""
     raw = os.environ.pop(env_name, None)
     if raw is None:
@@ -73,4 +75,4 @@ def take_handover(env_name: str) -> Handover | None:
         extra = dict(spec.get("extra", {}))
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
         raise SetupError(f"bad hand-over from the previous process: {exc}") from None
-    return Handover(fds=fds, extra=extra, state=state)
+    return Inherited(fds=fds, extra=extra, state=state)

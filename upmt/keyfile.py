@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from ground.errors import ConfigError, MalformedError
 from signalling.handshake import StaticKey, decode_key_untrusted, encode_key
-from upmt.errors import ConfigError, MalformedError
 
 __all__ = ["FILE_MODE", "load_or_create_key", "read_private", "write_private"]
 

@@ -27,26 +27,23 @@ import fcntl
 import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
+from ground.constants import Addr
+from tunnel.batch import Batch, sort_batch
 from tunnel.crypto import OVERHEAD, KeyExhausted, Sealer, seal_run
-from tunnel.frames import FrameType
-from tunnel.offload import VNET_HDR_LEN, Segments, coalesce, lone_frame
+from tunnel.offload import VNET_HDR_LEN, Segments
 
 __all__ = [
     "GRO_BUFFER",
     "TUN_READ_SIZE",
-    "Batch",
     "GsoSender",
-    "frame_segments",
     "negotiate_tun_offload",
     "offload_names",
     "receive_batches",
     "recv_batch",
     "set_udp_gro",
-    "sort_batch",
     "tun_has_vnet_hdr",
-    "tun_writes",
 ]
 
 # linux/if_tun.h
@@ -88,11 +85,6 @@ _U16_NATIVE: Final = struct.Struct("=H")
 _INT_NATIVE: Final = struct.Struct("=i")
 _ANCILLARY: Final = socket.CMSG_SPACE(_INT_NATIVE.size)  # room for the UDP_GRO segment size
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)  # a plain int: IntFlag's & is slow on the data path
-_VNET_SIZES: Final = struct.Struct("<HH")  # hdr_len, gso_size at offset 2
-_IP_VERSIONS: Final = frozenset(range(0x40, 0x50)) | frozenset(range(0x60, 0x70))
-_CSUM_PARTIAL: Final = int(FrameType.DATA_CSUM_PARTIAL)
-
-Addr = tuple[str, int]
 
 
 def offload_names(flags: int) -> str:
@@ -283,48 +275,6 @@ def recv_views(sock: socket.socket, buf: bytearray) -> tuple[list[memoryview], A
     return [view[at : min(at + segment, size)] for at in range(0, size, segment)], addr
 
 
-def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], list[bytes], int]:
-    """Split received datagrams into inner packets (with their partial flag), the rest, and junk.
-
-    DATA is the IP packet itself; DATA-CSUM-PARTIAL (0x04) is its type byte and
-    an IP packet whose checksum field holds only the pseudo-header sum.
-    SIGNAL, PROBE, PROBE-ACK and unknown types go to the control plane as
-    they are; empty datagrams and 0x04 frames without an IP packet are only
-    counted (the last item), as the plain path counts them.
-    """
-    packets: list[bytes] = []
-    partial: list[bool] = []
-    other: list[bytes] = []
-    malformed = 0
-    versions = _IP_VERSIONS
-    for datagram in datagrams:
-        if not datagram:
-            malformed += 1
-            continue
-        first = datagram[0]
-        if first in versions:
-            packets.append(datagram)
-            partial.append(False)
-        elif first != _CSUM_PARTIAL:
-            other.append(datagram)
-        elif len(datagram) > 1 and datagram[1] in versions:
-            packets.append(datagram[1:])
-            partial.append(True)
-        else:
-            malformed += 1
-    return packets, partial, other, malformed
-
-
-class Batch(NamedTuple):
-    """One receive, sorted (see `sort_batch`), with its sender."""
-
-    packets: list[bytes]
-    partial: list[bool]
-    other: list[bytes]
-    malformed: int
-    addr: Addr
-
-
 def receive_batches(
     sock: socket.socket,
     buf: bytearray,
@@ -363,35 +313,6 @@ def receive_batches(
             continue  # nothing opened: the opener counted why
         packets, partial, other, malformed = sort_batch(datagrams)
         yield Batch(packets, partial, other, malformed, addr)
-
-
-def tun_writes(packets: list[bytes], partial: list[bool]) -> list[tuple[bytes, bytes, int, int]]:
-    """What one batch becomes on a vnet-header TUN, a tuple per write.
-
-    Each: the frame to write, its IP packet, and how many inner packets and
-    bytes it stands for. A lone packet skips the search for runs; merged
-    frames hold segments of one 5-tuple only (`coalesce` checks it), so a
-    check of the IP packet holds for each of them.
-    """
-    if len(packets) == 1:
-        packet = packets[0]
-        return [(lone_frame(packet, partial[0]), packet, 1, len(packet))]
-    return [
-        (frame, frame[VNET_HDR_LEN:], *frame_segments(frame))
-        for frame in coalesce(packets, partial=partial)
-    ]
-
-
-def frame_segments(frame: bytes) -> tuple[int, int]:
-    """(inner packets, their bytes) that one vnet-header TUN frame stands for."""
-    size = len(frame) - VNET_HDR_LEN
-    if frame[1] == 0:
-        return 1, size
-    hdr_len, gso_size = _VNET_SIZES.unpack_from(frame, 2)
-    if gso_size == 0 or hdr_len >= size:
-        return 1, size
-    count = -(-(size - hdr_len) // gso_size)
-    return count, size + (count - 1) * hdr_len
 
 
 def probe_udp_offload() -> list[str]:

@@ -3,7 +3,7 @@
 The data path runs here, outside the trio control plane, so that a burst of
 packets never waits behind signalling and the control plane never waits
 behind packets. Each drain function empties its fd until `BlockingIOError`
-(DESIGN §9): one wakeup moves as many packets as are queued. Registering
+(docs/architecture.md, "The data path"): one wakeup moves as many packets as are queued. Registering
 and unregistering fds is safe from any thread (epoll_ctl is). An optional
 `tick` runs after every wakeup and at least every `tick_interval` seconds,
 for work with deadlines (flows held while their owner is looked up).

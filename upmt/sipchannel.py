@@ -15,6 +15,7 @@ from collections.abc import Callable
 import trio
 from sipmessage import Request, Response
 
+from ground.constants import Addr
 from signalling.events import (
     ClientKey,
     RequestReceived,
@@ -24,7 +25,6 @@ from signalling.events import (
 from signalling.message import serialize
 from signalling.transaction import TransactionLayer
 
-Addr = tuple[str, int]
 log = logging.getLogger("upmt.sip")
 
 

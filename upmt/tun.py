@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from upmt.errors import SetupError
+from ground.errors import SetupError
 from upmt.offload import negotiate_tun_offload, tun_has_vnet_hdr
 
 TUN_PATH = Path("/dev/net/tun")

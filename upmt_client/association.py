@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import trio
 from sipmessage import Response
 
+from ground.errors import MalformedError, SetupError
 from signalling.association import AnchorMismatch, AssociationAttempt, Dialog
 from signalling.handshake import MAX_SLOTS, SessionKeys, StaticKey
 from signalling.message import new_call_id, new_tag
 from tunnel.addr import format_hostport
 from tunnel.sockets import open_tunnel_socket
-from upmt.errors import MalformedError, SetupError
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt_client.config import ClientConfig
 from upmt_client.interfaces import Access

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from ground.errors import MalformedError
 from paft.flow import PROTO_TCP, PROTO_UDP, FiveTuple
-from upmt.errors import MalformedError
 from upmt_client.procscan import AppInfo, ProcessIndex
 from upmt_client.sockdiag import SockDiag, SocketOwner
 

@@ -5,9 +5,9 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ground.errors import ConfigError
+from ground.names import is_ifname
 from tunnel.addr import parse_hostport
-from upmt.errors import ConfigError
-from upmt.names import is_ifname
 from upmt_client.trust import parse_anchor_key
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

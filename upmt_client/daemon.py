@@ -34,6 +34,8 @@ from typing import Any
 import trio
 from sipmessage import Request
 
+from ground.constants import TUN_OVERHEAD, Addr
+from ground.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
 from paft.flow import FiveTuple
 from paft.table import Paft
 from signalling.bodies import (
@@ -44,16 +46,15 @@ from signalling.bodies import (
     encode_body,
 )
 from signalling.handshake import SessionKeys, encode_key
-from signalling.message import MessageTooLarge, build_request, new_branch, new_call_id, new_tag
-from signalling.tunnelauth import sign
+from signalling.message import MessageTooLarge
+from signalling.signed import signed_message
 from tunnel.addr import format_hostport
 from tunnel.crypto import OVERHEAD, REKEY_AFTER_MESSAGES
 from tunnel.frames import FrameType, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.sockets import open_tunnel_socket
 from tunnel.state import ProbeScheduler
 from upmt.control import JSON, bind_control_socket, serve_control
-from upmt.errors import ConfigError, MalformedError, SetupError, UpmtError, unwrap_errors
-from upmt.handoff import ControlHandoff
+from upmt.control_queue import ControlQueue
 from upmt.offload import offload_refusals, offload_status, probe_udp_offload
 from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt.tun import TunDevice, adopt_tun, open_tun
@@ -89,10 +90,6 @@ from upmt_client.trust import AnchorTrust, load_terminal_key
 from upmt_client.tunnels import ClientTunnel, TunnelPhase
 
 log = logging.getLogger("upmt.client")
-Addr = tuple[str, int]
-# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1).
-TUNNEL_OVERHEAD = 29
-JSON_TYPE = "application/json"
 SETUP_TIMEOUT = 6.0
 MAX_BACKOFF = 16.0
 REEVALUATE_INTERVAL = 0.5
@@ -123,7 +120,7 @@ class ClientDaemon:
         self.book = FlowBook()
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
-        self.handoff: ControlHandoff[str] | None = None
+        self.control_queue: ControlQueue[str] | None = None
         self.started = time.monotonic()
         self.link_up: dict[str, bool] = {}
         self.link_addrs: dict[str, set[str]] = {}
@@ -179,7 +176,7 @@ class ClientDaemon:
                 for access in accesses:
                     self.link_up[access.name] = True
                     self.link_addrs[access.name] = {access.address}
-                mtu = min(a.mtu for a in accesses) - TUNNEL_OVERHEAD
+                mtu = min(a.mtu for a in accesses) - TUN_OVERHEAD
                 if cfg.encryption:
                     mtu -= OVERHEAD
                 if inherited is not None:
@@ -207,14 +204,14 @@ class ClientDaemon:
                 )
                 if cfg.offload == "on" and refusals:
                     raise SetupError(f"--offload on: {'; '.join(refusals)}")
-                self.handoff = ControlHandoff[str](self._control_frame)
+                self.control_queue = ControlQueue[str](self._control_frame)
                 self.datapath = ClientDataPath(
                     self.tun.fd,
                     self.paft,
                     self.lock,
                     self._decide,
                     self._fallback,
-                    self.handoff,
+                    self.control_queue,
                     blocked=BLOCKED,
                     offload=self.tun.vnet_hdr,
                     mtu=self.tun.mtu,
@@ -507,27 +504,18 @@ class ClientDaemon:
         self._reevaluate_now.set()
 
     def _message(self, tunnel: ClientTunnel, body: bytes) -> Request:
-        """A MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
+        """A signed MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
         assert tunnel.sock is not None
-        local = tunnel.sock.getsockname()
-        aor = f"sip:{self.config.terminal_id}@{self.config.anchor}"
-        request = build_request(
-            "MESSAGE",
-            f"sip:{self.config.anchor}",
-            via_host=local[0],
-            via_port=local[1],
-            branch=new_branch(),
-            from_uri=aor,
-            from_tag=new_tag(),
-            to_uri=aor,
-            call_id=new_call_id(),
-            cseq=1,
-            body=body,
-            content_type=JSON_TYPE,
-        )
         reg = self.associator.registration
-        sign(request, reg.signing_key, now=time.time(), seq=reg.next_seq())
-        return request
+        return signed_message(
+            terminal_id=self.config.terminal_id,
+            anchor=self.config.anchor,
+            local=tunnel.sock.getsockname(),
+            body=body,
+            key=reg.signing_key,
+            seq=reg.next_seq(),
+            now=time.time(),
+        )
 
     async def _probe_until_dead(self, tunnel: ClientTunnel) -> None:
         scheduler = tunnel.scheduler
@@ -838,7 +826,7 @@ class ClientDaemon:
         if self.datapath is not None:
             counters.update(self.datapath.counters.snapshot())
             counters["held_flows"] = self.datapath.held_flows
-        counters["control_queue_dropped"] = self.handoff.dropped if self.handoff else 0
+        counters["control_queue_dropped"] = self.control_queue.dropped if self.control_queue else 0
         return {
             "ok": True,
             "terminal_id": self.config.terminal_id,

@@ -35,8 +35,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from ground.constants import Addr
+from ground.errors import MalformedError
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
+from tunnel.batch import tun_writes
 from tunnel.crypto import KeyExhausted, Sealer, TunnelKeys
 from tunnel.frames import FrameType
 from tunnel.offload import (
@@ -46,18 +49,15 @@ from tunnel.offload import (
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
-from upmt.errors import MalformedError
 from upmt.offload import (
     GRO_BUFFER,
     TUN_READ_SIZE,
     GsoSender,
     receive_batches,
     set_udp_gro,
-    tun_writes,
 )
 from upmt.pump import Pump
 
-Addr = tuple[str, int]
 _NO_ADDR: Addr = ("", 0)  # a connected tunnel socket: the sender is the anchor
 MAX_PACKET = 65535
 MAX_HELD_PACKETS = 64

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
+import upmt.inplace as upmt_inplace
 from paft.flow import FiveTuple
 from signalling.handshake import SessionKeys, decode_key_untrusted, encode_key, tunnel_keys
 from tunnel.crypto import Opener, Sealer, TunnelKeys
-from upmt.inplace import Handover, exec_self, take_handover
+from upmt.inplace import Inherited, exec_self
 from upmt_client.association import Registration
 from upmt_client.tunnels import TunnelPhase
 
@@ -32,8 +33,8 @@ log = logging.getLogger("upmt.client")
 ENV = "UPMT_CLIENT_INHERIT"
 
 
-def take_inherited() -> Handover | None:
-    return take_handover(ENV)
+def take_inherited() -> Inherited | None:
+    return upmt_inplace.take_inherited(ENV)
 
 
 def restart(
@@ -162,13 +163,13 @@ def restore_keys(tunnel: "ClientTunnel", keys: SessionKeys, item: dict[str, Any]
     )
 
 
-def import_tunnels_and_flows(daemon: "ClientDaemon", handover: Handover) -> None:
+def import_tunnels_and_flows(daemon: "ClientDaemon", inherited: Inherited) -> None:
     """Live tunnels (with their sockets), flows and pins of the previous process."""
-    state = handover.state
+    state = inherited.state
     keys = daemon.associator.registration.keys
     for name, item in state.get("tunnels", {}).items():
         tunnel = daemon.tunnels.get(name)
-        fd = handover.fds.get(f"tunnel:{name}")
+        fd = inherited.fds.get(f"tunnel:{name}")
         if tunnel is None or fd is None:
             continue
         tunnel.inherited = tunnel_socket(fd)

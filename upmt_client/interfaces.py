@@ -9,7 +9,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 
 IFF_UP = 0x1
 

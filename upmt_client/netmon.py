@@ -41,7 +41,7 @@ from typing import Any, Final, Self
 
 import trio
 
-from upmt.errors import MalformedError, SetupError
+from ground.errors import MalformedError, SetupError
 
 # <linux/netlink.h>
 NLMSG_HDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid

@@ -69,8 +69,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from upmt.errors import ConfigError
-from upmt.names import is_ifname
+from ground.errors import ConfigError
+from ground.names import is_ifname
 
 BUILTIN_SOURCE = "<built-in>"
 DEFAULT_KEY = "default"

@@ -1,4 +1,6 @@
-"""The client's policy routing (DESIGN §5, the wg-quick pattern).
+"""The client's policy routing: the wg-quick pattern.
+
+See docs/architecture.md, "Addressing and routing".
 
 - table TABLE: `default dev upmt0 src VIPA`;
 - rule PRIO_SUPPRESS: `lookup main suppress_prefixlength 0`, so LAN routes win;
@@ -19,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upmt.errors import SetupError
+from ground.errors import SetupError
 from upmt.keyfile import write_private
 
 log = logging.getLogger("upmt.client.routing")

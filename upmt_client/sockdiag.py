@@ -31,8 +31,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from ground.errors import MalformedError
 from paft.flow import PROTO_TCP, PROTO_UDP, FiveTuple
-from upmt.errors import MalformedError
 
 __all__ = [
     "INET_DIAG_NOCOOKIE",

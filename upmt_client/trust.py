@@ -20,8 +20,8 @@ import logging
 import os
 from pathlib import Path
 
+from ground.errors import ConfigError, MalformedError
 from signalling.handshake import StaticKey, decode_key_untrusted, encode_key
-from upmt.errors import ConfigError, MalformedError
 from upmt.keyfile import load_or_create_key, read_private, write_private
 
 __all__ = ["AnchorTrust", "load_terminal_key", "parse_anchor_key"]

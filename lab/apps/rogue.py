@@ -33,21 +33,19 @@ import time
 
 from sipmessage import Response
 
+from ground.errors import MalformedError
 from paft.packets import build_ipv4, build_udp
 from signalling.association import AnchorMismatch, AssociationAttempt, Dialog
 from signalling.handshake import StaticKey
 from signalling.message import (
-    build_request,
-    new_branch,
     new_call_id,
     new_tag,
     parse_message_untrusted,
     serialize,
 )
-from signalling.tunnelauth import sign
+from signalling.signed import signed_message
 from tunnel.crypto import ENCRYPTED, Opener, Sealer, TunnelKeys
 from tunnel.frames import FrameType, Signal, encode_frame
-from upmt.errors import MalformedError
 
 TIMEOUT = 3.0
 CH = "203.0.113.2"
@@ -122,24 +120,16 @@ class Rogue:
         (sock or self.tunnel).send(frame if self.keys is None else self.keys.sealer.seal(frame))
 
     def message(self, body: bytes) -> Response:
-        local = self.tunnel.getsockname()
-        aor = f"sip:{self.terminal_id}@{self.anchor}"
-        request = build_request(
-            "MESSAGE",
-            f"sip:{self.anchor}",
-            via_host=local[0],
-            via_port=local[1],
-            branch=new_branch(),
-            from_uri=aor,
-            from_tag=new_tag(),
-            to_uri=aor,
-            call_id=new_call_id(),
-            cseq=1,
-            body=body,
-            content_type="application/json",
-        )
         self.seq += 1
-        sign(request, self.signing, now=time.time(), seq=self.seq)
+        request = signed_message(
+            terminal_id=self.terminal_id,
+            anchor=self.anchor,
+            local=self.tunnel.getsockname(),
+            body=body,
+            key=self.signing,
+            seq=self.seq,
+            now=time.time(),
+        )
         return self._exchange(self.tunnel, serialize(request), signal=True)
 
     def setup(self, terminal_id: str, vipa: str) -> Response:

@@ -89,10 +89,12 @@ def test_cli_handover_moves_a_running_download_and_leaves_the_other_app(lab: Lab
     assert sha256(out) == sha256(blob)
     after = down_bytes(lab)
     # Before the command curl's bytes came over if0, afterwards over if1; what
-    # if0 carried after the switch is the other application's stream.
+    # if0 carried after the switch is the other application's stream. The
+    # command takes a while (a process start), so if1 may already carry part
+    # of the rest when `switched` is read: count if1 from before the command.
     assert mid["if0"] - before["if0"] > 2 * MB
     remaining = 12 * MB - (switched["if0"] - before["if0"])
-    assert after["if1"] - switched["if1"] > remaining * 0.9, (before, mid, switched, after)
+    assert after["if1"] - mid["if1"] > remaining * 0.9, (before, mid, switched, after)
     assert after["if0"] - switched["if0"] < MB, (before, mid, switched, after)
     result = cbr_result(cbr)
     assert result["lost"] == 0, result

@@ -27,18 +27,18 @@ from sipmessage import Request, Response
 from anchor_node.datapath import AnchorDataPath, Origin
 from anchor_node.leases import LeaseStore, parse_pool
 from anchor_node.registrar import Registrar
+from ground.constants import Addr
+from ground.errors import UpmtError
 from paft.table import Paft
 from signalling.association import AssociationAttempt, Dialog
 from signalling.events import RequestReceived
 from signalling.handshake import SessionKeys, StaticKey, tunnel_keys
 from signalling.message import MAX_MESSAGE_SIZE, serialize
+from signalling.signed import signed_message
 from signalling.transaction import TransactionLayer
-from signalling.tunnelauth import sign
 from tunnel.crypto import OVERHEAD, Opener, Sealer
 from tunnel.frames import FrameType, Signal, encode_frame
-from upmt.errors import UpmtError
 
-Addr = tuple[str, int]
 LOOPBACK = "127.0.0.1"
 # The largest answer a datagram may carry: a SIP message in a sealed SIGNAL frame.
 MAX_ANSWER = MAX_MESSAGE_SIZE + 1 + OVERHEAD
@@ -152,24 +152,17 @@ class AnchorUnderFuzz:
         return keys
 
     def _signed_message(self, body: bytes) -> bytes:
-        from signalling.message import build_request, new_branch
-
-        request = build_request(
-            "MESSAGE",
-            "sip:an",
-            via_host=LOOPBACK,
-            via_port=self.peer.getsockname()[1],
-            branch=new_branch(),
-            from_uri="sip:fuzzed@an",
-            from_tag="ft",
-            to_uri="sip:fuzzed@an",
-            call_id=os.urandom(8).hex(),
-            cseq=1,
-            body=body,
-            content_type="application/json",
-        )
         self._seq = getattr(self, "_seq", 0) + 1
-        sign(request, self.signing, now=self.wall, seq=self._seq)
+        request = signed_message(
+            terminal_id="fuzzed",
+            anchor="an",
+            local=(LOOPBACK, self.peer.getsockname()[1]),
+            body=body,
+            key=self.signing,
+            seq=self._seq,
+            now=self.wall,
+            call_id=os.urandom(8).hex(),
+        )
         return serialize(request)
 
     # -- input -----------------------------------------------------------------------------

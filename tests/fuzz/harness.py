@@ -21,16 +21,16 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
+    from ground.errors import MalformedError
     from paft.flow import flow_of_packet_untrusted
     from signalling.bodies import decode_body_untrusted, parse_iptables_match
     from signalling.digest import NonceStore, verify
     from signalling.message import parse_message_untrusted
     from signalling.transaction import TransactionLayer
     from tests.fuzz.anchor_path import AnchorUnderFuzz, check_answers
+    from tunnel.batch import frame_segments, sort_batch
     from tunnel.frames import decode_frame_untrusted
     from tunnel.offload import coalesce, tunnel_datagram_untrusted, tunnel_segments_untrusted
-    from upmt.errors import MalformedError
-    from upmt.offload import frame_segments, sort_batch
     from upmt_client.netmon import parse_messages_untrusted
     from upmt_client.sockdiag import parse_reply_untrusted
 

@@ -7,13 +7,13 @@ import random
 import socket
 import struct
 
+from ground.constants import Addr
 from paft.flow import PROTO_TCP
 from paft.packets import TCP_ACK, build_ipv4, build_tcp, internet_checksum, pack_address
 from tunnel.frames import FrameType
 from tunnel.offload import Segments
 from upmt.offload import GRO_BUFFER, GsoSender, recv_batch
 
-Addr = tuple[str, int]
 VIPA = "10.200.0.5"
 SERVER = "198.51.100.7"
 MTU = 1471

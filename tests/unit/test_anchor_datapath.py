@@ -20,6 +20,7 @@ from typing import Protocol
 import pytest
 
 from anchor_node.datapath import AnchorCounters, AnchorDataPath
+from ground.constants import Addr
 from paft.flow import PROTO_TCP, PROTO_UDP, FiveTuple
 from paft.packets import build_ipv4, build_udp, pack_address
 from paft.table import Paft
@@ -29,7 +30,6 @@ from tests.unit.datapath_kit import (
     MTU,
     SERVER,
     VIPA,
-    Addr,
     checksums_valid,
     data,
     gso_send,

@@ -19,7 +19,7 @@ from anchor_node.leases import (
     anchor_address,
     parse_pool,
 )
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ import pytest
 from sipmessage import Request, Response
 
 from anchor_node.leases import LeaseStore, parse_pool
-from anchor_node.registrar import Addr, Registrar
+from anchor_node.registrar import Registrar
 from anchor_node.users import UserStore
+from ground.constants import Addr
 from paft.flow import FiveTuple
 from paft.table import Paft
 from signalling.association import AnchorMismatch, AssociationAttempt, Dialog

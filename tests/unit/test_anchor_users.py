@@ -12,6 +12,7 @@ from click.testing import CliRunner, Result
 
 from anchor_node.user_cli import user
 from anchor_node.users import DEFAULT_REALM, UserStore
+from ground.errors import ConfigError
 from signalling.digest import (
     ALGORITHMS,
     NonceStore,
@@ -23,7 +24,6 @@ from signalling.digest import (
     new_cnonce,
     verify,
 )
-from upmt.errors import ConfigError
 
 PASSWORD = "s3cret passphrase"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from ground.errors import MalformedError
 from paft.flow import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FiveTuple
-from upmt.errors import MalformedError
 from upmt_client.classifier import Classifier
 from upmt_client.procscan import ProcessIndex
 from upmt_client.sockdiag import SockDiag, SocketOwner

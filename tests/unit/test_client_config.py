@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 from upmt_client.config import ClientConfig
 
 

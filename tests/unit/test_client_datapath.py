@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from ground.constants import Addr
 from paft.flow import PROTO_TCP, FiveTuple
 from paft.packets import TCP_SYN, pack_address
 from paft.table import Paft
@@ -27,7 +28,6 @@ from tests.unit.datapath_kit import (
     MTU,
     SERVER,
     VIPA,
-    Addr,
     checksums_valid,
     data,
     gso_send,

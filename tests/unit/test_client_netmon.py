@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from upmt.errors import MalformedError
+from ground.errors import MalformedError
 from upmt_client.netmon import (
     IFF_LOWER_UP,
     IFF_UP,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 from upmt_client.policy import (
     Action,
     AppPolicy,

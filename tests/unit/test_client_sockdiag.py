@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from paft.flow import PROTO_ICMP, PROTO_TCP, PROTO_UDP, FiveTuple
 from tests.unit.conftest import needs_ipv6
-from upmt.errors import MalformedError
 from upmt_client.sockdiag import (
     SockDiag,
     SockDiagError,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ground.errors import ConfigError
 from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script
-from upmt.errors import ConfigError
 
 
 def test_starts_with_idempotent_replace() -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from paft.flow import FiveTuple, flow_of_packet_untrusted, proto_name, proto_number
 from paft.packets import (
     build_icmp_echo,
@@ -24,7 +25,6 @@ from paft.packets import (
     internet_checksum,
     pack_address,
 )
-from upmt.errors import MalformedError
 
 V4A, V4B = "100.64.0.2", "203.0.113.2"
 V6A, V6B = "2001:db8::2", "2001:db8:1::99"

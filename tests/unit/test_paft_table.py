@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from paft.flow import FiveTuple
 from paft.table import FlowEntry, FlowSelector, Paft, PaftStats
-from upmt.errors import MalformedError
 
 
 def ip(text: str) -> bytes:

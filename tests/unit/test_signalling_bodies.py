@@ -1,4 +1,4 @@
-"""UPMT JSON bodies: vectors from DESIGN §4 and the paper, bad cases, round trips."""
+"""UPMT JSON bodies: vectors from docs/architecture.md and the paper, bad cases, round trips."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from signalling.bodies import (
     Body,
     FlowMove,
@@ -25,7 +26,6 @@ from signalling.bodies import (
     parse_endpoint_untrusted,
     parse_iptables_match,
 )
-from upmt.errors import MalformedError
 
 
 def test_tunnel_setup_request_vector() -> None:

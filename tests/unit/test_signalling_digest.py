@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sipmessage import AuthCredentials, Request
 
+from ground.errors import MalformedError
 from signalling.digest import (
     ALGORITHMS,
     MAX_HEADER_VALUE,
@@ -30,7 +31,6 @@ from signalling.digest import (
 )
 from signalling.message import new_branch, new_call_id, new_tag, parse_message_untrusted, serialize
 from signalling.register import build_register
-from upmt.errors import MalformedError
 
 # RFC 7616 §3.9.1.
 RFC_USER = "Mufasa"

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sipmessage import Request, Response
 
+from ground.errors import MalformedError
 from signalling.bodies import decode_body_untrusted, parse_iptables_match
 from signalling.message import (
     MAX_MESSAGE_SIZE,
@@ -27,7 +28,6 @@ from signalling.register import (
     parse_register_untrusted,
 )
 from signalling.transaction import TransactionLayer
-from upmt.errors import MalformedError
 
 VALID_REGISTER = (
     b"REGISTER sip:198.51.100.1 SIP/2.0\r\n"

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from signalling.cookies import CookieJar
 from signalling.handshake import (
     MAX_SLOTS,
@@ -28,7 +29,6 @@ from signalling.handshake import (
     respond,
     tunnel_keys,
 )
-from upmt.errors import MalformedError
 
 BINDING = Binding("laptop1", "call-1", 2, 600, None)
 COOKIE = bytes(range(20))

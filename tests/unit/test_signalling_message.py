@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sipmessage import Request, Response
 
+from ground.errors import MalformedError
 from signalling.message import (
     MAX_MESSAGE_SIZE,
     build_request,
@@ -17,7 +18,6 @@ from signalling.message import (
     serialize,
     top_branch,
 )
-from upmt.errors import MalformedError
 
 # A REGISTER as a terse peer could write it: compact names (v, f, t, i, m, l),
 # names in odd case, a folded header, whitespace before a colon, and a body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sipmessage import Request, Response
 
+from ground.errors import MalformedError
 from signalling.message import (
     build_response,
     new_branch,
@@ -22,7 +23,6 @@ from signalling.register import (
     parse_register_ok_untrusted,
     parse_register_untrusted,
 )
-from upmt.errors import MalformedError
 
 
 def wire_request(request: Request) -> Request:

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sipmessage import Request
 
+from ground.errors import MalformedError
 from signalling.message import (
     build_request,
     new_branch,
@@ -29,7 +30,6 @@ from signalling.tunnelauth import (
     random_key,
     sign,
 )
-from upmt.errors import MalformedError
 
 KEY = bytes(range(KEY_SIZE))
 NOW = 1_700_000_000.5

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import ConfigError
 from tunnel.addr import format_hostport, parse_hostport
-from upmt.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from paft.packets import build_ipv4, build_udp
 from tunnel.crypto import (
     ENCRYPTED,
@@ -29,7 +30,6 @@ from tunnel.frames import (
     decode_frame_untrusted,
     encode_frame,
 )
-from upmt.errors import MalformedError
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

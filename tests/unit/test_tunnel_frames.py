@@ -1,4 +1,4 @@
-"""Tunnel wire format (DESIGN §3): hex vectors, round trips, hostile input."""
+"""Tunnel wire format (docs/architecture.md, "Wire format"): vectors, round trips, hostile input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from tunnel.frames import (
     MAX_SIGNAL_SIZE,
     PROBE_ACK_SIZE_V4,
@@ -25,7 +26,6 @@ from tunnel.frames import (
     encode_frame,
     is_data,
 )
-from upmt.errors import MalformedError
 
 # A 28-byte IPv4/UDP packet 192.0.2.1:1 -> 198.51.100.2:2 with no payload.
 IPV4_PACKET = bytes.fromhex("4500001c0000400040114e9ac0000201c63364020001000200080000")

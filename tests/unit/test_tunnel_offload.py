@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ground.errors import MalformedError
 from paft.flow import PROTO_TCP, PROTO_UDP
 from paft.packets import (
     TCP_ACK,
@@ -45,7 +46,6 @@ from tunnel.offload import (
     tunnel_datagram_untrusted,
     tunnel_segments_untrusted,
 )
-from upmt.errors import MalformedError
 
 TCP_URG = 0x20
 TCP_ECE = 0x40

@@ -9,9 +9,9 @@ import socket
 
 import pytest
 
+from ground.errors import SetupError
 from tests.unit.conftest import needs_ipv6
 from tunnel.sockets import open_tunnel_socket
-from upmt.errors import SetupError
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="SO_BINDTODEVICE/SO_MARK need root (CAP_NET_RAW, CAP_NET_ADMIN)"

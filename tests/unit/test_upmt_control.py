@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import trio
 
+from ground.errors import ConfigError, SetupError, UpmtError
 from upmt.control import JSON, bind_control_socket, control_request, serve_control
-from upmt.errors import ConfigError, SetupError, UpmtError
 
 
 async def echo_handler(request: JSON) -> JSON:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from upmt.errors import ConfigError
+from ground.errors import ConfigError
 from upmt.keyfile import load_or_create_key, read_private, write_private
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tunnel.batch import frame_segments, sort_batch
 from tunnel.offload import GsoType, Segments, VnetHdr
 from upmt import offload
 from upmt.cli import datapath_line
@@ -16,14 +17,12 @@ from upmt.offload import (
     SOL_UDP,
     UDP_SEGMENT,
     GsoSender,
-    frame_segments,
     negotiate_tun_offload,
     offload_names,
     offload_refusals,
     offload_status,
     recv_batch,
     set_udp_gro,
-    sort_batch,
 )
 
 IPV4 = bytes.fromhex("4500001c000000004011000001020304050607080001000200080000")

@@ -17,7 +17,9 @@ K = TypeVar("K")
 DEFAULT_LIMIT = 1024
 
 
-class ControlHandoff(Generic[K]):
+class ControlQueue(Generic[K]):
+    """Hands control frames from the data-path thread to trio, at most `limit` pending."""
+
     def __init__(self, deliver: Callable[[K, bytes], None], limit: int = DEFAULT_LIMIT) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._deliver = deliver
