@@ -1,7 +1,7 @@
 """The anchor node daemon: a thin trio shell around the registrar and the data path.
 
-Start-up order puts everything that can fail on bad configuration first
-(sockets, lease store) and the kernel changes last (TUN, nftables), and an
+`AnchorNode.main` only wires: the start-up steps are in `anchor_node.startup`
+(what can fail on bad configuration first, kernel changes last), and an
 ExitStack undoes whatever was done, in reverse, on any exit: SIGTERM,
 Ctrl-C, an error. SIP arrives on the SIP port (REGISTER) and, for messages
 inside tunnels, as SIGNAL frames the data path hands over.
@@ -14,7 +14,6 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
 
 import trio
 from sipmessage import Request, Response
@@ -22,38 +21,34 @@ from sipmessage import Request, Response
 from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath, Origin
 from anchor_node.inplace import restart as restart_in_place
-from anchor_node.inplace import sockets as inherited_sockets
 from anchor_node.inplace import take_inherited
-from anchor_node.leases import LeaseStore, anchor_address
-from anchor_node.registrar import Registrar
+from anchor_node.startup import (
+    Sockets,
+    install_nat,
+    load_credentials,
+    negotiate_offload,
+    open_registrar,
+    open_sockets,
+    open_tun_device,
+)
+from anchor_node.status import counters_json, flows_json
 from anchor_node.users import UserStore
-from ground.constants import TUN_OVERHEAD, Addr
+from ground.constants import Addr
 from ground.errors import SetupError, UpmtError, unwrap_errors
-from nat.kernel import NatSetup
 from paft.table import Paft
 from signalling.handshake import encode_key
 from signalling.transaction import TransactionLayer
-from tunnel.addr import format_hostport
-from tunnel.crypto import OVERHEAD, KeyExhausted
+from tunnel.crypto import KeyExhausted
 from tunnel.frames import FrameType, Signal, encode_frame
-from tunnel.sockets import open_tunnel_socket
-from upmt.control import JSON, bind_control_socket, serve_control
+from upmt.control import JSON, serve_control
 from upmt.control_queue import ControlQueue
-from upmt.keyfile import load_or_create_key
-from upmt.offload import offload_refusals, offload_status, set_udp_gro, udp_gso_refusal
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
-from upmt.tun import adopt_tun, open_tun
+from upmt.tun import TunDevice
 
 log = logging.getLogger("upmt.anchor")
-# Outer IPv4 (20) + UDP (8) + the type byte of a DATA-CSUM-PARTIAL frame (1),
-# and the ENCRYPTED frame's header and tag when tunnels are encrypted.
 HOUSEKEEPING_INTERVAL = 1.0
 MAX_SIP_TRANSACTIONS = 16384
-
-
-def tun_mtu(encryption: bool, access_mtu: int = 1500) -> int:
-    return access_mtu - TUN_OVERHEAD - (OVERHEAD if encryption else 0)
 
 
 def run_anchor(config: AnchorConfig) -> None:
@@ -74,170 +69,107 @@ class AnchorNode:
         self.tunnel_sip_limiter = RateLimiter(config.sip_rate, 2 * config.sip_rate)
 
     async def main(self) -> None:
+        """Start up in `anchor_node.startup`'s order, serve until stopped, undo it all."""
         cfg = self.config
         inherited = take_inherited()
         with contextlib.ExitStack() as stack:
-            if cfg.users is None:
-                log.warning(
-                    "running WITHOUT authentication (no --users file): anyone who reaches "
-                    "the SIP port can associate and get a VIPA"
-                )
-            users = UserStore.load(cfg.users) if cfg.users is not None else None
-            cfg.key_file.parent.mkdir(parents=True, exist_ok=True)
-            static_key = load_or_create_key(
-                cfg.key_file,
-                what="anchor key",
-                on_create=lambda _k: log.info("created the anchor key %s", cfg.key_file),
-            )
-            if not cfg.encryption:
-                log.warning(
-                    "tunnel encryption is OFF (--encryption off): tunnel frames travel in "
-                    "clear and unauthenticated; only for networks you trust"
-                )
-            if inherited is not None:
-                sip_sock, tunnel_sock, control_sock = inherited_sockets(inherited)
-            else:
-                sip_sock = self._udp_socket(cfg.sip_port, "SIP")
-                stack.callback(sip_sock.close)
-                tunnel_sock = self._udp_socket(cfg.tunnel_port, "tunnel")
-                stack.callback(tunnel_sock.close)
-                control_sock = bind_control_socket(cfg.control)
-            stack.callback(self._unlink_control)
-            stack.callback(control_sock.close)
-            cfg.state.parent.mkdir(parents=True, exist_ok=True)
-            leases = LeaseStore(cfg.state, cfg.pool, prefix_cap=cfg.max_leases_per_prefix)
-            stack.callback(leases.close)
-            self.registrar = Registrar(
-                leases,
-                self.paft,
-                static_key=static_key,
-                encryption=cfg.encryption,
-                default_expires=cfg.expires,
-                min_expires=cfg.min_expires,
-                max_expires=cfg.max_expires,
-                max_tunnels=cfg.max_tunnels_per_terminal,
-                users=users,
-            )
-            log.info(
-                "anchor key %s (clients pin it with --anchor-key)", encode_key(static_key.public)
-            )
-
-            if inherited is not None:
-                tun = adopt_tun(str(inherited.extra["tun_name"]), inherited.fds["tun"])
-                restored = self.registrar.import_state(
-                    inherited.state, trio.current_time(), time.monotonic()
-                )
-                log.info(
-                    "restarted in place: %d terminals, %d flows taken over",
-                    restored,
-                    len(self.paft),
-                )
-            else:
-                tun = open_tun(
-                    cfg.tun_name,
-                    address=str(anchor_address(cfg.pool)),
-                    prefixlen=cfg.pool.prefixlen,
-                    mtu=tun_mtu(cfg.encryption),
-                    vnet_hdr=cfg.offload != "off",
-                )
-            stack.callback(tun.close)
-            # Also off explicitly: a socket handed over by exec keeps the option.
-            gro_refused = set_udp_gro(tunnel_sock, tun.vnet_hdr)
-            refusals = offload_refusals(
-                tun.vnet_hdr, tun.offload, gro_refused, udp_gso_refusal(tunnel_sock)
-            )
-            if cfg.offload == "on" and refusals:
-                raise SetupError(f"--offload on: {'; '.join(refusals)}")
-            self._offload = offload_status(
-                cfg.offload, tun.vnet_hdr, tun.offload, tun.offload_refused, gro_refused
-            )
+            users, static_key = load_credentials(cfg)
+            sockets = open_sockets(cfg, stack, inherited)
+            self.registrar = open_registrar(cfg, stack, self.paft, users, static_key)
+            tun = open_tun_device(cfg, stack, inherited, self.registrar)
+            self._offload = negotiate_offload(cfg, tun, sockets.tunnel)
             self._kept_fds = {
                 "tun": tun.fd,
-                "sip": sip_sock.fileno(),
-                "tunnel": tunnel_sock.fileno(),
-                "control": control_sock.fileno(),
+                "sip": sockets.sip.fileno(),
+                "tunnel": sockets.tunnel.fileno(),
+                "control": sockets.control.fileno(),
             }
-            nat = NatSetup(
-                str(cfg.pool),
-                cfg.tun_name,
-                record=cfg.state.with_name(cfg.state.name + ".kernel.json"),
-                allow_prefixes=[str(p) for p in cfg.allow_prefixes],
-                client_to_client=cfg.client_to_client,
-            )
-            stack.callback(nat.remove)
-            nat.install()
-            self.nat = nat
-
-            self.control_queue = ControlQueue[Origin](self._control_frame)
-            self.datapath = AnchorDataPath(
-                tun.fd,
-                tunnel_sock,
-                self.paft,
-                self.lock,
-                on_control=self.control_queue,
-                max_flows_per_terminal=cfg.max_flows_per_terminal,
-                offload=tun.vnet_hdr,
-                mtu=tun.mtu,
-                sessions=self.registrar.sessions if cfg.encryption else None,
-            )
-            # The data path reads the registrar's tables directly.
-            self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
-            self.datapath.default_tunnel = self.registrar.default_tunnel
-            stack.callback(self.datapath.stop)
-            self.datapath.start()
-
-            trio_sip = trio.socket.from_stdlib_socket(sip_sock)
-            # Server transactions live 64·T1 = 32 s after their answer (Timer J), so
-            # the cap bounds the sustained rate: 16384 / 32 s = 512 transactions/s.
-            self.sip = SipChannel(
-                "sip",
-                lambda d, a: sip_sock.sendto(d, a),
-                self._on_sip,
-                layer=TransactionLayer(
-                    max_transactions=MAX_SIP_TRANSACTIONS,
-                    # A few sources cannot fill the table and lock everyone else out.
-                    max_per_source=cfg.sip_transactions_per_source,
-                    screen=self._screen_sip,
-                ),
-            )
-            self._tunnel_sock = tunnel_sock
-            self.tunnel_sip = SipChannel(
-                "tunnel-sip",
-                self._send_tunnel_sip,
-                self._on_tunnel_sip,
-                layer=TransactionLayer(
-                    max_transactions=MAX_SIP_TRANSACTIONS,
-                    max_per_source=cfg.sip_transactions_per_source,
-                    screen=self._screen_tunnel_sip,
-                ),
-            )
-            log.info(
-                "anchor node up: SIP %s:%d, tunnels %s:%d (encryption %s), pool %s, TUN %s, "
-                "state %s",
-                cfg.listen,
-                cfg.sip_port,
-                cfg.listen,
-                cfg.tunnel_port,
-                "on" if cfg.encryption else "off",
-                cfg.pool,
-                cfg.tun_name,
-                cfg.state,
-            )
-            log.info(
-                "data path: %s (TUN offloads %s, UDP GRO %s, UDP GSO %s)",
-                self._offload["mode"],
-                self._offload["tun_offload"],
-                self._offload["udp_gro"],
-                self.datapath.udp_gso,
-            )
+            self.nat = install_nat(cfg, stack)
+            self._start_datapath(stack, tun, sockets.tunnel)
+            trio_sip = self._open_sip_channels(sockets)
+            self._log_up()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._sip_receiver, trio_sip)
                 nursery.start_soon(self.sip.run)
                 nursery.start_soon(self.tunnel_sip.run)
-                nursery.start_soon(serve_control, control_sock, self._control)
+                nursery.start_soon(serve_control, sockets.control, self._control)
                 nursery.start_soon(self._housekeeping)
             log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
+
+    def _start_datapath(
+        self, stack: contextlib.ExitStack, tun: TunDevice, tunnel_sock: socket.socket
+    ) -> None:
+        """The data-path thread, reading the registrar's tables; stopped on any exit."""
+        cfg = self.config
+        self.control_queue = ControlQueue[Origin](self._control_frame)
+        self.datapath = AnchorDataPath(
+            tun.fd,
+            tunnel_sock,
+            self.paft,
+            self.lock,
+            on_control=self.control_queue,
+            max_flows_per_terminal=cfg.max_flows_per_terminal,
+            offload=tun.vnet_hdr,
+            mtu=tun.mtu,
+            sessions=self.registrar.sessions if cfg.encryption else None,
+        )
+        # The data path reads the registrar's tables directly.
+        self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
+        self.datapath.default_tunnel = self.registrar.default_tunnel
+        stack.callback(self.datapath.stop)
+        self.datapath.start()
+
+    def _open_sip_channels(self, sockets: Sockets) -> trio.socket.SocketType:
+        """SIP on the SIP port, and inside tunnels; the SIP port for the receiver task."""
+        sip_sock = sockets.sip
+        trio_sip = trio.socket.from_stdlib_socket(sip_sock)
+        # Server transactions live 64·T1 = 32 s after their answer (Timer J), so
+        # the cap bounds the sustained rate: 16384 / 32 s = 512 transactions/s.
+        self.sip = SipChannel(
+            "sip",
+            lambda d, a: sip_sock.sendto(d, a),
+            self._on_sip,
+            layer=TransactionLayer(
+                max_transactions=MAX_SIP_TRANSACTIONS,
+                # A few sources cannot fill the table and lock everyone else out.
+                max_per_source=self.config.sip_transactions_per_source,
+                screen=self._screen_sip,
+            ),
+        )
+        self._tunnel_sock = sockets.tunnel
+        self.tunnel_sip = SipChannel(
+            "tunnel-sip",
+            self._send_tunnel_sip,
+            self._on_tunnel_sip,
+            layer=TransactionLayer(
+                max_transactions=MAX_SIP_TRANSACTIONS,
+                max_per_source=self.config.sip_transactions_per_source,
+                screen=self._screen_tunnel_sip,
+            ),
+        )
+        return trio_sip
+
+    def _log_up(self) -> None:
+        cfg = self.config
+        log.info(
+            "anchor node up: SIP %s:%d, tunnels %s:%d (encryption %s), pool %s, TUN %s, state %s",
+            cfg.listen,
+            cfg.sip_port,
+            cfg.listen,
+            cfg.tunnel_port,
+            "on" if cfg.encryption else "off",
+            cfg.pool,
+            cfg.tun_name,
+            cfg.state,
+        )
+        log.info(
+            "data path: %s (TUN offloads %s, UDP GRO %s, UDP GSO %s)",
+            self._offload["mode"],
+            self._offload["tun_offload"],
+            self._offload["udp_gro"],
+            self.datapath.udp_gso,
+        )
 
     def _reload(self) -> None:
         """SIGHUP: the interfaces the pool may reach, and the users file, read again."""
@@ -277,16 +209,6 @@ class AnchorNode:
             state=state,
             state_file=self.config.state.with_name(self.config.state.name + ".restart.json"),
         )
-
-    def _udp_socket(self, port: int, what: str) -> socket.socket:
-        try:
-            return open_tunnel_socket(interface=None, mark=None, bind=(self.config.listen, port))
-        except SetupError as exc:
-            raise SetupError(f"{what} port: {exc}") from None
-
-    def _unlink_control(self) -> None:
-        with contextlib.suppress(OSError):
-            self.config.control.unlink()
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -383,14 +305,15 @@ class AnchorNode:
         now = time.monotonic()
         with self.lock:
             terminals = self.registrar.terminals_json(trio.current_time())
-            flows = [self._flow_json(k, e, now) for k, e in self.paft]
-        counters: dict[str, Any] = dict(self.datapath.counters.snapshot())
-        stats = self.sip.layer.statistics()
-        counters["sip_malformed"] = stats.malformed + self.tunnel_sip.layer.statistics().malformed
-        counters.update({f"sip_{k}": v for k, v in self._sip_statistics().items()})
-        counters.update(self.sip_counters)
-        counters["control_queue_dropped"] = self.control_queue.dropped
-        counters.update({f"registrar_{k}": v for k, v in self.registrar.statistics().items()})
+            flows = flows_json(self.paft, now)
+        counters = counters_json(
+            datapath=self.datapath.counters.snapshot(),
+            sip=self.sip.layer,
+            tunnel_sip=self.tunnel_sip.layer,
+            sip_counters=self.sip_counters,
+            control_queue_dropped=self.control_queue.dropped,
+            registrar=self.registrar.statistics(),
+        )
         return {
             "ok": True,
             "listen": self.config.listen,
@@ -406,34 +329,3 @@ class AnchorNode:
             "datapath": {**self._offload, "udp_gso": self.datapath.udp_gso},
             "counters": counters,
         }
-
-    @staticmethod
-    def _flow_json(key: Any, entry: Any, now: float) -> JSON:
-        flow = key.to_json()
-        return {
-            "proto": flow["proto"],
-            "vipa": flow["src"],
-            "sport": flow["sport"],
-            "dst": flow["dst"],
-            "dport": flow["dport"],
-            "tunnel_id": format_hostport(entry.tunnel),
-            "bytes": entry.bytes_up + entry.bytes_down,
-            "bytes_up": entry.bytes_up,
-            "bytes_down": entry.bytes_down,
-            "packets": entry.packets_up + entry.packets_down,
-            "idle_s": round(now - entry.last_seen, 1),
-        }
-
-    def _sip_statistics(self) -> dict[str, int]:
-        """What the two SIP layers refused or could not answer, summed."""
-        names = (
-            "screened_out",
-            "stateless_answers",
-            "amplification_dropped",
-            "too_large",
-            "unanswerable",
-            "refused",
-            "refused_per_source",
-        )
-        one, two = self.sip.layer.statistics(), self.tunnel_sip.layer.statistics()
-        return {name: getattr(one, name) + getattr(two, name) for name in names}

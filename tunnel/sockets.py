@@ -100,56 +100,70 @@ def open_tunnel_socket(
         sock.setblocking(False)
     except OSError as exc:
         raise _fail(sock, f"tunnel socket {where}", exc) from exc
-
     if interface is not None:
-        if not _valid_ifname(interface):
-            sock.close()
-            raise SetupError(f"tunnel socket: bad interface name {interface!r}")
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
-        except OSError as exc:
-            if exc.errno == errno.ENODEV:
-                msg = f"tunnel socket: no such interface {interface!r}"
-            elif exc.errno == errno.EPERM:
-                msg = f"tunnel socket: binding to interface {interface!r} needs CAP_NET_RAW"
-            else:
-                msg = f"tunnel socket: cannot bind to interface {interface!r}"
-            raise _fail(sock, msg, exc) from exc
-
+        _bind_to_device(sock, interface)
     if mark is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
-        except OSError as exc:
-            hint = " (needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
-            msg = f"tunnel socket {where}: cannot set mark 0x{mark:x}{hint}"
-            raise _fail(sock, msg, exc) from exc
-
+        _set_mark(sock, mark, where)
     if rcvbuf is not None:
         _set_buffer(sock, _SO_RCVBUFFORCE, socket.SO_RCVBUF, rcvbuf, "receive buffer")
     if sndbuf is not None:
         _set_buffer(sock, _SO_SNDBUFFORCE, socket.SO_SNDBUF, sndbuf, "send buffer")
-
     if family == socket.AF_INET:
-        # DF off. The TUN MTU leaves room for the 28-byte tunnel header on the
-        # access link, but a narrower hop further on (PPPoE, a mobile
-        # carrier's tunnel) would drop DF packets, and the ICMP "fragmentation
-        # needed" that reports it is often lost or rewritten by the NATs on
-        # the way, which makes a black hole the inner TCP cannot see. Letting
-        # the outer datagram be fragmented keeps the flow alive (WireGuard
-        # clears DF for the same reason). IPv6 routers never fragment, so for
-        # IPv6 the kernel default (fragment at the source to the known path
-        # MTU) is already the right thing.
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
-        except OSError as exc:
-            raise _fail(sock, f"tunnel socket {where}: cannot clear DF", exc) from exc
-
+        _clear_df(sock, where)
     if reuse_port:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         except OSError as exc:
             raise _fail(sock, f"tunnel socket {where}: cannot set SO_REUSEPORT", exc) from exc
+    _bind(sock, bind, where)
+    return sock
 
+
+def _bind_to_device(sock: socket.socket, interface: str) -> None:
+    if not _valid_ifname(interface):
+        sock.close()
+        raise SetupError(f"tunnel socket: bad interface name {interface!r}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            msg = f"tunnel socket: no such interface {interface!r}"
+        elif exc.errno == errno.EPERM:
+            msg = f"tunnel socket: binding to interface {interface!r} needs CAP_NET_RAW"
+        else:
+            msg = f"tunnel socket: cannot bind to interface {interface!r}"
+        raise _fail(sock, msg, exc) from exc
+
+
+def _set_mark(sock: socket.socket, mark: int, where: str) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, mark)
+    except OSError as exc:
+        hint = " (needs CAP_NET_ADMIN)" if exc.errno == errno.EPERM else ""
+        msg = f"tunnel socket {where}: cannot set mark 0x{mark:x}{hint}"
+        raise _fail(sock, msg, exc) from exc
+
+
+def _clear_df(sock: socket.socket, where: str) -> None:
+    """DF off, on an IPv4 socket.
+
+    The TUN MTU leaves room for the 28-byte tunnel header on the access
+    link, but a narrower hop further on (PPPoE, a mobile carrier's tunnel)
+    would drop DF packets, and the ICMP "fragmentation needed" that reports
+    it is often lost or rewritten by the NATs on the way, which makes a
+    black hole the inner TCP cannot see. Letting the outer datagram be
+    fragmented keeps the flow alive (WireGuard clears DF for the same
+    reason). IPv6 routers never fragment, so for IPv6 the kernel default
+    (fragment at the source to the known path MTU) is already the right
+    thing.
+    """
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
+    except OSError as exc:
+        raise _fail(sock, f"tunnel socket {where}: cannot clear DF", exc) from exc
+
+
+def _bind(sock: socket.socket, bind: tuple[str, int], where: str) -> None:
     try:
         sock.bind(bind)
     except OSError as exc:
@@ -162,4 +176,3 @@ def open_tunnel_socket(
         else:
             msg = f"tunnel socket: cannot bind {where}"
         raise _fail(sock, msg, exc) from exc
-    return sock

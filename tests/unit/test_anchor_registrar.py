@@ -214,7 +214,7 @@ def open_tunnel(
 
 
 def handover(reg: Registrar, tunnel: Addr, body: bytes) -> Response:
-    owner = reg._tunnel_owner.get(tunnel)
+    owner = reg.table.tunnel_owner.get(tunnel)
     terminal_id = owner.terminal_id if owner is not None else "alice"
     response = reg.on_tunnel_message(message(body, terminal_id), tunnel, 1.0)
     assert response is not None

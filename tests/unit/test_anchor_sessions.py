@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from anchor_node.registrar import MAX_MOVES, Registrar
+from anchor_node.registrar import Registrar
 from anchor_node.sessions import PREVIOUS_GRACE, REJECT_AFTER_TIME, Receiver
+from anchor_node.tunnel_broker import MAX_MOVES
 from ground.constants import Addr
 from paft.flow import FiveTuple
 from paft.table import FlowSelector
