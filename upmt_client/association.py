@@ -1,4 +1,4 @@
-"""Association with the anchor: REGISTER outside the tunnels, the key exchange, rekeys.
+"""Association with the anchor: REGISTER outside the tunnels, the key exchange, rekeys (sans-IO).
 
 REGISTER goes from one interface at a time (a socket bound to it, with the
 client's mark so it bypasses the TUN); if an interface gets no answer the
@@ -6,38 +6,44 @@ next is tried. One Call-ID and From tag serve every REGISTER, CSeq counts up
 (RFC 3261 §10.2.4). Each association runs the key exchange of
 `signalling.handshake` (see `signalling.association`): the anchor's stateless
 401 gives a cookie and its key, the second REGISTER carries our offer, the
-200 OK the anchor's confirmation, and `on_new_keys` receives the session
-keys. A refresh is a new association, hence a rekey: it happens every
-`--rekey-interval` (or sooner when a key has been used too much).
+200 OK the anchor's confirmation. A refresh is a new association, hence a
+rekey: it happens every `--rekey-interval` (or sooner when a key has been
+used too much, `request_rekey`).
 
 At start-up a refusal (403, 488, a mismatched anchor key) ends the client with
 a clear message. Once associated, nothing unauthenticated can tear it down: a
 refusal or a forged answer to a refresh is logged, the association in force
 stays, and the refresh is tried again.
+
+The process is driven by its owner (`upmt_client.host.MobileHost`): it asks
+for a REGISTER socket on an interface (`wants_socket`), is told when one is
+open (`socket_opened`) and sends through the owner's `ClientTransactions` on
+the channel ``register:<interface>``.
 """
+
+from __future__ import annotations
 
 import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import trio
 from sipmessage import Response
 
+from ground.constants import Addr
 from ground.errors import MalformedError, SetupError
 from signalling.association import AnchorMismatch, AssociationAttempt, Dialog
 from signalling.handshake import MAX_SLOTS, SessionKeys, StaticKey
 from signalling.message import new_call_id, new_tag
 from tunnel.addr import format_hostport
-from tunnel.sockets import open_tunnel_socket
-from upmt.sipchannel import SipChannel, TransactionFailed
 from upmt_client.config import ClientConfig
-from upmt_client.interfaces import Access
-from upmt_client.routing import FWMARK
-from upmt_client.trust import AnchorTrust
+from upmt_client.transactions import ClientTransactions
+
+__all__ = ["AnchorRefused", "Associated", "Association", "Registration", "register_channel"]
 
 log = logging.getLogger("upmt.client")
 RETRY_DELAY = 5.0
+MAX_CHALLENGES = 3
 
 
 class AnchorRefused(SetupError):
@@ -69,132 +75,120 @@ class Registration:
         return max(0.0, self.registered_at + self.expires - now)
 
 
+@dataclass(frozen=True)
+class Associated:
+    """The outcome of a successful association, for the owner to act on."""
+
+    vipa: str
+    previous_vipa: str | None
+    keys: SessionKeys
+    interface: str
+    # The anchor key to remember (trust on first use), when none was pinned.
+    learned_anchor_key: bytes | None
+
+
 def new_index_base() -> int:
     """A random receiver-index base for the next association's tunnel slots."""
     return (secrets.randbelow((1 << 32) // MAX_SLOTS - 1) + 1) * MAX_SLOTS
 
 
-class Associator:
+def register_channel(interface: str) -> str:
+    return f"register:{interface}"
+
+
+@dataclass
+class _Try:
+    """The association attempt on one interface."""
+
+    interface: str
+    via_host: str
+    deadline: float = 0.0
+    attempt: AssociationAttempt | None = None
+    rounds: int = 0
+    port: int = 0
+
+
+class Association:
     def __init__(
         self,
         config: ClientConfig,
-        on_new_vipa: Callable[[str, str], None],
+        transactions: ClientTransactions,
         *,
         static: StaticKey,
-        trust: AnchorTrust,
-        on_new_keys: Callable[[SessionKeys], None] = lambda _keys: None,
+        pinned_anchor_key: Callable[[], bytes | None],
+        on_associated: Callable[[Associated, float], None],
+        on_failed: Callable[[SetupError], None],
     ) -> None:
         self.config = config
-        self.anchor_sip = (config.anchor, config.sip_port)
+        self.anchor_sip: Addr = (config.anchor, config.sip_port)
         self.registration = Registration()
         self.static = static
-        self.trust = trust
-        self._on_new_vipa = on_new_vipa
-        self._on_new_keys = on_new_keys
-        self._lock = trio.Lock()
-        self._rekey_now = trio.Event()
+        self._pinned = pinned_anchor_key
+        self._transactions = transactions
+        self._on_associated = on_associated
+        self._on_failed = on_failed
         self.associations = 0
         self.last_error = ""
+        self._queue: list[tuple[str, str]] = []  # (interface, its address) still to try
+        self._current: _Try | None = None
+        self._initial = False
+        self._last_error = ""
+        self._retry_at: float | None = None
+        self._rekey_now = False
+        # Sockets the owner should open (interface) or close.
+        self.wants_socket: list[str] = []
+        self.done_with_socket: list[str] = []
+
+    @property
+    def in_progress(self) -> bool:
+        return self._current is not None
 
     def request_rekey(self) -> None:
-        """Associate again now (a key used too much); the refresh loop does it."""
-        self._rekey_now.set()
+        """Associate again at the next timer (a key used too much)."""
+        self._rekey_now = True
 
-    async def associate(self, accesses: list[Access], *, initial: bool = False) -> str:
-        """REGISTER over each interface in turn until the anchor accepts us; the VIPA."""
-        async with self._lock:
-            last_error = "no usable interface"
-            for access in accesses:
-                try:
-                    attempt, response = await self._register_via(access)
-                except (TransactionFailed, SetupError) as exc:
-                    last_error = f"{access.name}: {exc}"
-                    log.warning("REGISTER via %s failed: %s", access.name, exc)
-                    continue
-                except AnchorMismatch as exc:
-                    self._refused(str(exc), initial)
-                    last_error = str(exc)
-                    continue
-                if response.code >= 500:
-                    last_error = f"{access.name}: {response.code} {response.phrase}"
-                    continue
-                if response.code != 200:
-                    self._refused(_refusal(response), initial)
-                    last_error = f"{response.code} {response.phrase}"
-                    continue
-                try:
-                    vipa, expires, keys = attempt.on_ok(response)
-                    self._associated(attempt, access, vipa, expires, keys)
-                except MalformedError as exc:
-                    last_error = f"bad answer (forged?): {exc}"
-                    log.warning("answer to REGISTER via %s unusable: %s", access.name, exc)
-                    continue
-                return vipa
-            self.last_error = last_error
-            anchor = format_hostport(self.anchor_sip)
-            message = f"cannot reach the anchor at {anchor} ({last_error})"
-            if initial:
-                raise SetupError(message)
-            raise TransactionFailed(message)
+    def start(self, accesses: list[tuple[str, str]], now: float, *, initial: bool = False) -> None:
+        """REGISTER over each (interface, address) in turn until the anchor accepts us."""
+        if self._current is not None:
+            return  # one association at a time; the one under way brings new keys
+        self._queue = list(accesses)
+        self._initial = initial
+        self._last_error = "no usable interface"
+        self._next(now)
 
-    def _refused(self, why: str, initial: bool) -> None:
-        if initial:
-            raise AnchorRefused(why)
-        # Unauthenticated: it may be forged. The association in force stays.
-        log.warning("the anchor refused a refresh (%s): keeping the association, retrying", why)
-
-    def _associated(
-        self,
-        attempt: AssociationAttempt,
-        access: Access,
-        vipa: str,
-        expires: int,
-        keys: SessionKeys | None,
-    ) -> None:
+    def due(self) -> float | None:
+        """When the next refresh (or retry) starts; None while one runs."""
+        if self._current is not None:
+            return None
         reg = self.registration
-        if keys is None:
-            raise MalformedError("the anchor granted no lifetime")
-        if attempt.pinned is None and attempt.anchor_key is not None:
-            self.trust.trust_on_first_use(attempt.anchor_key)
-        if reg.vipa is not None and vipa != reg.vipa:
-            self._on_new_vipa(reg.vipa, vipa)
-        reg.vipa = vipa
-        reg.expires = max(expires, 1)
-        reg.registered_at = trio.current_time()
-        reg.via = access.name
-        reg.keys = keys
-        self.associations += 1
-        self.last_error = ""
-        self._on_new_keys(keys)
-        log.info(
-            "associated as %s via %s: VIPA %s, expires %d s, keys %s",
-            self.config.terminal_id,
-            access.name,
-            vipa,
-            expires,
-            "new" if self.associations == 1 else f"renewed ({self.associations})",
-        )
+        if reg.keys is None and self._retry_at is None:
+            return None
+        if self._rekey_now:
+            return -1.0
+        if self._retry_at is not None:
+            return self._retry_at
+        return reg.registered_at + min(reg.expires / 2, self.config.rekey_interval)
 
-    async def refresh_forever(self, accesses: Callable[[], list[Access]]) -> None:
-        """Associate again every rekey interval (or half the lifetime); retry on failure."""
-        retry_at: float | None = None
-        while True:
-            reg = self.registration
-            due = reg.registered_at + min(reg.expires / 2, self.config.rekey_interval)
-            with trio.move_on_at(due if retry_at is None else retry_at):
-                await self._rekey_now.wait()
-            self._rekey_now = trio.Event()
-            try:
-                await self.associate(accesses())
-                retry_at = None
-            except TransactionFailed as exc:
-                log.warning("re-association failed: %s; retrying in %g s", exc, RETRY_DELAY)
-                retry_at = trio.current_time() + RETRY_DELAY
+    def get_timer(self) -> float | None:
+        if self._current is not None:
+            return self._current.deadline if self._current.attempt is not None else None
+        return self.due()
 
-    async def _register_via(self, access: Access) -> tuple[AssociationAttempt, Response]:
-        """One association attempt over `access`: challenge, offer, final answer."""
+    def handle_timer(self, now: float, accesses: Callable[[], list[tuple[str, str]]]) -> None:
+        due = self.due()
+        if due is not None and now >= due:
+            self._rekey_now = False
+            self._retry_at = None
+            self.start(accesses(), now)
+
+    # -- one interface ------------------------------------------------------------
+    def socket_opened(self, interface: str, port: int, now: float) -> None:
+        current = self._current
+        if current is None or current.interface != interface or current.attempt is not None:
+            return
         cfg = self.config
-        attempt = AssociationAttempt(
+        current.deadline = now + cfg.register_timeout
+        current.attempt = AssociationAttempt(
             dialog=self.registration.dialog,
             static=self.static,
             terminal_id=cfg.terminal_id,
@@ -204,62 +198,141 @@ class Associator:
             vipa=self.registration.vipa,
             index=new_index_base(),
             encryption=cfg.encryption,
-            pinned_anchor_key=self.trust.pinned(),
+            pinned_anchor_key=self._pinned(),
             password=cfg.password,
         )
-        sock = open_tunnel_socket(interface=access.name, mark=FWMARK, rcvbuf=None, sndbuf=None)
-        outcome: Response | Exception = TransactionFailed(
-            f"no answer within {cfg.register_timeout:g} s"
-        )
-        with sock:
-            channel = SipChannel(f"register-{access.name}", lambda d, a: sock.sendto(d, a))
-            tsock = trio.socket.from_stdlib_socket(sock)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(channel.run)
-                nursery.start_soon(_receive_into, tsock, channel)
-                with trio.move_on_after(cfg.register_timeout):
-                    outcome = await self._exchange(
-                        attempt, channel, access.address, sock.getsockname()[1]
-                    )
-                nursery.cancel_scope.cancel()
-        # Raised here, outside the nursery, so that callers see it unwrapped.
-        if isinstance(outcome, Exception):
-            raise outcome
-        return attempt, outcome
+        current.port = port
+        self._send(current, now)
 
-    async def _exchange(
-        self, attempt: AssociationAttempt, channel: SipChannel, local_host: str, local_port: int
-    ) -> Response | Exception:
-        """A 401 with the cookie, maybe one more with a digest challenge (or a fresh
-        cookie after an anchor restart), then the answer; or what went wrong."""
-        for _round in range(3):
-            request = attempt.register(local_host, local_port)
-            try:
-                response = await channel.request(request, self.anchor_sip)
-            except TransactionFailed as exc:
-                return exc
-            if response.code != 401:
-                return response
-            try:
-                attempt.on_challenge(response)
-            except AnchorMismatch as exc:
-                return exc
-            except MalformedError as exc:
-                return TransactionFailed(f"unusable challenge: {exc}")
-        return TransactionFailed("still challenged after answering")
+    def socket_failed(self, interface: str, reason: str, now: float) -> None:
+        current = self._current
+        if current is not None and current.interface == interface:
+            self._fail(current, reason, now)
+
+    def _send(self, current: _Try, now: float) -> None:
+        assert current.attempt is not None
+        request = current.attempt.register(current.via_host, current.port)
+        self._transactions.request(
+            register_channel(current.interface),
+            request,
+            self.anchor_sip,
+            now,
+            lambda response, at: self._answer(current, response, at),
+            timeout=max(0.0, current.deadline - now),
+        )
+
+    def _answer(self, current: _Try, response: Response | None, now: float) -> None:
+        if current is not self._current:
+            return
+        attempt = current.attempt
+        assert attempt is not None
+        if response is None:
+            self._fail(current, f"no answer within {self.config.register_timeout:g} s", now)
+        elif response.code == 401:
+            self._challenged(current, attempt, response, now)
+        elif response.code >= 500:
+            self._fail(current, f"{response.code} {response.phrase}", now, quiet=True)
+        elif response.code != 200:
+            self._refused(current, _refusal(response), f"{response.code} {response.phrase}", now)
+        else:
+            self._accepted(current, attempt, response, now)
+
+    def _challenged(
+        self, current: _Try, attempt: AssociationAttempt, response: Response, now: float
+    ) -> None:
+        current.rounds += 1
+        if current.rounds >= MAX_CHALLENGES:
+            self._fail(current, "still challenged after answering", now)
+            return
+        try:
+            attempt.on_challenge(response)
+        except AnchorMismatch as exc:
+            self._refused(current, str(exc), str(exc), now)
+            return
+        except MalformedError as exc:
+            self._fail(current, f"unusable challenge: {exc}", now)
+            return
+        self._send(current, now)
+
+    def _accepted(
+        self, current: _Try, attempt: AssociationAttempt, response: Response, now: float
+    ) -> None:
+        try:
+            vipa, expires, keys = attempt.on_ok(response)
+            if keys is None:
+                raise MalformedError("the anchor granted no lifetime")
+        except MalformedError as exc:
+            log.warning("answer to REGISTER via %s unusable: %s", current.interface, exc)
+            self._fail(current, f"bad answer (forged?): {exc}", now, quiet=True)
+            return
+        self._end(current, now)
+        reg = self.registration
+        previous = reg.vipa
+        reg.vipa = vipa
+        reg.expires = max(expires, 1)
+        reg.registered_at = now
+        reg.via = current.interface
+        reg.keys = keys
+        self.associations += 1
+        self.last_error = ""
+        self._queue = []
+        learned = attempt.anchor_key if attempt.pinned is None else None
+        log.info(
+            "associated as %s via %s: VIPA %s, expires %d s, keys %s",
+            self.config.terminal_id,
+            current.interface,
+            vipa,
+            expires,
+            "new" if self.associations == 1 else f"renewed ({self.associations})",
+        )
+        self._on_associated(
+            Associated(
+                vipa, previous if previous != vipa else None, keys, current.interface, learned
+            ),
+            now,
+        )
+
+    def _refused(self, current: _Try, why: str, error: str, now: float) -> None:
+        if self._initial:
+            self._end(current, now)
+            self._queue = []
+            self._on_failed(AnchorRefused(why))
+            return
+        # Unauthenticated: it may be forged. The association in force stays.
+        log.warning("the anchor refused a refresh (%s): keeping the association, retrying", why)
+        self._fail(current, error, now, quiet=True)
+
+    def _fail(self, current: _Try, reason: str, now: float, *, quiet: bool = False) -> None:
+        if not quiet:
+            log.warning("REGISTER via %s failed: %s", current.interface, reason)
+        self._last_error = f"{current.interface}: {reason}"
+        self._end(current, now)
+        self._next(now)
+
+    def _end(self, current: _Try, now: float) -> None:
+        self._current = None  # first: what the close answers finds nothing current
+        self._transactions.close(register_channel(current.interface), now)
+        self.done_with_socket.append(current.interface)
+
+    def _next(self, now: float) -> None:
+        if self._queue:
+            interface, address = self._queue.pop(0)
+            self._current = _Try(interface, address)
+            self._transactions.open(register_channel(interface))
+            self.wants_socket.append(interface)
+            return
+        self.last_error = self._last_error
+        message = (
+            f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({self._last_error})"
+        )
+        if self._initial:
+            self._on_failed(SetupError(message))
+        else:
+            log.warning("re-association failed: %s; retrying in %g s", message, RETRY_DELAY)
+            self._retry_at = now + RETRY_DELAY
 
 
 def _refusal(response: Response) -> str:
     if response.code == 403:
         return f"the anchor refused the association (403 {response.phrase}): wrong password?"
     return f"the anchor refused the association: {response.code} {response.phrase}"
-
-
-async def _receive_into(sock: trio.socket.SocketType, channel: SipChannel) -> None:
-    while True:
-        try:
-            data, addr = await sock.recvfrom(65535)
-        except OSError:
-            await trio.sleep(0.1)
-            continue
-        channel.feed(data, addr[:2])

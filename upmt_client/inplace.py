@@ -10,11 +10,8 @@ installed) to a fresh interpreter (`upmt.inplace`), with the association
 
 import logging
 import socket
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
-
-import trio
+from typing import Any, NoReturn
 
 import upmt.inplace as upmt_inplace
 from paft.flow import FiveTuple
@@ -22,11 +19,8 @@ from signalling.handshake import SessionKeys, decode_key_untrusted, encode_key, 
 from tunnel.crypto import Opener, Sealer, TunnelKeys
 from upmt.inplace import Inherited, exec_self
 from upmt_client.association import Registration
-from upmt_client.tunnels import TunnelPhase
-
-if TYPE_CHECKING:
-    from upmt_client.daemon import ClientDaemon
-    from upmt_client.tunnels import ClientTunnel
+from upmt_client.host import MobileHost
+from upmt_client.tunnels import ClientTunnel, TunnelPhase
 
 log = logging.getLogger("upmt.client")
 
@@ -61,21 +55,16 @@ def key_from_json(item: list[Any]) -> FiveTuple:
     )
 
 
-def export_state(
-    daemon: "ClientDaemon", tun_fd: int, control_fd: int
-) -> tuple[dict[str, int], dict[str, Any]]:
-    """The fds to keep across exec and the state the next process needs."""
-    reg = daemon.associator.registration
-    now = trio.current_time()
-    fds = {"tun": tun_fd, "control": control_fd}
-    tunnels: dict[str, Any] = {}
-    for name, t in daemon.tunnels.items():
-        if t.sock is not None and t.phase is TunnelPhase.UP:
-            fds[f"tunnel:{name}"] = t.sock.fileno()
-            tunnels[name] = {"tunnel_id": t.tunnel_id, "observed": t.observed}
-
-    with daemon.lock:
-        flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in daemon.paft]
+def export_state(host: MobileHost, now: float) -> tuple[list[str], dict[str, Any]]:
+    """The interfaces whose tunnel sockets must survive, and the state the next process needs."""
+    reg = host.registration
+    kept = [n for n, t in host.tunnels.items() if t.open and t.phase is TunnelPhase.UP]
+    tunnels = {
+        n: {"tunnel_id": host.tunnels[n].tunnel_id, "observed": host.tunnels[n].observed}
+        for n in kept
+    }
+    with host.lock:
+        flows = [[*key_to_json(k), e.tunnel, e.app, e.movable] for k, e in host.paft]
     keys = reg.keys
     assert keys is not None
     state = {
@@ -97,19 +86,19 @@ def export_state(
             "via": reg.via,
         },
         "tunnels": tunnels,
-        "counters": key_counters(daemon.tunnels),
+        "counters": key_counters(host.tunnels),
         "flows": flows,
-        "app_pins": [list(p) for p in daemon.steering.view.app_pins],
+        "app_pins": [list(p) for p in host.steering.view.app_pins],
         "flow_pins": [
             [*key_to_json(k), i]
-            for k, i in daemon.steering.flow_pins.items()
+            for k, i in host.steering.flow_pins.items()
             if isinstance(k, FiveTuple)
         ],
     }
-    return fds, state
+    return kept, state
 
 
-def import_registration(reg: Registration, state: dict[str, Any]) -> str:
+def import_registration(reg: Registration, state: dict[str, Any], now: float) -> str:
     """Restore the association (no REGISTER needed until the refresh is due); the VIPA."""
     item = state["registration"]
     reg.dialog.call_id, reg.dialog.from_tag = str(item["call_id"]), str(item["from_tag"])
@@ -123,11 +112,11 @@ def import_registration(reg: Registration, state: dict[str, Any]) -> str:
         int(k["terminal_index"]),
         int(k["anchor_index"]),
     )
-    reg.registered_at = trio.current_time() - (reg.expires - float(item["expires_in"]))
+    reg.registered_at = now - (reg.expires - float(item["expires_in"]))
     return reg.vipa
 
 
-def key_counters(tunnels: dict[str, "ClientTunnel"]) -> dict[str, dict[str, int]]:
+def key_counters(tunnels: dict[str, ClientTunnel]) -> dict[str, dict[str, int]]:
     """Every tunnel's key counters, up or not, for the next process.
 
     A tunnel's key comes from the association and its slot, so a tunnel that
@@ -142,15 +131,17 @@ def key_counters(tunnels: dict[str, "ClientTunnel"]) -> dict[str, dict[str, int]
 
 
 def restore_key_counters(
-    tunnels: dict[str, "ClientTunnel"], keys: SessionKeys, counters: dict[str, Any]
+    tunnels: dict[str, ClientTunnel], keys: SessionKeys, counters: dict[str, Any], now: float
 ) -> None:
     for name, tunnel in tunnels.items():
-        restore_keys(tunnel, keys, counters.get(name, {}))
+        restore_keys(tunnel, keys, counters.get(name, {}), now)
 
 
-def restore_keys(tunnel: "ClientTunnel", keys: SessionKeys, item: dict[str, Any]) -> None:
-    """The tunnel's keys, with the sending counter moved on by a margin and the window kept."""
-    now = time.monotonic()
+def restore_keys(tunnel: ClientTunnel, keys: SessionKeys, item: dict[str, Any], now: float) -> None:
+    """The tunnel's keys, with the sending counter moved on by a margin and the window kept.
+
+    `now` is the data path's clock (the keys' age).
+    """
     up, down = tunnel_keys(keys, tunnel.slot)
     start = int(item.get("sent", 0)) + 1024
     opener = Opener(down, keys.terminal_index + tunnel.slot, created=now)
@@ -163,32 +154,37 @@ def restore_keys(tunnel: "ClientTunnel", keys: SessionKeys, item: dict[str, Any]
     )
 
 
-def import_tunnels_and_flows(daemon: "ClientDaemon", inherited: Inherited) -> None:
-    """Live tunnels (with their sockets), flows and pins of the previous process."""
-    state = inherited.state
-    keys = daemon.associator.registration.keys
+def import_state(host: MobileHost, state: dict[str, Any], inherited: set[str], now: float) -> str:
+    """Association, live tunnels, flows and pins of the previous process; the VIPA.
+
+    `inherited` names the interfaces whose tunnel sockets came along: their
+    tunnels are up (the anchor knows them) and the driver hands the sockets
+    to the core when it asks for them.
+    """
+    reg = host.registration
+    vipa = import_registration(reg, state, now)
+    keys = reg.keys
     for name, item in state.get("tunnels", {}).items():
-        tunnel = daemon.tunnels.get(name)
-        fd = inherited.fds.get(f"tunnel:{name}")
-        if tunnel is None or fd is None:
+        tunnel = host.tunnels.get(name)
+        if tunnel is None or name not in inherited:
             continue
-        tunnel.inherited = tunnel_socket(fd)
         tunnel.tunnel_id, tunnel.observed = item["tunnel_id"], item["observed"]
         tunnel.phase = TunnelPhase.UP
-    if daemon.config.encryption and keys is not None:
-        restore_key_counters(daemon.tunnels, keys, state.get("counters", {}))
-    now = time.monotonic()
-    with daemon.lock:
+    if host.config.encryption and keys is not None:
+        restore_key_counters(host.tunnels, keys, state.get("counters", {}), host.flow_clock())
+    flow_now = host.flow_clock()
+    with host.lock:
         for *key, iface, app, movable in state.get("flows", []):
-            entry = daemon.paft.learn(key_from_json(key), str(iface), now, app=app)
+            entry = host.paft.learn(key_from_json(key), str(iface), flow_now, app=app)
             entry.movable = bool(movable)
     for pattern, iface in reversed(state.get("app_pins", [])):
-        daemon.steering.pin_app(str(pattern), str(iface))
+        host.steering.pin_app(str(pattern), str(iface))
     for *key, iface in state.get("flow_pins", []):
-        daemon.steering.pin_flow(key_from_json(key), str(iface))
+        host.steering.pin_flow(key_from_json(key), str(iface))
     log.info(
         "restarted in place: VIPA %s, %d tunnels, %d flows taken over",
-        daemon.associator.registration.vipa,
+        vipa,
         len(state.get("tunnels", {})),
-        len(daemon.paft),
+        len(host.paft),
     )
+    return vipa

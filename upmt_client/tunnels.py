@@ -1,15 +1,35 @@
-"""The client's view of one tunnel: its phase, socket, keys, SIP channel and probes."""
+"""The client's tunnels as one state table: phase, timers, keys and probes per interface (pure).
 
-import socket
-from dataclasses import dataclass, field
+Lifecycle of one interface's tunnel (`MobileHost` drives it):
+
+    WAITING --usable--> (socket asked for) --opened--> SETTING_UP --200--> UP
+       ^                                                 |  ^              |
+       |                                      no answer: |  | retry        | probe loss
+       |                                        backoff  v  |              v
+       +------------------- link down ------------- (retry_at) <------- DEAD
+
+A tunnel that was up and died stays DEAD (with its reason) until a set-up
+succeeds again; WAITING means it never came up since its socket opened.
+Back-off after a failed set-up or a death doubles from 1 s to 16 s and is
+cut short when the interface changes. A socket that could not be opened is
+asked for again after 1 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 from enum import Enum
 
-import trio
-
+from ground.constants import Addr
 from signalling.handshake import SessionKeys, tunnel_keys
+from tunnel.addr import format_hostport
 from tunnel.crypto import KeyExhausted, Opener, Sealer, TunnelKeys
 from tunnel.state import ProbeScheduler
-from upmt.sipchannel import SipChannel
+
+__all__ = ["MAX_BACKOFF", "ClientTunnel", "TunnelPhase", "tunnel_channel"]
+
+MAX_BACKOFF = 16.0
+REOPEN_DELAY = 1.0
 
 
 class TunnelPhase(Enum):
@@ -19,22 +39,29 @@ class TunnelPhase(Enum):
     DEAD = "dead"
 
 
+def tunnel_channel(interface: str) -> str:
+    return f"tunnel:{interface}"
+
+
 @dataclass
 class ClientTunnel:
     name: str
     number: int
     phase: TunnelPhase = TunnelPhase.WAITING
-    sock: socket.socket | None = None
-    sip: SipChannel | None = None
+    # The tunnel socket's local address while it is open (the driver owns the socket).
+    local: Addr | None = None
+    # The driver was asked for a socket and has not answered yet.
+    opening: bool = False
+    # When to open the socket again (after a socket error), or to retry the set-up.
+    reopen_at: float | None = None
+    retry_at: float | None = None
+    backoff: float = 1.0
+    setting_up: bool = False
     scheduler: ProbeScheduler | None = None
     tunnel_id: str | None = None
     observed: str | None = None
-    local: str | None = None
     setups: int = 0
     down_reason: str = ""
-    retry: trio.Event = field(default_factory=trio.Event)
-    # A socket (and a live tunnel) handed over by an in-place restart.
-    inherited: socket.socket | None = None
     # This tunnel's AEAD keys (None: --encryption off); the data path holds the
     # same object, a rekey changes it in place.
     keys: TunnelKeys | None = None
@@ -44,6 +71,14 @@ class ClientTunnel:
     def slot(self) -> int:
         """The tunnel's slot in the association's keys and receiver indexes."""
         return self.number - 1
+
+    @property
+    def open(self) -> bool:
+        return self.local is not None
+
+    @property
+    def local_text(self) -> str | None:
+        return None if self.local is None else format_hostport(self.local)
 
     def install_keys(self, keys: SessionKeys, now: float) -> None:
         """This tunnel's keys of a new association (the first ones, or a rekey)."""
@@ -55,14 +90,19 @@ class ClientTunnel:
         else:
             self.keys.rekey(sealer, opener)
 
-    def send_frame(self, frame: bytes) -> bool:
-        """Send one control frame (PROBE, SIGNAL) on the tunnel, sealed if encrypted."""
-        sock = self.sock
-        if sock is None:
-            return False
+    def seal(self, frame: bytes) -> bytes | None:
+        """A control frame as it goes on the wire: sealed if encrypted; None if it cannot be."""
+        if self.keys is None:
+            return frame
         try:
-            data = frame if self.keys is None else self.keys.sealer.seal(frame)
-            sock.send(data)
-        except (OSError, KeyExhausted):
-            return False
-        return True
+            return self.keys.sealer.seal(frame)
+        except KeyExhausted:
+            return None
+
+    def closed(self) -> None:
+        """The socket is gone: nothing of the open tunnel remains but its keys and history."""
+        self.local = None
+        self.opening = False
+        self.setting_up = False
+        self.retry_at = None
+        self.scheduler = None

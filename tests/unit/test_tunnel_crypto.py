@@ -230,7 +230,7 @@ def test_restored_window_refuses_everything_up_to_its_start() -> None:
 
 
 def test_the_client_asks_for_a_rekey_when_either_direction_wore_its_key() -> None:
-    from upmt_client.daemon import _keys_worn
+    from upmt_client.host import _keys_worn
     from upmt_client.tunnels import ClientTunnel
 
     tunnel = ClientTunnel("if0", 1)
@@ -260,7 +260,7 @@ def test_a_client_restart_in_place_moves_every_tunnels_counters_on() -> None:
     sent = [old["if1"].keys.sealer.seal(b"E") for _ in range(5)]  # if1 is down now
     counters = key_counters(old)
     new = {name: ClientTunnel(name, n) for n, name in enumerate(("if0", "if1"), 1)}
-    restore_key_counters(new, keys, counters)
+    restore_key_counters(new, keys, counters, 0.0)
     assert new["if1"].keys is not None
     after = new["if1"].keys.sealer.seal(b"E")
     assert int.from_bytes(after[5:13], "big") > max(int.from_bytes(d[5:13], "big") for d in sent)

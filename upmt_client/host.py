@@ -1,0 +1,508 @@
+"""The client core, sans-IO: association, tunnels, steering and handover of a Mobile Host.
+
+Shaped like aioquic's connection. In: link changes, sockets opened or failed,
+datagrams (REGISTER answers; control frames the data path took out of a
+tunnel), timers, CLI commands, always with `now` (the control plane's
+clock). Out: `datagrams_to_send()`, `get_timer()`, `next_event()` (see
+`upmt_client.host_events`). The driver (`upmt_client.daemon`) owns sockets,
+the TUN, netlink and the threads; everything it decides with is here.
+
+Each interface's tunnel follows the state table of `upmt_client.tunnels`:
+a usable interface gets a socket, a TunnelSetupRequest inside it, then
+probes; a netlink "down" closes it at once ("link down"), K unanswered
+probes end it ("probe loss"); either way the interface leaves the
+steering's live set and its movable flows move. Every flow is re-evaluated
+after every change and twice a second; each group of moved flows is
+announced to the anchor with a HandoverRequest on the target tunnel.
+
+The PAFT is shared with the data-path thread: every access holds `lock`.
+Flows are stamped with the data path's clock (`flow_clock`), the rest with
+`now`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sipmessage import Request, Response
+
+from ground.constants import Addr
+from ground.errors import MalformedError
+from paft.flow import FiveTuple
+from paft.table import Paft
+from signalling.bodies import (
+    TunnelSetupRequest,
+    TunnelSetupResponse,
+    decode_body_untrusted,
+    encode_body,
+)
+from signalling.handshake import StaticKey
+from signalling.signed import signed_message
+from tunnel.crypto import REKEY_AFTER_MESSAGES
+from tunnel.frames import FrameType, Probe, ProbeAck, Signal, decode_frame_untrusted, encode_frame
+from tunnel.state import ProbeScheduler
+from upmt_client.announce import Announcer
+from upmt_client.association import Associated, Association, Registration, register_channel
+from upmt_client.config import ClientConfig
+from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.host_events import (
+    AnchorKeyLearned,
+    CloseSocket,
+    Failed,
+    HostEvent,
+    OpenSocket,
+    Outgoing,
+    Reexamine,
+    SocketKind,
+    VipaChanged,
+)
+from upmt_client.policy import Policy
+from upmt_client.steering import BLOCKED, Steering
+from upmt_client.transactions import ClientTransactions
+from upmt_client.tunnels import MAX_BACKOFF, REOPEN_DELAY, ClientTunnel, TunnelPhase, tunnel_channel
+
+__all__ = ["MobileHost"]
+
+log = logging.getLogger("upmt.client")
+SETUP_TIMEOUT = 6.0
+REEVALUATE_INTERVAL = 0.5
+HOUSEKEEPING_INTERVAL = 1.0
+CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
+REEXAMINE_TRIES = 3
+# Set-ups that go unanswered in a row before the client suspects the anchor
+# forgot it (a restart) and associates again; not more often than this.
+SETUP_FAILURES_BEFORE_REASSOCIATION = 2
+REASSOCIATION_HOLD = 15.0
+
+
+@dataclass
+class Link:
+    up: bool = False
+    addresses: set[str] = field(default_factory=set)
+
+    @property
+    def usable(self) -> bool:
+        return self.up and bool(self.addresses)
+
+
+class MobileHost:
+    def __init__(
+        self,
+        config: ClientConfig,
+        interfaces: list[str],
+        policy: Policy,
+        *,
+        static: StaticKey,
+        anchor_key: bytes | None,
+        paft: Paft[str],
+        lock: threading.Lock,
+        wall: Callable[[], float] = time.time,
+        flow_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.interface_order = list(interfaces)
+        self.anchor_tunnel: Addr = (config.anchor, config.tunnel_port)
+        self.anchor_key = anchor_key
+        self.paft, self.lock = paft, lock
+        self.wall, self.flow_clock = wall, flow_clock
+        self.tunnels = {name: ClientTunnel(name, n) for n, name in enumerate(interfaces, 1)}
+        self.links = {name: Link() for name in interfaces}
+        self.steering = Steering(policy, config.hold_down)
+        self.book = FlowBook()
+        self.transactions = ClientTransactions()
+        self.association = Association(
+            config,
+            self.transactions,
+            static=static,
+            pinned_anchor_key=lambda: self.anchor_key,
+            on_associated=self._associated,
+            on_failed=lambda error: self._events.append(Failed(error)),
+        )
+        self.announcer = Announcer(self.transactions, self.book, self.anchor_tunnel)
+        self._events: deque[HostEvent] = deque()
+        self._tunnels_started = False
+        self._reassociated_at = -REASSOCIATION_HOLD
+        self._reevaluate_at: float | None = None
+        self._housekeeping_at: float | None = None
+        self._reexamined: dict[FiveTuple, int] = {}
+        self._probes: list[Outgoing] = []
+
+    @property
+    def policy(self) -> Policy:
+        return self.steering.policy
+
+    @property
+    def registration(self) -> Registration:
+        return self.association.registration
+
+    # -- input: start-up, links, sockets ------------------------------------------
+    def associate(self, now: float, *, initial: bool = False) -> None:
+        self.association.start(self._preferred_accesses(), now, initial=initial)
+        self._flush_association()
+
+    def start_tunnels(self, now: float) -> None:
+        """The TUN and the data path are ready: tunnels may come up."""
+        self._tunnels_started = True
+        self._reevaluate_at = now + REEVALUATE_INTERVAL
+        self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+        for tunnel in self.tunnels.values():
+            self._maybe_open(tunnel, now)
+
+    def link_changed(self, name: str, up: bool, addresses: set[str], now: float) -> None:
+        link = self.links.get(name)
+        tunnel = self.tunnels.get(name)
+        if link is None or tunnel is None:
+            return
+        link.up, link.addresses = up, set(addresses)
+        if tunnel.open:
+            host = tunnel.local[0] if tunnel.local is not None else "0.0.0.0"
+            if not link.usable or (host not in link.addresses and host != "0.0.0.0"):
+                self._close(tunnel, "link down", now)
+        if tunnel.retry_at is not None:
+            tunnel.retry_at = now  # retried at once when the interface changes
+        self._maybe_open(tunnel, now)
+
+    def socket_opened(self, kind: SocketKind, name: str, local: Addr, now: float) -> None:
+        if kind is SocketKind.REGISTER:
+            self.association.socket_opened(name, local[1], now)
+            self._flush_association()
+            return
+        tunnel = self.tunnels[name]
+        tunnel.opening, tunnel.local = False, local
+        self.transactions.open(tunnel_channel(name))
+        if tunnel.phase is TunnelPhase.UP:  # handed over by a restart in place: the anchor knows it
+            self._tunnel_up(tunnel, now)
+        else:
+            self._setup(tunnel, now)
+
+    def socket_failed(self, kind: SocketKind, name: str, reason: str, now: float) -> None:
+        if kind is SocketKind.REGISTER:
+            self.association.socket_failed(name, reason, now)
+            self._flush_association()
+            return
+        log.warning("no tunnel on %s: %s", name, reason)
+        tunnel = self.tunnels[name]
+        tunnel.opening = False
+        self._tunnel_down(tunnel, "socket error", now)
+        tunnel.reopen_at = now + REOPEN_DELAY
+
+    # -- input: datagrams ---------------------------------------------------------
+    def receive_register(self, name: str, data: bytes, addr: Addr, now: float) -> None:
+        self.transactions.receive(register_channel(name), data, addr, now)
+        self._flush_association()
+
+    def receive(self, name: str, frame: bytes, now: float) -> None:
+        """A control frame (SIGNAL, PROBE-ACK, ...) the data path took out of `name`'s tunnel."""
+        tunnel = self.tunnels.get(name)
+        if tunnel is None or not frame:
+            return
+        if frame[0] == FrameType.SIGNAL:
+            self.transactions.receive(tunnel_channel(name), frame[1:], self.anchor_tunnel, now)
+            self._flush_association()
+            return
+        try:
+            decoded = decode_frame_untrusted(frame)
+        except MalformedError:
+            return
+        if isinstance(decoded, ProbeAck) and tunnel.scheduler is not None:
+            tunnel.scheduler.on_ack(decoded, now, _ns(now))
+
+    # -- output -------------------------------------------------------------------
+    def next_event(self) -> HostEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self) -> list[Outgoing]:
+        out: list[Outgoing] = []
+        for channel, data, addr in self.transactions.datagrams_to_send():
+            kind, _, name = channel.partition(":")
+            if kind == SocketKind.REGISTER.value:
+                out.append(Outgoing(SocketKind.REGISTER, name, data, addr))
+                continue
+            sealed = self.tunnels[name].seal(encode_frame(Signal(data)))
+            if sealed is not None:
+                out.append(Outgoing(SocketKind.TUNNEL, name, sealed, addr))
+        out.extend(self._probes)
+        self._probes = []
+        return out
+
+    def get_timer(self) -> float | None:
+        times = [self.transactions.get_timer(), self.association.get_timer()]
+        times += [self._reevaluate_at, self._housekeeping_at]
+        for t in self.tunnels.values():
+            times += [t.reopen_at, t.retry_at]
+            if t.scheduler is not None and t.open:
+                times.append(t.scheduler.next_probe_at() or 0.0)
+        return min((x for x in times if x is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        self.transactions.handle_timer(now)
+        self.association.handle_timer(now, self._preferred_accesses)
+        for tunnel in self.tunnels.values():
+            self._tunnel_timers(tunnel, now)
+        if self._reevaluate_at is not None and now >= self._reevaluate_at:
+            self.reevaluate(now)
+        if self._housekeeping_at is not None and now >= self._housekeeping_at:
+            self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+            self._housekeeping(now)
+        self._flush_association()
+
+    def _tunnel_timers(self, tunnel: ClientTunnel, now: float) -> None:
+        if tunnel.reopen_at is not None and now >= tunnel.reopen_at:
+            tunnel.reopen_at = None
+            self._maybe_open(tunnel, now)
+        if tunnel.retry_at is not None and now >= tunnel.retry_at and tunnel.open:
+            tunnel.retry_at = None
+            self._setup(tunnel, now)
+        scheduler = tunnel.scheduler
+        if scheduler is None or not tunnel.open:
+            return
+        due = scheduler.next_probe_at()
+        if due is not None and now < due:
+            return
+        probe: Probe = scheduler.make_probe(now, _ns(now))
+        if scheduler.dead:
+            tunnel.scheduler = None
+            self._tunnel_down(tunnel, "probe loss", now)
+            self._retry_later(tunnel, now)
+            return
+        sealed = tunnel.seal(encode_frame(probe))
+        if sealed is not None:
+            self._probes.append(
+                Outgoing(SocketKind.TUNNEL, tunnel.name, sealed, self.anchor_tunnel)
+            )
+
+    # -- tunnels --------------------------------------------------------------------
+    def _maybe_open(self, tunnel: ClientTunnel, now: float) -> None:
+        if not self._tunnels_started or tunnel.open or tunnel.opening:
+            return
+        if tunnel.reopen_at is not None or not self.links[tunnel.name].usable:
+            return
+        tunnel.opening = True
+        tunnel.down_reason = ""
+        self._events.append(OpenSocket(SocketKind.TUNNEL, tunnel.name))
+
+    def _close(self, tunnel: ClientTunnel, reason: str, now: float) -> None:
+        self._events.append(CloseSocket(SocketKind.TUNNEL, tunnel.name))
+        tunnel.closed()  # first: the set-up that the close answers is no longer retried
+        self.transactions.close(tunnel_channel(tunnel.name), now)
+        self._tunnel_down(tunnel, reason, now)
+
+    def _setup(self, tunnel: ClientTunnel, now: float) -> None:
+        reg = self.association.registration
+        if reg.vipa is None or tunnel.setting_up:
+            return
+        if tunnel.phase is not TunnelPhase.DEAD:
+            tunnel.phase = TunnelPhase.SETTING_UP
+        tunnel.setting_up = True
+        body = encode_body(
+            TunnelSetupRequest(
+                terminal_id=self.config.terminal_id, vipa=reg.vipa, interface=tunnel.name
+            )
+        )
+        self.transactions.request(
+            tunnel_channel(tunnel.name),
+            self.message(tunnel, body),
+            self.anchor_tunnel,
+            now,
+            lambda response, at: self._setup_answered(tunnel, response, at),
+            timeout=SETUP_TIMEOUT,
+        )
+
+    def _setup_answered(self, tunnel: ClientTunnel, response: Response | None, now: float) -> None:
+        tunnel.setting_up = False
+        if not tunnel.open:
+            return  # closed under it (link down)
+        if response is None:
+            log.info("tunnel on %s: no answer to set-up", tunnel.name)
+            tunnel.setup_failures += 1
+            self._maybe_reassociate(tunnel, now)
+            self._retry_later(tunnel, now)
+            return
+        tunnel.setup_failures = 0
+        answer = self._setup_result(tunnel, response, now)
+        if answer is None:
+            self._retry_later(tunnel, now)
+            return
+        tunnel.tunnel_id, tunnel.observed = answer.tunnel_id, answer.observed
+        tunnel.setups += 1
+        tunnel.backoff = 1.0
+        self._tunnel_up(tunnel, now)
+        # Flows that stayed on this interface while it was away (not movable, or
+        # pinned) point to its old tunnel at the anchor: re-announce them here.
+        with self.lock:
+            waiting = [k for k, e in self.paft if e.tunnel == tunnel.name]
+        if waiting:
+            self.announcer.announce(tunnel.name, waiting, self._builder(tunnel), now)
+        log.info(
+            "tunnel %s up on %s (anchor sees %s)", answer.tunnel_id, tunnel.name, answer.observed
+        )
+
+    def _setup_result(
+        self, tunnel: ClientTunnel, response: Response, now: float
+    ) -> TunnelSetupResponse | None:
+        if response.code == 403:
+            log.warning(
+                "tunnel on %s refused (%s): registering again", tunnel.name, response.phrase
+            )
+            self.associate(now)
+            return None
+        if response.code != 200:
+            log.warning("tunnel on %s refused: %d %s", tunnel.name, response.code, response.phrase)
+            return None
+        try:
+            answer = decode_body_untrusted(response.body)
+        except MalformedError as exc:
+            log.warning("tunnel on %s: bad set-up answer: %s", tunnel.name, exc)
+            return None
+        return answer if isinstance(answer, TunnelSetupResponse) else None
+
+    def _retry_later(self, tunnel: ClientTunnel, now: float) -> None:
+        """Set up again after the back-off (cut short when the interface changes)."""
+        if tunnel.open:
+            tunnel.retry_at = now + tunnel.backoff
+            tunnel.backoff = min(tunnel.backoff * 2, MAX_BACKOFF)
+
+    def _maybe_reassociate(self, tunnel: ClientTunnel, now: float) -> None:
+        """Unanswered set-ups: the anchor may have forgotten us (its keys too). Ask again."""
+        if (
+            tunnel.setup_failures < SETUP_FAILURES_BEFORE_REASSOCIATION
+            or now - self._reassociated_at < REASSOCIATION_HOLD
+        ):
+            return
+        self._reassociated_at = now
+        log.info("set-ups on %s go unanswered: associating again", tunnel.name)
+        self.associate(now)
+
+    def _tunnel_up(self, tunnel: ClientTunnel, now: float) -> None:
+        tunnel.scheduler = ProbeScheduler(
+            tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
+        )
+        tunnel.phase = TunnelPhase.UP
+        self.steering.set_up(tunnel.name, now)
+        self._reevaluate_at = now
+
+    def _tunnel_down(self, tunnel: ClientTunnel, reason: str, now: float) -> None:
+        was_up = tunnel.phase is TunnelPhase.UP or self.steering.view.live(tunnel.name)
+        tunnel.phase = TunnelPhase.DEAD
+        tunnel.down_reason = reason
+        self.steering.set_down(tunnel.name, reason)
+        if was_up:
+            log.warning("tunnel on %s dead (%s)", tunnel.name, reason)
+            self.reevaluate(now)
+
+    def message(self, tunnel: ClientTunnel, body: bytes) -> Request:
+        """A signed MESSAGE carrying a UPMT JSON body (its own dialog-less transaction)."""
+        assert tunnel.local is not None
+        reg = self.association.registration
+        return signed_message(
+            terminal_id=self.config.terminal_id,
+            anchor=self.config.anchor,
+            local=tunnel.local,
+            body=body,
+            key=reg.signing_key,
+            seq=reg.next_seq(),
+            now=self.wall(),
+        )
+
+    def _builder(self, tunnel: ClientTunnel) -> Callable[[bytes], Request]:
+        return lambda body: self.message(tunnel, body)
+
+    # -- association ----------------------------------------------------------------
+    def _preferred_accesses(self) -> list[tuple[str, str]]:
+        """Live tunnels' interfaces first, then every other usable one: (name, address)."""
+        live = [n for n in self.interface_order if self.steering.view.live(n)]
+        order = live + [n for n in self.interface_order if n not in live]
+        return [(n, min(self.links[n].addresses)) for n in order if self.links[n].usable]
+
+    def _associated(self, done: Associated, now: float) -> None:
+        if done.learned_anchor_key is not None:
+            self.anchor_key = done.learned_anchor_key
+            self._events.append(AnchorKeyLearned(done.learned_anchor_key))
+        if done.previous_vipa is not None:
+            log.warning(
+                "anchor assigned a new VIPA %s (was %s): open connections break",
+                done.vipa,
+                done.previous_vipa,
+            )
+            self._events.append(VipaChanged(done.previous_vipa, done.vipa))
+            with self.lock:
+                self.paft.entries.clear()
+        if self.config.encryption:
+            stamp = self.flow_clock()
+            for tunnel in self.tunnels.values():
+                tunnel.install_keys(done.keys, stamp)
+
+    def _flush_association(self) -> None:
+        a = self.association
+        while a.done_with_socket:
+            self._events.append(CloseSocket(SocketKind.REGISTER, a.done_with_socket.pop(0)))
+        while a.wants_socket:
+            self._events.append(OpenSocket(SocketKind.REGISTER, a.wants_socket.pop(0)))
+
+    # -- re-evaluation ----------------------------------------------------------------
+    def reevaluate(self, now: float) -> None:
+        """Move every flow that is not where steering wants it; announce the moves."""
+        self._reevaluate_at = now + REEVALUATE_INTERVAL
+        groups: dict[tuple[str, str, str, str], list[FiveTuple]] = {}
+        with self.lock:
+            pairs = list(self.paft)
+            for key, entry in pairs:
+                name, exe = self.book.names(key, entry)
+                if entry.app is None and name is not None:
+                    entry.app = name
+                move = self.steering.target(key, entry.tunnel, name, exe, entry.movable, now)
+                if move is None:
+                    continue
+                groups.setdefault(
+                    (name or "(unknown)", entry.tunnel, move.target, move.reason), []
+                ).append(key)
+                entry.tunnel = move.target
+        for (app, source, target, reason), keys in groups.items():
+            record = HandoverRecord(self.wall(), app, len(keys), source, target, reason)
+            log.info(
+                "handover: %s, %d flows, %s -> %s (%s)", app, len(keys), source, target, reason
+            )
+            index = self.book.record(record)
+            tunnel = self.tunnels.get(target)
+            if target != BLOCKED and tunnel is not None:
+                self.announcer.announce(target, keys, self._builder(tunnel), now, index=index)
+        for key, entry in pairs:
+            if entry.app is None and key.proto in CLASSIFIABLE and key not in self.book.apps:
+                tries = self._reexamined.get(key, 0)
+                if tries < REEXAMINE_TRIES:
+                    self._reexamined[key] = tries + 1
+                    self._events.append(Reexamine(key))
+
+    def set_policy(self, policy: Policy, now: float) -> None:
+        self.steering.set_policy(policy)
+        self._reevaluate_at = now
+
+    def _housekeeping(self, now: float) -> None:
+        with self.lock:
+            gone = self.paft.expire(self.flow_clock(), self.config.flow_idle_timeout)
+            live = list(self.paft.entries)
+        for key in gone:
+            self.steering.forget_flow(key)
+            self._reexamined.pop(key, None)
+        if gone:
+            self.book.forget_missing(live)
+        if any(_keys_worn(t) for t in self.tunnels.values()):
+            self.association.request_rekey()
+
+
+def _ns(now: float) -> int:
+    """The probe timestamp for `now`: nanoseconds of the same clock."""
+    return int(now * 1e9)
+
+
+def _keys_worn(tunnel: ClientTunnel) -> bool:
+    """Whether a key of the tunnel has carried enough messages to be replaced (rekey by count)."""
+    keys = tunnel.keys
+    if keys is None:
+        return False
+    return keys.sealer.wants_rekey() or keys.current.window.top >= REKEY_AFTER_MESSAGES
