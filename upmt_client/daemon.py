@@ -36,7 +36,6 @@ from ground.errors import SetupError, UpmtError, unwrap_errors
 from paft.table import Paft
 from tunnel.addr import format_hostport
 from tunnel.crypto import OVERHEAD
-from tunnel.sockets import open_tunnel_socket
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.control_queue import ControlQueue
 from upmt.offload import offload_refusals, offload_status, probe_udp_offload
@@ -57,20 +56,13 @@ from upmt_client.host_events import (
     SocketKind,
     VipaChanged,
 )
+from upmt_client.host_sockets import HostSockets
 from upmt_client.inplace import export_state, import_state, take_inherited, tunnel_socket
 from upmt_client.inplace import restart as restart_in_place
 from upmt_client.interfaces import check_interfaces, default_route_interfaces, usable
-from upmt_client.netmon import (
-    AddressAdded,
-    AddressRemoved,
-    Event,
-    LinkChanged,
-    LinkRemoved,
-    NetlinkMonitor,
-    Resynced,
-)
+from upmt_client.netmon import NetlinkMonitor, link_updates
 from upmt_client.policy import Policy, builtin_policy, load_policy
-from upmt_client.routing import FWMARK, TABLE, PolicyRouting
+from upmt_client.routing import TABLE, PolicyRouting
 from upmt_client.steering import BLOCKED
 from upmt_client.trust import AnchorTrust, load_terminal_key
 
@@ -91,9 +83,6 @@ class ClientDaemon:
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
         self.control_queue: ControlQueue[str] | None = None
-        self.sockets: dict[tuple[SocketKind, str], socket.socket] = {}
-        self._readers: dict[str, trio.CancelScope] = {}
-        self._inherited: dict[str, socket.socket] = {}
         self._timer_changed = trio.Event()
         self._associated = trio.Event()
         self._failure: SetupError | None = None
@@ -127,7 +116,6 @@ class ClientDaemon:
         inherited = take_inherited()
         with contextlib.ExitStack() as stack:
             stack.callback(self.decider.classifier.close)
-            stack.callback(self._close_sockets)
             if inherited is not None:
                 routing.adopt()
                 control_sock = socket.socket(fileno=inherited.fds["control"])
@@ -138,20 +126,21 @@ class ClientDaemon:
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
+                handed = {
+                    k.split(":", 1)[1]: tunnel_socket(fd)
+                    for k, fd in (inherited.fds.items() if inherited is not None else ())
+                    if k.startswith("tunnel:")
+                }
+                self.io = HostSockets(host, nursery, self._pump, handed)
+                stack.callback(self.io.close_all)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 self._control_fd = control_sock.fileno()
                 nursery.start_soon(serve_control, control_sock, self._control)
                 nursery.start_soon(self._timer_loop)
                 mtu = self._initial_links()
                 if inherited is not None:
-                    self._inherited = {
-                        k.split(":", 1)[1]: tunnel_socket(fd)
-                        for k, fd in inherited.fds.items()
-                        if k.startswith("tunnel:")
-                    }
                     now = trio.current_time()
-                    vipa = import_state(host, inherited.state, set(self._inherited), now)
+                    vipa = import_state(host, inherited.state, set(handed), now)
                     self.tun = adopt_tun(cfg.tun_name, inherited.fds["tun"])
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
@@ -211,6 +200,7 @@ class ClientDaemon:
             encrypted=cfg.encryption,
         )
         self.decider.resolve = self.datapath.resolve
+        self.io.datapath = self.datapath
         stack.callback(self.datapath.stop)
         self.datapath.start()
         threading.Thread(target=self.decider.run, name="upmt-classifier", daemon=True).start()
@@ -261,9 +251,9 @@ class ClientDaemon:
         host = self.host
         while (event := host.next_event()) is not None:
             if isinstance(event, OpenSocket):
-                self._open(event.kind, event.interface)
+                self.io.open(event.kind, event.interface, trio.current_time())
             elif isinstance(event, CloseSocket):
-                self._close(event.kind, event.interface)
+                self.io.close(event.kind, event.interface)
             elif isinstance(event, Reexamine):
                 self.decider.reexamine(event.key)
             elif isinstance(event, VipaChanged):
@@ -272,15 +262,7 @@ class ClientDaemon:
                 self.trust.trust_on_first_use(event.key)
             elif isinstance(event, Failed):
                 self._failure = event.error  # raised by the timer task: this may be a callback
-        for out in host.datagrams_to_send():
-            sock = self.sockets.get((out.kind, out.interface))
-            if sock is None:
-                continue
-            with contextlib.suppress(OSError):
-                if out.kind is SocketKind.TUNNEL:
-                    sock.send(out.data)
-                else:
-                    sock.sendto(out.data, out.addr)
+        self.io.send(host.datagrams_to_send())
         if host.association.associations:
             self._associated.set()
         self._timer_changed.set()
@@ -300,54 +282,6 @@ class ClientDaemon:
             if self.datapath is not None and self.datapath.crashed is not None:
                 raise SetupError(f"data path failed: {self.datapath.crashed!r}")
 
-    def _open(self, kind: SocketKind, name: str) -> None:
-        now = trio.current_time()
-        try:
-            sock = self._inherited.pop(name, None) if kind is SocketKind.TUNNEL else None
-            if sock is None and kind is SocketKind.TUNNEL:
-                sock = open_tunnel_socket(interface=name, mark=FWMARK)
-                sock.connect((self.config.anchor, self.config.tunnel_port))
-            elif sock is None:
-                sock = open_tunnel_socket(interface=name, mark=FWMARK, rcvbuf=None, sndbuf=None)
-            local = sock.getsockname()[:2]
-        except (SetupError, OSError) as exc:
-            self.host.socket_failed(kind, name, str(exc), now)
-            return
-        self.sockets[(kind, name)] = sock
-        if kind is SocketKind.TUNNEL:
-            assert self.datapath is not None
-            self.datapath.attach(name, sock, self.host.tunnels[name].keys)
-        else:
-            scope = trio.CancelScope()
-            self._readers[name] = scope
-            self.nursery.start_soon(self._read_register, name, sock, scope)
-        self.host.socket_opened(kind, name, local, now)
-
-    def _close(self, kind: SocketKind, name: str) -> None:
-        sock = self.sockets.pop((kind, name), None)
-        if kind is SocketKind.TUNNEL and self.datapath is not None:
-            self.datapath.detach(name)
-        elif (scope := self._readers.pop(name, None)) is not None:
-            scope.cancel()
-        if sock is not None:
-            sock.close()
-
-    def _close_sockets(self) -> None:
-        for kind, name in list(self.sockets):
-            self._close(kind, name)
-
-    async def _read_register(self, name: str, sock: socket.socket, scope: trio.CancelScope) -> None:
-        with scope:
-            tsock = trio.socket.from_stdlib_socket(sock)
-            while True:
-                try:
-                    data, addr = await tsock.recvfrom(65535)
-                except OSError:
-                    await trio.sleep(0.1)
-                    continue
-                self.host.receive_register(name, data, addr[:2], trio.current_time())
-                self._pump()
-
     def _control_frame(self, ifname: str, data: bytes) -> None:
         self.host.receive(ifname, data, trio.current_time())
         self._pump()
@@ -366,30 +300,10 @@ class ClientDaemon:
     async def _watch_links(self) -> None:
         async with NetlinkMonitor() as monitor:
             async for event in monitor.events():
-                self._on_link_event(event, trio.current_time())
+                now = trio.current_time()
+                for name, up, addresses in link_updates(event, self.host.links):
+                    self.host.link_changed(name, up, addresses, now)
                 self._pump()
-
-    def _on_link_event(self, event: Event, now: float) -> None:
-        links = self.host.links
-        if isinstance(event, Resynced):
-            for name in self.interface_order:
-                state = event.links.get(name)
-                addresses = {a.split("/")[0] for a in event.addresses.get(name, [])}
-                self.host.link_changed(name, bool(state and state.up), addresses, now)
-            return
-        link = links.get(event.ifname)
-        if link is None:
-            return
-        up, addresses = link.up, set(link.addresses)
-        if isinstance(event, LinkChanged):
-            up = event.up
-        elif isinstance(event, LinkRemoved):
-            up, addresses = False, set()
-        elif isinstance(event, AddressAdded):
-            addresses.add(event.address)
-        elif isinstance(event, AddressRemoved):
-            addresses.discard(event.address)
-        self.host.link_changed(event.ifname, up, addresses, now)
 
     # -- control -------------------------------------------------------------
     async def _control(self, request: JSON) -> JSON:
@@ -438,7 +352,7 @@ class ClientDaemon:
         kept, state = export_state(self.host, trio.current_time())
         fds = {"tun": self.tun.fd, "control": self._control_fd}
         for name in kept:
-            fds[f"tunnel:{name}"] = self.sockets[(SocketKind.TUNNEL, name)].fileno()
+            fds[f"tunnel:{name}"] = self.io.fileno(SocketKind.TUNNEL, name)
         restart_in_place(
             fds=fds, extra={}, state=state, state_file=self.config.run_dir / "restart.json"
         )

@@ -21,13 +21,13 @@ from upmt_client.classifier import Classifier
 from upmt_client.datapath import FlowChoice
 from upmt_client.flows import FlowBook
 from upmt_client.procscan import AppInfo
+from upmt_client.reevaluation import CLASSIFIABLE
 from upmt_client.sockdiag import SockDiag, SocketOwner
 from upmt_client.steering import Steering
 
 __all__ = ["FlowDecider"]
 
 log = logging.getLogger("upmt.client")
-CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
 
 
 class FlowDecider:

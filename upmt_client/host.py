@@ -62,6 +62,7 @@ from upmt_client.host_events import (
     VipaChanged,
 )
 from upmt_client.policy import Policy
+from upmt_client.reevaluation import plan_moves, to_reexamine
 from upmt_client.steering import BLOCKED, Steering
 from upmt_client.transactions import ClientTransactions
 from upmt_client.tunnels import MAX_BACKOFF, REOPEN_DELAY, ClientTunnel, TunnelPhase, tunnel_channel
@@ -72,8 +73,6 @@ log = logging.getLogger("upmt.client")
 SETUP_TIMEOUT = 6.0
 REEVALUATE_INTERVAL = 0.5
 HOUSEKEEPING_INTERVAL = 1.0
-CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
-REEXAMINE_TRIES = 3
 # Set-ups that go unanswered in a row before the client suspects the anchor
 # forgot it (a restart) and associates again; not more often than this.
 SETUP_FAILURES_BEFORE_REASSOCIATION = 2
@@ -448,20 +447,9 @@ class MobileHost:
     def reevaluate(self, now: float) -> None:
         """Move every flow that is not where steering wants it; announce the moves."""
         self._reevaluate_at = now + REEVALUATE_INTERVAL
-        groups: dict[tuple[str, str, str, str], list[FiveTuple]] = {}
         with self.lock:
             pairs = list(self.paft)
-            for key, entry in pairs:
-                name, exe = self.book.names(key, entry)
-                if entry.app is None and name is not None:
-                    entry.app = name
-                move = self.steering.target(key, entry.tunnel, name, exe, entry.movable, now)
-                if move is None:
-                    continue
-                groups.setdefault(
-                    (name or "(unknown)", entry.tunnel, move.target, move.reason), []
-                ).append(key)
-                entry.tunnel = move.target
+            groups = plan_moves(pairs, self.book, self.steering, now)
         for (app, source, target, reason), keys in groups.items():
             record = HandoverRecord(self.wall(), app, len(keys), source, target, reason)
             log.info(
@@ -471,12 +459,8 @@ class MobileHost:
             tunnel = self.tunnels.get(target)
             if target != BLOCKED and tunnel is not None:
                 self.announcer.announce(target, keys, self._builder(tunnel), now, index=index)
-        for key, entry in pairs:
-            if entry.app is None and key.proto in CLASSIFIABLE and key not in self.book.apps:
-                tries = self._reexamined.get(key, 0)
-                if tries < REEXAMINE_TRIES:
-                    self._reexamined[key] = tries + 1
-                    self._events.append(Reexamine(key))
+        for key in to_reexamine(pairs, self.book, self._reexamined):
+            self._events.append(Reexamine(key))
 
     def set_policy(self, policy: Policy, now: float) -> None:
         self.steering.set_policy(policy)

@@ -34,10 +34,10 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Protocol, Self
 
 import trio
 
@@ -154,6 +154,13 @@ class Resynced:
 
 
 Event = LinkChanged | LinkRemoved | AddressAdded | AddressRemoved | Resynced
+
+
+class LinkView(Protocol):
+    """What a watcher knows of one interface: `link_updates` applies events to it."""
+
+    up: bool
+    addresses: set[str]
 
 
 def interface_usable(state: LinkState | LinkChanged) -> bool:
@@ -548,3 +555,33 @@ class NetlinkMonitor:
                 if out is not None:
                     self._events += 1
                     yield out
+
+
+def link_updates(event: Event, links: Mapping[str, LinkView]) -> list[tuple[str, bool, set[str]]]:
+    """(interface, up, addresses) of the watched `links` that `event` changes (pure).
+
+    A resync gives every watched interface's state; the other events change
+    one interface's state as `links` has it now.
+    """
+    if isinstance(event, Resynced):
+        return [
+            (
+                name,
+                bool((state := event.links.get(name)) and state.up),
+                {a.split("/")[0] for a in event.addresses.get(name, [])},
+            )
+            for name in links
+        ]
+    link = links.get(event.ifname)
+    if link is None:
+        return []
+    up, addresses = link.up, set(link.addresses)
+    if isinstance(event, LinkChanged):
+        up = event.up
+    elif isinstance(event, LinkRemoved):
+        up, addresses = False, set()
+    elif isinstance(event, AddressAdded):
+        addresses.add(event.address)
+    elif isinstance(event, AddressRemoved):
+        addresses.discard(event.address)
+    return [(event.ifname, up, addresses)]
