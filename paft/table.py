@@ -212,7 +212,7 @@ class PaftStats:
 
 
 class Paft(Generic[T]):
-    """The flow table of one daemon (client) or one terminal (anchor).
+    """The flow table of one daemon: its own flows (client), or all terminals' by VIPA (anchor).
 
     With `max_entries`, learning a new flow into a full table evicts the least
     recently seen entries first (ties: the earliest inserted). Evicting beats

@@ -7,14 +7,12 @@ any host that can send a UDP datagram to the AN could attach a tunnel of its
 own to another terminal's association, or move that terminal's flows onto it,
 by forging such a MESSAGE.
 Each in-tunnel request therefore carries an HMAC-SHA256 under a key only the
-terminal and the AN know, established with the association:
-
-* REGISTER with digest authentication: both ends derive the key from HA1 (the
-  client from its password, the AN from its credential store), the digest
-  nonce and cnonce, and the terminal id (`derive_key`); the key never travels.
-* REGISTER without authentication: the AN picks a random key and returns it in
-  the 200 OK (`KEY_HEADER`). That only keeps out hosts that did not see the
-  REGISTER exchange; it is as strong as the unauthenticated association itself.
+terminal and the AN know, established with the association: the signing
+key of the key exchange in REGISTER (`signalling.handshake`,
+`SessionKeys.signing`), derived from the ephemeral and static X25519 keys
+and, with digest authentication, from a key both ends derive from HA1, the
+digest nonce and cnonce and the terminal id (`derive_key`); no key travels.
+See docs/security.md.
 
 A timestamp bounds how long a captured request stays usable, and a per-
 association sequence number, remembered by the AN in a sliding window, stops
