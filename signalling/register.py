@@ -5,8 +5,8 @@ See docs/architecture.md, "Signalling".
 The terminal registers `sip:TERMINAL_ID@<AN>`; the anchor answers `200 OK`
 with the VIPA in a `VIpAddr` header and the granted `Expires`. A refresh
 carries the VIPA already held, so the anchor can keep it. The builders and
-parsers here are the two ends of that exchange; `RegistrationClient` is the
-terminal's refresh schedule (RFC 3261 §10.2.4), without I/O.
+parsers here are the two ends of that exchange (the terminal's schedule of
+refreshes is `upmt_client.association`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from sipmessage import Address, Request, Response
 from ground.errors import MalformedError
 
 from .bodies import validate_address, validate_terminal_id
-from .message import build_request, build_response, checked, new_branch, new_call_id, new_tag
+from .message import build_request, build_response, checked
 from .message import uri_host as _uri_host
 
 __all__ = [
     "DEFAULT_EXPIRES",
-    "REFRESH_FLOOR",
     "VIPADDR_HEADER",
     "RegisterInfo",
-    "RegistrationClient",
     "build_register",
     "build_register_ok",
     "parse_register_ok_untrusted",
@@ -38,11 +36,6 @@ VIPADDR_HEADER: Final = "VIpAddr"  # UPMT extension header (paper §V)
 SIP_DEFAULT_PORT: Final = 5060  # RFC 3261 §19.1.2
 DEFAULT_EXPIRES: Final = 3600  # RFC 3261 §10.2.1.1 default registration interval
 MAX_EXPIRES: Final = 2**32 - 1  # RFC 3261 §20.19 (delta-seconds, 32 bits)
-# A refresh is never scheduled sooner than this after the grant: a tiny
-# Expires from a confused anchor must not turn into a REGISTER storm.
-REFRESH_FLOOR: Final = 1.0
-# Seconds before a REGISTER that failed (timeout, error response) is retried.
-RETRY_DELAY: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,74 +165,3 @@ def parse_register_ok_untrusted(response: Response) -> tuple[str, int]:
     if expires is None:
         raise MalformedError("200 without Expires")
     return vipa, expires
-
-
-class RegistrationClient:
-    """The terminal's side of association: which REGISTER to send, and when.
-
-    One Call-ID and From tag for the life of the object, CSeq + 1 for every
-    REGISTER (RFC 3261 §10.2.4), a fresh branch each time. After a 200 the
-    refresh is due at half the granted interval (never sooner than
-    `REFRESH_FLOOR`); after a failure, `RETRY_DELAY` later. The daemon sends
-    `next_register()` when `now >= refresh_at`, through its transaction layer.
-    """
-
-    def __init__(
-        self,
-        *,
-        an_host: str,
-        an_port: int,
-        terminal_id: str,
-        local_host: str,
-        local_port: int,
-        expires: int = DEFAULT_EXPIRES,
-        first_cseq: int = 1,
-    ) -> None:
-        validate_terminal_id(terminal_id)
-        self.an_host = an_host
-        self.an_port = an_port
-        self.terminal_id = terminal_id
-        self.local_host = local_host
-        self.local_port = local_port
-        self.expires = expires  # what is asked for
-        self.call_id: Final = new_call_id()
-        self.from_tag: Final = new_tag()
-        self.cseq = first_cseq - 1
-        self.vipa: str | None = None
-        self.granted: int | None = None
-        self.expires_at: float | None = None  # when the binding lapses unless refreshed
-        self.refresh_at: float | None = 0.0  # due at once; None: nothing to do
-
-    def next_register(self) -> Request:
-        """The next REGISTER (CSeq + 1), carrying the VIPA once one is held."""
-        self.cseq += 1
-        return build_register(
-            an_host=self.an_host,
-            an_port=self.an_port,
-            terminal_id=self.terminal_id,
-            local_host=self.local_host,
-            local_port=self.local_port,
-            call_id=self.call_id,
-            cseq=self.cseq,
-            from_tag=self.from_tag,
-            branch=new_branch(),
-            expires=self.expires,
-            vipa=self.vipa,
-        )
-
-    def handle_ok(self, response: Response, now: float) -> None:
-        """A 200 to our REGISTER; raises `MalformedError` (state unchanged) if it is unusable."""
-        vipa, granted = parse_register_ok_untrusted(response)
-        self.vipa, self.granted = vipa, granted
-        if granted == 0:
-            self.expires_at = self.refresh_at = None
-            return
-        self.expires_at = now + granted
-        self.refresh_at = now + max(granted / 2, REFRESH_FLOOR)
-
-    def handle_failure(self, now: float, retry_after: float = RETRY_DELAY) -> None:
-        """The REGISTER timed out or was refused: try again `retry_after` from now."""
-        self.refresh_at = now + retry_after
-
-    def is_due(self, now: float) -> bool:
-        return self.refresh_at is not None and now >= self.refresh_at

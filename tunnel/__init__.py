@@ -26,7 +26,6 @@ from tunnel.state import (
     LivenessEvent,
     ProbeScheduler,
     ProbeStatistics,
-    TunnelInfo,
     TunnelState,
 )
 
@@ -43,7 +42,6 @@ __all__ = [
     "ProbeScheduler",
     "ProbeStatistics",
     "Signal",
-    "TunnelInfo",
     "TunnelState",
     "ack_probe",
     "decode_frame_untrusted",

@@ -37,7 +37,6 @@ __all__ = [
     "LivenessEvent",
     "ProbeScheduler",
     "ProbeStatistics",
-    "TunnelInfo",
     "TunnelState",
 ]
 
@@ -271,55 +270,3 @@ class ProbeScheduler:
             min_rtt=self._min_rtt,
             observed=self._observed,
         )
-
-
-@dataclass(slots=True)
-class TunnelInfo:
-    """What the MH knows about one tunnel: identity plus the latest liveness.
-
-    ``local`` is the socket's own address (None until bound); ``remote`` the
-    AN's; ``observed`` the address the AN sees, i.e. the TID after NATs.
-    """
-
-    tunnel_id: int
-    interface: str
-    local: tuple[str, int] | None
-    remote: tuple[str, int]
-    state: TunnelState = TunnelState.SETTING_UP
-    observed: tuple[str, int] | None = None
-    last_heard: float | None = None
-    rtt: float | None = None
-    probes_sent: int = 0
-    acks_received: int = 0
-    consecutive_misses: int = 0
-
-    def refresh(self, scheduler: ProbeScheduler) -> None:
-        """Copy the liveness fields from the tunnel's scheduler."""
-        if scheduler.tunnel_id != self.tunnel_id:
-            raise ValueError(
-                f"scheduler of tunnel {scheduler.tunnel_id} used for tunnel {self.tunnel_id}"
-            )
-        stats = scheduler.statistics()
-        self.state = stats.state
-        self.observed = stats.observed
-        self.last_heard = stats.last_heard
-        self.rtt = stats.srtt
-        self.probes_sent = stats.probes_sent
-        self.acks_received = stats.acks_received
-        self.consecutive_misses = stats.consecutive_misses
-
-    def as_dict(self) -> dict[str, object]:
-        """A JSON-ready view for status output."""
-        return {
-            "tunnel_id": self.tunnel_id,
-            "interface": self.interface,
-            "local": list(self.local) if self.local is not None else None,
-            "remote": list(self.remote),
-            "state": self.state.value,
-            "observed": list(self.observed) if self.observed is not None else None,
-            "last_heard": self.last_heard,
-            "rtt": self.rtt,
-            "probes_sent": self.probes_sent,
-            "acks_received": self.acks_received,
-            "consecutive_misses": self.consecutive_misses,
-        }

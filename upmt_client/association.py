@@ -16,9 +16,9 @@ refusal or a forged answer to a refresh is logged, the association in force
 stays, and the refresh is tried again.
 
 The process is driven by its owner (`upmt_client.host.MobileHost`): it asks
-for a REGISTER socket on an interface (`wants_socket`), is told when one is
-open (`socket_opened`) and sends through the owner's `ClientTransactions` on
-the channel ``register:<interface>``.
+for a REGISTER socket on an interface (an `OpenSocket` event through
+`emit`), is told when one is open (`socket_opened`) and sends through the
+owner's `ClientTransactions` on the channel ``register:<interface>``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from signalling.handshake import MAX_SLOTS, SessionKeys, StaticKey
 from signalling.message import new_call_id, new_tag
 from tunnel.addr import format_hostport
 from upmt_client.config import ClientConfig
+from upmt_client.host_events import CloseSocket, Failed, HostEvent, OpenSocket, SocketKind
 from upmt_client.transactions import ClientTransactions
 
 __all__ = ["AnchorRefused", "Associated", "Association", "Registration", "register_channel"]
@@ -117,7 +118,7 @@ class Association:
         static: StaticKey,
         pinned_anchor_key: Callable[[], bytes | None],
         on_associated: Callable[[Associated, float], None],
-        on_failed: Callable[[SetupError], None],
+        emit: Callable[[HostEvent], None],
     ) -> None:
         self.config = config
         self.anchor_sip: Addr = (config.anchor, config.sip_port)
@@ -126,18 +127,14 @@ class Association:
         self._pinned = pinned_anchor_key
         self._transactions = transactions
         self._on_associated = on_associated
-        self._on_failed = on_failed
+        self._emit = emit
         self.associations = 0
-        self.last_error = ""
         self._queue: list[tuple[str, str]] = []  # (interface, its address) still to try
         self._current: _Try | None = None
         self._initial = False
-        self._last_error = ""
+        self.last_error = ""
         self._retry_at: float | None = None
         self._rekey_now = False
-        # Sockets the owner should open (interface) or close.
-        self.wants_socket: list[str] = []
-        self.done_with_socket: list[str] = []
 
     @property
     def in_progress(self) -> bool:
@@ -153,7 +150,7 @@ class Association:
             return  # one association at a time; the one under way brings new keys
         self._queue = list(accesses)
         self._initial = initial
-        self._last_error = "no usable interface"
+        self.last_error = "no usable interface"
         self._next(now)
 
     def due(self) -> float | None:
@@ -274,7 +271,6 @@ class Association:
         reg.via = current.interface
         reg.keys = keys
         self.associations += 1
-        self.last_error = ""
         self._queue = []
         learned = attempt.anchor_key if attempt.pinned is None else None
         log.info(
@@ -296,7 +292,7 @@ class Association:
         if self._initial:
             self._end(current, now)
             self._queue = []
-            self._on_failed(AnchorRefused(why))
+            self._emit(Failed(AnchorRefused(why)))
             return
         # Unauthenticated: it may be forged. The association in force stays.
         log.warning("the anchor refused a refresh (%s): keeping the association, retrying", why)
@@ -305,28 +301,27 @@ class Association:
     def _fail(self, current: _Try, reason: str, now: float, *, quiet: bool = False) -> None:
         if not quiet:
             log.warning("REGISTER via %s failed: %s", current.interface, reason)
-        self._last_error = f"{current.interface}: {reason}"
+        self.last_error = f"{current.interface}: {reason}"
         self._end(current, now)
         self._next(now)
 
     def _end(self, current: _Try, now: float) -> None:
         self._current = None  # first: what the close answers finds nothing current
         self._transactions.close(register_channel(current.interface), now)
-        self.done_with_socket.append(current.interface)
+        self._emit(CloseSocket(SocketKind.REGISTER, current.interface))
 
     def _next(self, now: float) -> None:
         if self._queue:
             interface, address = self._queue.pop(0)
             self._current = _Try(interface, address)
             self._transactions.open(register_channel(interface))
-            self.wants_socket.append(interface)
+            self._emit(OpenSocket(SocketKind.REGISTER, interface))
             return
-        self.last_error = self._last_error
         message = (
-            f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({self._last_error})"
+            f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({self.last_error})"
         )
         if self._initial:
-            self._on_failed(SetupError(message))
+            self._emit(Failed(SetupError(message)))
         else:
             log.warning("re-association failed: %s; retrying in %g s", message, RETRY_DELAY)
             self._retry_at = now + RETRY_DELAY

@@ -53,7 +53,6 @@ from upmt_client.flows import FlowBook, HandoverRecord
 from upmt_client.host_events import (
     AnchorKeyLearned,
     CloseSocket,
-    Failed,
     HostEvent,
     OpenSocket,
     Outgoing,
@@ -113,6 +112,7 @@ class MobileHost:
         self.links = {name: Link() for name in interfaces}
         self.steering = Steering(policy, config.hold_down)
         self.book = FlowBook()
+        self._events: deque[HostEvent] = deque()
         self.transactions = ClientTransactions()
         self.association = Association(
             config,
@@ -120,10 +120,9 @@ class MobileHost:
             static=static,
             pinned_anchor_key=lambda: self.anchor_key,
             on_associated=self._associated,
-            on_failed=lambda error: self._events.append(Failed(error)),
+            emit=self._events.append,
         )
         self.announcer = Announcer(self.transactions, self.book, self.anchor_tunnel)
-        self._events: deque[HostEvent] = deque()
         self._tunnels_started = False
         self._reassociated_at = -REASSOCIATION_HOLD
         self._reevaluate_at: float | None = None
@@ -142,7 +141,6 @@ class MobileHost:
     # -- input: start-up, links, sockets ------------------------------------------
     def associate(self, now: float, *, initial: bool = False) -> None:
         self.association.start(self._preferred_accesses(), now, initial=initial)
-        self._flush_association()
 
     def start_tunnels(self, now: float) -> None:
         """The TUN and the data path are ready: tunnels may come up."""
@@ -169,7 +167,6 @@ class MobileHost:
     def socket_opened(self, kind: SocketKind, name: str, local: Addr, now: float) -> None:
         if kind is SocketKind.REGISTER:
             self.association.socket_opened(name, local[1], now)
-            self._flush_association()
             return
         tunnel = self.tunnels[name]
         tunnel.opening, tunnel.local = False, local
@@ -182,7 +179,6 @@ class MobileHost:
     def socket_failed(self, kind: SocketKind, name: str, reason: str, now: float) -> None:
         if kind is SocketKind.REGISTER:
             self.association.socket_failed(name, reason, now)
-            self._flush_association()
             return
         log.warning("no tunnel on %s: %s", name, reason)
         tunnel = self.tunnels[name]
@@ -193,7 +189,6 @@ class MobileHost:
     # -- input: datagrams ---------------------------------------------------------
     def receive_register(self, name: str, data: bytes, addr: Addr, now: float) -> None:
         self.transactions.receive(register_channel(name), data, addr, now)
-        self._flush_association()
 
     def receive(self, name: str, frame: bytes, now: float) -> None:
         """A control frame (SIGNAL, PROBE-ACK, ...) the data path took out of `name`'s tunnel."""
@@ -202,7 +197,6 @@ class MobileHost:
             return
         if frame[0] == FrameType.SIGNAL:
             self.transactions.receive(tunnel_channel(name), frame[1:], self.anchor_tunnel, now)
-            self._flush_association()
             return
         try:
             decoded = decode_frame_untrusted(frame)
@@ -248,7 +242,6 @@ class MobileHost:
         if self._housekeeping_at is not None and now >= self._housekeeping_at:
             self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
             self._housekeeping(now)
-        self._flush_association()
 
     def _tunnel_timers(self, tunnel: ClientTunnel, now: float) -> None:
         if tunnel.reopen_at is not None and now >= tunnel.reopen_at:
@@ -435,13 +428,6 @@ class MobileHost:
             stamp = self.flow_clock()
             for tunnel in self.tunnels.values():
                 tunnel.install_keys(done.keys, stamp)
-
-    def _flush_association(self) -> None:
-        a = self.association
-        while a.done_with_socket:
-            self._events.append(CloseSocket(SocketKind.REGISTER, a.done_with_socket.pop(0)))
-        while a.wants_socket:
-            self._events.append(OpenSocket(SocketKind.REGISTER, a.wants_socket.pop(0)))
 
     # -- re-evaluation ----------------------------------------------------------------
     def reevaluate(self, now: float) -> None:

@@ -53,9 +53,6 @@ class ClientTransactions:
     def is_open(self, channel: str) -> bool:
         return channel in self._layers
 
-    def layer(self, channel: str) -> TransactionLayer | None:
-        return self._layers.get(channel)
-
     def request(
         self,
         channel: str,

@@ -17,7 +17,6 @@ from signalling.message import (
 from signalling.register import (
     VIPADDR_HEADER,
     RegisterInfo,
-    RegistrationClient,
     build_register,
     build_register_ok,
     parse_register_ok_untrusted,
@@ -152,59 +151,3 @@ def test_register_ok_parser_wants_vipa_and_expires() -> None:
     for response in (no_vipa, no_expires):
         with pytest.raises(MalformedError):
             parse_register_ok_untrusted(response)
-
-
-def test_registration_client_schedule() -> None:
-    client = RegistrationClient(
-        an_host="198.51.100.1",
-        an_port=5060,
-        terminal_id="mh-1",
-        local_host="198.18.0.2",
-        local_port=5070,
-    )
-    assert client.is_due(0.0)
-    first = client.next_register()
-    assert first.headers.get(VIPADDR_HEADER) is None
-    ok = build_register_ok(wire_request(first), vipa="100.64.0.2", expires=600, to_tag="t")
-    client.handle_ok(wire_response(ok), now=10.0)
-    assert (client.vipa, client.granted) == ("100.64.0.2", 600)
-    assert client.refresh_at == 310.0
-    assert client.expires_at == 610.0
-    assert not client.is_due(309.0)
-    assert client.is_due(310.0)
-    second = client.next_register()
-    # RFC 3261 §10.2.4: same Call-ID, CSeq + 1; a new branch; the VIPA held.
-    assert second.call_id == first.call_id
-    assert second.cseq.sequence == first.cseq.sequence + 1
-    assert second.via[0].parameters["branch"] != first.via[0].parameters["branch"]
-    assert second.from_address.parameters["tag"] == first.from_address.parameters["tag"]
-    assert second.headers.get(VIPADDR_HEADER) == "100.64.0.2"
-    client.handle_failure(now=320.0)
-    assert client.refresh_at == 325.0
-
-
-def test_registration_client_floor_and_removal() -> None:
-    client = RegistrationClient(
-        an_host="an.example", an_port=5060, terminal_id="mh-1", local_host="::1", local_port=5070
-    )
-    request = wire_request(client.next_register())
-    client.handle_ok(
-        wire_response(build_register_ok(request, vipa="100.64.0.2", expires=1, to_tag="t")), 0.0
-    )
-    assert client.refresh_at == 1.0
-    client.handle_ok(
-        wire_response(build_register_ok(request, vipa="100.64.0.2", expires=0, to_tag="t")), 5.0
-    )
-    assert client.refresh_at is None
-    assert not client.is_due(1e9)
-
-
-def test_registration_client_rejects_bad_ok_without_change() -> None:
-    client = RegistrationClient(
-        an_host="an.example", an_port=5060, terminal_id="mh-1", local_host="::1", local_port=5070
-    )
-    request = wire_request(client.next_register())
-    with pytest.raises(MalformedError):
-        client.handle_ok(wire_response(build_response(request, 200)), 0.0)
-    assert client.vipa is None
-    assert client.refresh_at == 0.0

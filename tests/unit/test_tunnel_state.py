@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tunnel.frames import Probe, ProbeAck, ack_probe
-from tunnel.state import ProbeScheduler, TunnelInfo, TunnelState
+from tunnel.state import ProbeScheduler, TunnelState
 
 OBSERVED = ("203.0.113.7", 40000)
 
@@ -197,26 +197,6 @@ def test_observed_tracks_the_latest_ack() -> None:
     # The NAT re-mapped the tunnel: the AN now sees another port.
     sched.on_ack(ack_probe(probe, ("198.51.100.1", 2)), clock.now, clock.ns)
     assert sched.observed == ("198.51.100.1", 2)
-
-
-def test_tunnel_info_refresh() -> None:
-    clock = FakeClock()
-    sched = ProbeScheduler(7, interval=1.0, dead_after=3)
-    info = TunnelInfo(7, "wlan0", ("198.18.0.2", 40000), ("192.0.2.1", 1800))
-    assert info.as_dict()["state"] == "setting-up"
-    probe = send(sched, clock)
-    clock.advance(0.02)
-    answer(sched, probe, clock)
-    info.refresh(sched)
-    assert info.state is TunnelState.UP
-    assert info.observed == OBSERVED
-    assert info.rtt == pytest.approx(0.02)
-    assert info.probes_sent == 1
-    assert info.acks_received == 1
-    assert info.as_dict()["state"] == "up"
-    assert info.as_dict()["remote"] == ["192.0.2.1", 1800]
-    with pytest.raises(ValueError):
-        info.refresh(ProbeScheduler(8, interval=1.0, dead_after=3))
 
 
 @pytest.mark.parametrize(
