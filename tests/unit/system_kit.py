@@ -1,0 +1,207 @@
+"""A client core and an anchor in one process, over the in-memory network, on a virtual clock.
+
+The anchor is its real `Registrar` with the SIP port's and the tunnels'
+`TransactionLayer`s, wired as `anchor_node.daemon` wires them; PROBEs from
+a known tunnel are answered as the anchor's data path answers them (that
+rule stands in for the data path, which is not in this kit). The client is
+a `MobileHost`, driven as `upmt_client.daemon` drives it: sockets opened
+and closed on its events (a fresh port each time), datagrams sent, timers
+fired. Each access interface sits behind its own `NatBox`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+from sipmessage import Response
+
+from anchor_node.leases import LeaseStore, parse_pool
+from anchor_node.registrar import Registrar
+from anchor_node.users import UserStore
+from ground.constants import Addr
+from paft.flow import FiveTuple
+from paft.table import Paft
+from signalling.events import RequestReceived
+from signalling.handshake import StaticKey
+from signalling.transaction import TransactionLayer
+from tunnel.frames import FrameType, Probe, ProbeAck, Signal, decode_frame_untrusted, encode_frame
+from upmt.fakes.network import FakeNetwork, NatBox, VirtualClock
+from upmt_client.config import ClientConfig
+from upmt_client.host import MobileHost
+from upmt_client.host_events import CloseSocket, Failed, OpenSocket, SocketKind
+from upmt_client.policy import builtin_policy
+
+AN = "198.51.100.2"
+SIP: Addr = (AN, 5060)
+TUNNEL: Addr = (AN, 1800)
+ADDRESSES = {"if0": "198.18.0.2", "if1": "198.18.1.2"}
+NAT_PUBLIC = {"if0": "203.0.113.10", "if1": "203.0.113.11"}
+
+
+class InProcessAnchor:
+    def __init__(self, workdir: Path, network: FakeNetwork, users: UserStore | None = None) -> None:
+        self.network, self.clock = network, network.clock
+        workdir.mkdir(parents=True, exist_ok=True)
+        leases = LeaseStore(workdir / "leases.sqlite", parse_pool("100.64.0.0/24"))
+        self.registrar = Registrar(
+            leases,
+            Paft(max_entries=1000),
+            encryption=False,
+            users=users,
+            wall_clock=lambda: 1e6 + self.clock.now,
+        )
+        self.sip = TransactionLayer(screen=self.registrar.screen)
+        self.tunnel_sip = TransactionLayer(screen=self.registrar.screen_tunnel)
+        self.probes_unanswered = 0
+        network.bind(SIP, self._sip)
+        network.bind(TUNNEL, self._tunnel)
+
+    def _sip(self, data: bytes, source: Addr) -> None:
+        now = self.clock.now
+        self.sip.receive_datagram(data, source, now)
+        self._serve(self.sip, lambda r, a: self.registrar.on_plain_message(r, a, now))
+        for datagram, addr in self.sip.datagrams_to_send():
+            self.network.send(SIP, addr, datagram)
+
+    def _tunnel(self, frame: bytes, source: Addr) -> None:
+        now = self.clock.now
+        if frame[0] == FrameType.SIGNAL:
+            self.tunnel_sip.receive_datagram(frame[1:], source, now)
+            self._serve(self.tunnel_sip, lambda r, a: self.registrar.on_tunnel_message(r, a, now))
+            for datagram, addr in self.tunnel_sip.datagrams_to_send():
+                self.network.send(TUNNEL, addr, encode_frame(Signal(datagram)))
+            return
+        probe = decode_frame_untrusted(frame)
+        if not isinstance(probe, Probe) or source not in self.registrar.tunnel_vipa:
+            self.probes_unanswered += 1  # the data path answers known tunnels only
+            return
+        ack = ProbeAck(probe.tunnel_id, probe.seq, probe.timestamp_ns, probe.flags, source)
+        self.network.send(TUNNEL, source, encode_frame(ack))
+
+    def _serve(self, layer: TransactionLayer, answer: Any) -> None:
+        while (event := layer.next_event()) is not None:
+            if isinstance(event, RequestReceived):
+                response = answer(event.request, event.addr)
+                if isinstance(response, Response):
+                    layer.send_response(event.key, response, self.clock.now)
+
+    def stop(self) -> None:
+        self.network.unbind(SIP)
+        self.network.unbind(TUNNEL)
+
+
+class SystemLab:
+    """One client core behind two NATs, one anchor, one network, one clock."""
+
+    def __init__(self, tmp_path: Path, *, users: UserStore | None = None, **config: Any) -> None:
+        self.tmp_path = tmp_path
+        self.clock = VirtualClock()
+        self.rng = random.Random(7)
+        self.network = FakeNetwork(self.clock)
+        self.nats = {name: NatBox(NAT_PUBLIC[name], self.rng, timeout=30.0) for name in ADDRESSES}
+        for name, nat in self.nats.items():
+            self.network.behind(ADDRESSES[name], nat)
+        self.anchor = InProcessAnchor(tmp_path / "anchor", self.network, users)
+        cfg = ClientConfig(
+            anchor=AN,
+            sip_port=5060,
+            tunnel_port=1800,
+            terminal_id=config.pop("terminal_id", "mh1"),
+            interfaces=("if0", "if1"),
+            control=tmp_path / "ctl",
+            run_dir=tmp_path,
+            encryption=False,
+            **config,
+        )
+        self.paft: Paft[str] = Paft(max_entries=1000)
+        self.host = MobileHost(
+            cfg,
+            ["if0", "if1"],
+            builtin_policy(["if0", "if1"]),
+            static=StaticKey.generate(),
+            anchor_key=self.anchor.registrar.static_key.public,
+            paft=self.paft,
+            lock=threading.Lock(),
+            wall=lambda: 1e6 + self.clock.now,
+            flow_clock=self.clock,
+        )
+        self.sockets: dict[tuple[SocketKind, str], Addr] = {}
+        self.failed: list[Failed] = []
+        self._next_port = 50000
+        for name, address in ADDRESSES.items():
+            self.host.link_changed(name, True, {address}, self.now)
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    # -- the driver's part --------------------------------------------------------
+    def pump(self) -> None:
+        for _round in range(1000):
+            busy = False
+            while (event := self.host.next_event()) is not None:
+                busy = True
+                if isinstance(event, OpenSocket):
+                    self._open(event.kind, event.interface)
+                elif isinstance(event, CloseSocket):
+                    local = self.sockets.pop((event.kind, event.interface), None)
+                    if local is not None:
+                        self.network.unbind(local)
+                elif isinstance(event, Failed):
+                    self.failed.append(event)
+            for out in self.host.datagrams_to_send():
+                busy = True
+                local = self.sockets[(out.kind, out.interface)]
+                self.network.send(local, out.addr, out.data)
+            busy = self.network.deliver() > 0 or busy
+            if not busy:
+                return
+        raise AssertionError("the core keeps talking: a loop?")
+
+    def _open(self, kind: SocketKind, name: str) -> None:
+        local = (ADDRESSES[name], self._next_port)
+        self._next_port += 1
+        self.sockets[(kind, name)] = local
+        if kind is SocketKind.REGISTER:
+            self.network.bind(local, lambda d, a: self.host.receive_register(name, d, a, self.now))
+        else:
+            self.network.bind(local, lambda d, _a: self.host.receive(name, d, self.now))
+        self.host.socket_opened(kind, name, local, self.now)
+
+    def run_until(self, t: float) -> None:
+        """Fire the core's timers up to virtual time `t`."""
+        while True:
+            self.pump()
+            due = self.host.get_timer()
+            if due is None or due > t:
+                self.clock.now = t
+                return
+            self.clock.now = max(self.now, due)
+            self.host.handle_timer(self.now)
+
+    def run_for(self, seconds: float) -> None:
+        self.run_until(self.now + seconds)
+
+    def start(self) -> None:
+        self.host.associate(self.now, initial=True)
+        self.pump()
+        assert self.host.registration.vipa is not None, self.failed
+        self.host.start_tunnels(self.now)
+        self.run_for(0.1)
+
+    def restart_anchor(self) -> None:
+        """A new anchor process with new state at the same address (the old one is gone)."""
+        self.anchor.stop()
+        self.anchor = InProcessAnchor(self.tmp_path / "anchor-2", self.network)
+        self.host.anchor_key = self.anchor.registrar.static_key.public
+
+    def learn(self, key: FiveTuple, interface: str, app: str | None = None) -> None:
+        with self.host.lock:
+            self.paft.learn(key, interface, self.now, app=app)
+
+
+def flow(dport: int) -> FiveTuple:
+    return FiveTuple(6, bytes([100, 64, 0, 2]), 40000 + dport, bytes([192, 0, 2, 1]), dport)

@@ -1,0 +1,192 @@
+"""The whole system in one process: a client core and the anchor over NATs, on virtual time.
+
+No root, no sockets (these pass inside `unshare -n`): `tests.unit.system_kit`
+runs a `MobileHost` and the anchor's real `Registrar` over the in-memory
+network of `upmt.fakes.network`, each access interface behind its own NAT.
+What is not here yet: DATA frames (the data paths take real fds).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anchor_node.users import UserStore
+from ground.errors import ConfigError
+from signalling.handshake import SessionKeys
+from tests.unit.system_kit import ADDRESSES, NAT_PUBLIC, SystemLab, flow
+from upmt_client.association import AnchorRefused
+from upmt_client.commands import handover, host_status
+from upmt_client.host_events import OpenSocket
+from upmt_client.tunnels import TunnelPhase
+
+
+def tunnel_ids(lab: SystemLab) -> dict[str, str | None]:
+    return {name: t.tunnel_id for name, t in lab.host.tunnels.items()}
+
+
+def test_association_then_a_tunnel_through_each_nat(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    status = host_status(lab.host, lab.now, lab.now)
+    assert status["vipa"].startswith("100.64.0.")
+    assert [t["state"] for t in status["tunnels"]] == ["up", "up"]
+    # The anchor names each tunnel by what it sees: the NAT's public address and port.
+    for name, tid in tunnel_ids(lab).items():
+        assert tid is not None and tid.startswith(NAT_PUBLIC[name] + ":"), tid
+    assert not any(kind.value == "register" for kind, _name in lab.sockets)  # closed again
+    lab.run_for(5)
+    assert all(t["acks_received"] >= 9 for t in host_status(lab.host, lab.now, lab.now)["tunnels"])
+
+
+def test_association_with_digest_authentication(tmp_path: Path) -> None:
+    users = UserStore.create(tmp_path / "users.json")
+    users.add("mh1", "secret-1")
+    lab = SystemLab(tmp_path, users=users, password="secret-1")
+    lab.start()
+    assert lab.host.tunnels["if0"].phase is TunnelPhase.UP
+
+
+def test_a_wrong_password_ends_the_start_with_a_refusal(tmp_path: Path) -> None:
+    users = UserStore.create(tmp_path / "users.json")
+    users.add("mh1", "secret-1")
+    lab = SystemLab(tmp_path, users=users, password="wrong")
+    lab.host.associate(lab.now, initial=True)
+    lab.run_for(10)
+    assert len(lab.failed) == 1 and isinstance(lab.failed[0].error, AnchorRefused)
+    assert lab.host.registration.vipa is None
+
+
+def test_an_unreachable_anchor_fails_the_start_with_one_error(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, register_timeout=2.0)
+    for nat in lab.nats.values():
+        nat.blackhole = True
+    lab.host.associate(lab.now, initial=True)
+    lab.run_for(10)
+    assert len(lab.failed) == 1
+    assert "cannot reach the anchor" in str(lab.failed[0].error)
+
+
+def test_association_survives_a_lossy_access_network(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.nats["if0"].loss = 0.3  # SIP retransmits (T1 = 0.5 s) carry it through
+    lab.host.associate(lab.now, initial=True)
+    lab.run_for(20)
+    assert lab.host.registration.vipa is not None, lab.failed
+    assert lab.nats["if0"].dropped > 0
+
+
+def test_cli_handover_is_make_before_break_and_the_anchor_confirms(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    key = flow(80)
+    lab.learn(key, "if0", app="curl")
+    answers: list[dict[str, object]] = []
+    handover(lab.host, {"app": "curl", "to": "if1"}, lab.now, answers.append)
+    assert lab.paft.entries[key].tunnel == "if1"  # the upstream switched at once
+    lab.pump()
+    assert answers and answers[0]["moved"] == 1, answers
+    assert str(answers[0]["anchor"]).startswith("200"), answers
+    assert answers[0]["anchor_moved"] == 0  # the anchor has no flow state: the kit has no DATA
+    assert lab.host.book.history[-1].reason == "user"
+    assert lab.host.tunnels["if0"].phase is TunnelPhase.UP  # the old tunnel stays
+
+
+def test_link_down_moves_flows_and_they_return_after_the_hold_down(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, hold_down=2.0)
+    lab.start()
+    key = flow(443)
+    lab.learn(key, "if0")
+    lab.host.link_changed("if0", False, {ADDRESSES["if0"]}, lab.now)
+    lab.pump()
+    assert not any(name == "if0" for _kind, name in lab.sockets)
+    assert lab.host.tunnels["if0"].down_reason == "link down"
+    assert lab.paft.entries[key].tunnel == "if1"
+    assert lab.host.book.history[-1].reason == "link down"
+    lab.host.link_changed("if0", True, {ADDRESSES["if0"]}, lab.now)
+    lab.run_for(1)
+    assert lab.host.tunnels["if0"].phase is TunnelPhase.UP
+    assert lab.paft.entries[key].tunnel == "if1"  # not yet: the hold-down
+    lab.run_for(2)
+    assert lab.paft.entries[key].tunnel == "if0"
+    assert lab.host.book.history[-1].reason == "return"
+
+
+def test_a_blackhole_is_declared_after_dead_after_probes(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, probe_interval=0.5, dead_after=4)
+    lab.start()
+    key = flow(5000)
+    lab.learn(key, "if0")
+    lab.nats["if0"].blackhole = True
+    started = lab.now
+    while lab.host.tunnels["if0"].phase is TunnelPhase.UP and lab.now < started + 10:
+        lab.run_for(0.05)
+    assert lab.host.tunnels["if0"].down_reason == "probe loss"
+    assert 1.5 <= lab.now - started <= 2.6
+    assert lab.paft.entries[key].tunnel == "if1"
+    lab.nats["if0"].blackhole = False  # the path comes back: the next set-up succeeds
+    lab.run_for(3)
+    assert lab.host.tunnels["if0"].phase is TunnelPhase.UP
+
+
+def test_an_anchor_restart_leads_to_a_new_association(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    before = lab.host.association.associations
+    lab.restart_anchor()  # it knows neither the terminal nor its tunnels
+    lab.run_for(40)
+    assert lab.host.association.associations > before
+    assert all(t.phase is TunnelPhase.UP for t in lab.host.tunnels.values())
+    assert lab.anchor.registrar.terminals, "the new anchor knows the terminal"
+
+
+def test_a_nat_rebinding_brings_the_tunnel_back_under_its_new_address(tmp_path: Path) -> None:
+    """The anchor answers probes of known tunnels only: the new port dies, and is set up anew."""
+    lab = SystemLab(tmp_path)
+    lab.start()
+    tunnel = lab.host.tunnels["if0"]
+    old = tunnel.tunnel_id
+    lab.nats["if0"].rebind()  # the next datagram leaves from another public port
+    started = lab.now
+    while tunnel.phase is TunnelPhase.UP and lab.now < started + 10:
+        lab.run_for(0.05)
+    assert tunnel.down_reason == "probe loss" and lab.now - started <= 2.6
+    assert lab.anchor.probes_unanswered > 0
+    lab.run_for(5)
+    assert tunnel.phase is TunnelPhase.UP and tunnel.setups == 2
+    assert tunnel.tunnel_id is not None and tunnel.tunnel_id != old
+    assert tunnel.tunnel_id.startswith(NAT_PUBLIC["if0"] + ":")
+
+
+def test_probes_keep_the_nat_mappings_alive(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, probe_interval=0.5)
+    lab.start()
+    before = tunnel_ids(lab)
+    lab.run_for(120)  # four times the NATs' 30 s timeout
+    assert tunnel_ids(lab) == before
+    assert all(t.phase is TunnelPhase.UP for t in lab.host.tunnels.values())
+
+
+def test_encryption_seals_every_tunnel_frame(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    keys = SessionKeys(bytes(32), bytes([1]) * 32, bytes([2]) * 32, 64, 128)
+    lab.host.tunnels["if0"].install_keys(keys, lab.now)
+    lab.host.association.registration.keys = keys
+    lab.host.association.registration.vipa = "100.64.0.9"
+    lab.host.start_tunnels(lab.now)
+    while (event := lab.host.next_event()) is not None:
+        if isinstance(event, OpenSocket) and event.interface == "if0":
+            lab.host.socket_opened(event.kind, "if0", (ADDRESSES["if0"], 6000), lab.now)
+    sent = [o.data for o in lab.host.datagrams_to_send() if o.interface == "if0"]
+    assert sent and all(d[0] == 0x05 for d in sent)
+
+
+@pytest.mark.parametrize("missing", ["to", "app"])
+def test_a_bad_handover_command_is_a_config_error(tmp_path: Path, missing: str) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    request = {"app": "curl", "to": "if1"}
+    del request[missing]
+    with pytest.raises(ConfigError):
+        handover(lab.host, request, lab.now, lambda _answer: None)

@@ -1,0 +1,8 @@
+"""In-memory stand-ins for what the daemons get from the kernel, for tests without root.
+
+`network`: a UDP network of addresses with NAT boxes in front of some of
+them (address and port mapping, mapping timeouts, loss, blackholes,
+rebinding), on a virtual clock, with an injectable random source. Like
+wireguard-go's `conn/bindtest`, they live beside the code they stand in
+for, and the project's system tests drive the protocol cores over them.
+"""
