@@ -97,7 +97,8 @@ def cli() -> None:
     type=click.IntRange(30, 86400),
     default=600,
     show_default=True,
-    help="Registration lifetime to ask for (s); refreshed at half of it.",
+    help="Registration lifetime to ask for (s); the client associates again at half of it "
+    "or every --rekey-interval, whichever is sooner.",
 )
 @click.option(
     "--register-timeout",
