@@ -7,19 +7,19 @@ import click
 
 from anchor_node.user_cli import user
 from upmt.cli import (
-    LOG_LEVELS,
+    add_status_command,
     control_option,
     datapath_line,
     encryption_option,
     flow_rows,
-    json_option,
+    log_level_option,
     offload_option,
-    print_json,
-    query,
     restart_and_wait,
     run_cli,
     setup_logging,
+    sip_port_option,
     table,
+    tunnel_port_option,
 )
 
 PROG = "anchor-node"
@@ -53,8 +53,8 @@ def cli() -> None:
 @click.option(
     "--listen", default="0.0.0.0", show_default=True, help="Address for the SIP and tunnel sockets."
 )
-@click.option("--sip-port", type=click.IntRange(1, 65535), default=5060, show_default=True)
-@click.option("--tunnel-port", type=click.IntRange(1, 65535), default=1800, show_default=True)
+@sip_port_option
+@tunnel_port_option
 @click.option(
     "--pool",
     default="100.64.0.0/10",
@@ -141,60 +141,13 @@ def cli() -> None:
     default=False,
     help="Let terminals reach each other's VIPAs (off by default).",
 )
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def run(
-    listen: str,
-    sip_port: int,
-    tunnel_port: int,
-    pool: str,
-    state: Path,
-    control: Path,
-    users: Path | None,
-    tun_name: str,
-    expires: int,
-    tcp_idle_timeout: float,
-    udp_idle_timeout: float,
-    tunnel_idle_timeout: float,
-    max_flows_per_terminal: int,
-    max_tunnels_per_terminal: int,
-    sip_rate: float,
-    sip_transactions_per_source: int,
-    offload: str,
-    encryption: str,
-    key_path: Path | None,
-    max_leases_per_prefix: int,
-    allow_prefixes: tuple[str, ...],
-    client_to_client: bool,
-    log_level: str,
-) -> None:
+@log_level_option
+def run(key_path: Path | None, log_level: str, **options: Any) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
     from anchor_node.config import AnchorConfig
     from anchor_node.daemon import run_anchor
 
-    config = AnchorConfig.build(
-        listen=listen,
-        sip_port=sip_port,
-        tunnel_port=tunnel_port,
-        pool=pool,
-        state=state,
-        control=control,
-        users=users,
-        tun_name=tun_name,
-        expires=expires,
-        tcp_idle_timeout=tcp_idle_timeout,
-        udp_idle_timeout=udp_idle_timeout,
-        tunnel_idle_timeout=tunnel_idle_timeout,
-        max_flows_per_terminal=max_flows_per_terminal,
-        max_tunnels_per_terminal=max_tunnels_per_terminal,
-        sip_rate=sip_rate,
-        sip_transactions_per_source=sip_transactions_per_source,
-        offload=offload,
-        encryption=encryption,
-        key=key_path,
-        max_leases_per_prefix=max_leases_per_prefix,
-        allow_prefixes=allow_prefixes,
-        client_to_client=client_to_client,
-    )
+    config = AnchorConfig.build(key=key_path, **options)
     setup_logging(log_level)
     run_anchor(config)
 
@@ -215,19 +168,6 @@ def key(state: Path, key_path: Path | None) -> None:
     if created:
         click.echo(f"created {path}", err=True)
     click.echo(encode_key(static.public))
-
-
-@cli.command()
-@json_option
-@control_option(DEFAULT_CONTROL)
-def status(as_json: bool, control: Path) -> None:
-    """Terminals, tunnels, flows and drop counters of a running anchor node."""
-    answer = query(control, {"cmd": "status"})
-    answer.pop("ok", None)
-    if as_json:
-        print_json(answer)
-        return
-    click.echo(format_status(answer))
 
 
 @cli.command()
@@ -263,6 +203,12 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+add_status_command(
+    cli,
+    DEFAULT_CONTROL,
+    format_status,
+    "Terminals, tunnels, flows and drop counters of a running anchor node.",
+)
 cli.add_command(user)
 
 

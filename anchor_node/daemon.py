@@ -113,10 +113,10 @@ class AnchorNode:
             offload=tun.vnet_hdr,
             mtu=tun.mtu,
             sessions=self.registrar.sessions if cfg.encryption else None,
+            # The data path reads the registrar's tables directly.
+            tunnel_vipa=self.registrar.tunnel_vipa,
+            default_tunnel=self.registrar.default_tunnel,
         )
-        # The data path reads the registrar's tables directly.
-        self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
-        self.datapath.default_tunnel = self.registrar.default_tunnel
         stack.callback(self.datapath.stop)
         self.datapath.start()
 

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from sipmessage import Request, Response
 
@@ -153,8 +153,46 @@ _ClientAction: TypeAlias = Callable[["ClientTransaction", Response | None, float
 _CLIENT_TIMER_PRIORITY: Final = (ClientInput.TIMER_F, ClientInput.TIMER_K, ClientInput.TIMER_E)
 
 
-class ClientTransaction:
+class _Outputs:
+    """What both kinds of transaction hand out: datagrams, the next timer, events."""
+
+    _PRIORITY: tuple[Any, ...]  # when two timers are due, the one that ends it goes first
+    _timers: dict[Any, float]
+    _datagrams: list[bytes]
+    _events: deque[Event]
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The absolute time of the next timer, None once terminated."""
+        return min(self._timers.values(), default=None)
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at `now`; calling early is harmless."""
+        while not self.terminated:
+            due = next((t for t in self._PRIORITY if self._timers.get(t, now + 1) <= now), None)
+            if due is None:
+                return
+            del self._timers[due]
+            self._fire(due, None, now)
+
+    @property
+    def terminated(self) -> bool:
+        raise NotImplementedError
+
+    def _fire(self, kind: Any, response: Response | None, now: float) -> None:
+        raise NotImplementedError
+
+
+class ClientTransaction(_Outputs):
     """One non-INVITE client transaction over UDP (RFC 3261 §17.1.2)."""
+
+    _PRIORITY = _CLIENT_TIMER_PRIORITY
 
     def __init__(
         self,
@@ -189,27 +227,9 @@ class ClientTransaction:
         kind = ClientInput.PROVISIONAL if response.code < 200 else ClientInput.FINAL
         self._fire(kind, response, now)
 
-    def handle_timer(self, now: float) -> None:
-        """Fire every timer due at `now`; calling early is harmless."""
-        while self.state is not ClientState.TERMINATED:
-            due = [t for t in _CLIENT_TIMER_PRIORITY if self._timers.get(t, now + 1) <= now]
-            if not due:
-                return
-            del self._timers[due[0]]
-            self._fire(due[0], None, now)
-
-    # Outputs.
-
-    def datagrams_to_send(self) -> list[bytes]:
-        out, self._datagrams = self._datagrams, []
-        return out
-
-    def get_timer(self) -> float | None:
-        """The absolute time of the next timer, None once terminated."""
-        return min(self._timers.values(), default=None)
-
-    def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+    @property
+    def terminated(self) -> bool:
+        return self.state is ClientState.TERMINATED
 
     # The machine.
 
@@ -301,8 +321,10 @@ class ServerInput(Enum):
 _SERVER_TIMER_PRIORITY: Final = (ServerInput.TIMER_J, ServerInput.TIMER_ABANDON)
 
 
-class ServerTransaction:
+class ServerTransaction(_Outputs):
     """One non-INVITE server transaction over UDP (RFC 3261 §17.2.2)."""
+
+    _PRIORITY = _SERVER_TIMER_PRIORITY
 
     def __init__(self, request: Request, now: float, t1: float = T1) -> None:
         if request.method in ("INVITE", "ACK"):
@@ -328,26 +350,9 @@ class ServerTransaction:
         kind = ServerInput.PROVISIONAL if response.code < 200 else ServerInput.FINAL
         self._fire(kind, response, now)
 
-    def handle_timer(self, now: float) -> None:
-        """Fire every timer due at `now`; calling early is harmless."""
-        while self.state is not ServerState.TERMINATED:
-            due = [t for t in _SERVER_TIMER_PRIORITY if self._timers.get(t, now + 1) <= now]
-            if not due:
-                return
-            del self._timers[due[0]]
-            self._fire(due[0], None, now)
-
-    # Outputs.
-
-    def datagrams_to_send(self) -> list[bytes]:
-        out, self._datagrams = self._datagrams, []
-        return out
-
-    def get_timer(self) -> float | None:
-        return min(self._timers.values(), default=None)
-
-    def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+    @property
+    def terminated(self) -> bool:
+        return self.state is ServerState.TERMINATED
 
     # The machine.
 

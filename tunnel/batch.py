@@ -4,21 +4,20 @@ One receive (a UDP GRO batch, or one datagram) yields inner packets, control
 frames and junk; `sort_batch` separates them, `tun_writes` turns the inner
 packets into what a virtio-net-header TUN takes (runs of one flow merged by
 `tunnel.offload.coalesce`), and `frame_segments` says how many inner packets
-and bytes one such write stands for. The kernel-facing receive loop is in
-`upmt.offload`.
+and bytes one such write stands for. The engine's receive loop
+(`upmt.engine.Engine.drain_channel`) uses them.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
-from ground.constants import Addr
 from tunnel.frames import FrameType
 from tunnel.offload import VNET_HDR_LEN, coalesce, lone_frame
 
-__all__ = ["Batch", "frame_segments", "sort_batch", "tun_writes"]
+__all__ = ["frame_segments", "sort_batch", "tun_writes"]
 
 _VNET_SIZES: Final = struct.Struct("<HH")  # hdr_len, gso_size at offset 2
 _IP_VERSIONS: Final = frozenset(range(0x40, 0x50)) | frozenset(range(0x60, 0x70))
@@ -55,16 +54,6 @@ def sort_batch(datagrams: Sequence[bytes]) -> tuple[list[bytes], list[bool], lis
         else:
             malformed += 1
     return packets, partial, other, malformed
-
-
-class Batch(NamedTuple):
-    """One receive, sorted (see `sort_batch`), with its sender."""
-
-    packets: list[bytes]
-    partial: list[bool]
-    other: list[bytes]
-    malformed: int
-    addr: Addr
 
 
 def tun_writes(packets: list[bytes], partial: list[bool]) -> list[tuple[bytes, bytes, int, int]]:

@@ -739,6 +739,19 @@ class _Run:
             self.fast = b""
             self.flags = 0
 
+    def extend(self, packet: bytes, payload: int, flags: int) -> bool:
+        """Append the next segment (`payload` bytes after the run's headers).
+
+        True when nothing may follow it: a short or pushed segment ends the run.
+        """
+        self.payloads.append(memoryview(packet)[self.headers :])
+        self.length += payload
+        self.next_seq = (self.next_seq + payload) & 0xFFFFFFFF
+        if flags & _PSH or payload < self.gso_size:
+            self.psh = bool(flags & _PSH)
+            return True
+        return False
+
     def frame(self) -> bytes:
         """virtio_net_hdr + the packet: a lone segment as it came, a GSO packet otherwise."""
         if len(self.payloads) == 1:
@@ -806,12 +819,7 @@ def coalesce(
         # Nothing to merge with (the common case without GRO): what the loop
         # below gives for a lone packet, without its bookkeeping.
         return [lone_frame(packets[0], bool(partial and partial[0]))]
-    if partial is None:
-        marks: Iterable[bool] = repeat(False)
-    elif len(partial) != len(packets):
-        raise ValueError(f"{len(partial)} partial marks for {len(packets)} packets")
-    else:
-        marks = partial
+    marks = _partial_marks(packets, partial)
     limit = min(max_size, _MAX_IP_LEN)
     out: list[bytes | _Run] = []
     runs: dict[bytes, _Run] = {}
@@ -820,13 +828,7 @@ def coalesce(
     last: _Run | None = None
     for packet, is_partial in zip(packets, marks, strict=False):  # marks may be endless
         if last is not None and is_partial and _follows(last, packet, limit):
-            payload = len(packet) - last.headers
-            last.payloads.append(memoryview(packet)[last.headers :])
-            last.length += payload
-            last.next_seq = (last.next_seq + payload) & 0xFFFFFFFF
-            flags = packet[33]
-            if flags & _PSH or payload < last.gso_size:
-                last.psh = bool(flags & _PSH)
+            if last.extend(packet, len(packet) - last.headers, packet[33]):
                 del runs[last.key]  # `_classify`'s key of an IPv4 flow
                 last = None
             continue
@@ -852,11 +854,7 @@ def coalesce(
             and run.length + payload <= limit
             and (not df_clear or ident == (run.ident + len(run.payloads)) & 0xFFFF)
         ):
-            run.payloads.append(memoryview(packet)[headers:])
-            run.length += payload
-            run.next_seq = (seq + payload) & 0xFFFFFFFF
-            if flags & _PSH or payload < run.gso_size:
-                run.psh = bool(flags & _PSH)
+            if run.extend(packet, payload, flags):
                 del runs[key]  # nothing may follow a short or pushed segment
             elif version == 4:
                 last = run
@@ -872,6 +870,14 @@ def coalesce(
         if version == 4:
             last = run
     return [item if isinstance(item, bytes) else item.frame() for item in out]
+
+
+def _partial_marks(packets: Sequence[bytes], partial: Sequence[bool] | None) -> Iterable[bool]:
+    if partial is None:
+        return repeat(False)
+    if len(partial) != len(packets):
+        raise ValueError(f"{len(partial)} partial marks for {len(packets)} packets")
+    return partial
 
 
 def _follows(run: _Run, packet: bytes, limit: int) -> bool:

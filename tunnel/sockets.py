@@ -119,6 +119,18 @@ def open_tunnel_socket(
     return sock
 
 
+# What a failed SO_BINDTODEVICE or bind means, by errno ({} is the interface or address).
+_DEVICE_ERRORS: Final = {
+    errno.ENODEV: "no such interface {}",
+    errno.EPERM: "binding to interface {} needs CAP_NET_RAW",
+}
+_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: "{} is already in use",
+    errno.EADDRNOTAVAIL: "{} is not a local address",
+    errno.EACCES: "binding {} needs privileges",
+}
+
+
 def _bind_to_device(sock: socket.socket, interface: str) -> None:
     if not _valid_ifname(interface):
         sock.close()
@@ -126,13 +138,8 @@ def _bind_to_device(sock: socket.socket, interface: str) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
     except OSError as exc:
-        if exc.errno == errno.ENODEV:
-            msg = f"tunnel socket: no such interface {interface!r}"
-        elif exc.errno == errno.EPERM:
-            msg = f"tunnel socket: binding to interface {interface!r} needs CAP_NET_RAW"
-        else:
-            msg = f"tunnel socket: cannot bind to interface {interface!r}"
-        raise _fail(sock, msg, exc) from exc
+        why = _DEVICE_ERRORS.get(exc.errno or 0, "cannot bind to interface {}")
+        raise _fail(sock, "tunnel socket: " + why.format(repr(interface)), exc) from exc
 
 
 def _set_mark(sock: socket.socket, mark: int, where: str) -> None:
@@ -167,12 +174,5 @@ def _bind(sock: socket.socket, bind: tuple[str, int], where: str) -> None:
     try:
         sock.bind(bind)
     except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            msg = f"tunnel socket: {where} is already in use"
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            msg = f"tunnel socket: {where} is not a local address"
-        elif exc.errno == errno.EACCES:
-            msg = f"tunnel socket: binding {where} needs privileges"
-        else:
-            msg = f"tunnel socket: cannot bind {where}"
-        raise _fail(sock, msg, exc) from exc
+        why = _BIND_ERRORS.get(exc.errno or 0, "cannot bind {}")
+        raise _fail(sock, "tunnel socket: " + why.format(where), exc) from exc

@@ -62,6 +62,14 @@ offload_option = click.option(
     "the kernel offers, on refuses to start without all of it, off is the plain path.",
 )
 
+sip_port_option = click.option(
+    "--sip-port", type=click.IntRange(1, 65535), default=5060, show_default=True
+)
+tunnel_port_option = click.option(
+    "--tunnel-port", type=click.IntRange(1, 65535), default=1800, show_default=True
+)
+log_level_option = click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+
 encryption_option = click.option(
     "--encryption",
     type=click.Choice(["on", "off"]),
@@ -148,3 +156,20 @@ def datapath_line(dp: dict[str, Any]) -> str:
     if dp.get("tun_refused"):
         parts.append(f"refused: {dp['tun_refused']}")
     return "; ".join(parts)
+
+
+def add_status_command(
+    group: click.Group, default: Path, describe: Callable[[dict[str, Any]], str], doc: str
+) -> None:
+    """`status [--json]`: the daemon's status as text (`describe`) or JSON."""
+
+    @group.command(help=doc)
+    @json_option
+    @control_option(default)
+    def status(as_json: bool, control: Path) -> None:
+        answer = query(control, {"cmd": "status"})
+        answer.pop("ok", None)
+        if as_json:
+            print_json(answer)
+            return
+        click.echo(describe(answer))

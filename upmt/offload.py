@@ -12,7 +12,7 @@ The pure work (cutting super-packets, merging segments) is in
   older kernels on a device without checksum offload, an IPsec route) the
   sender sends datagram by datagram from then on and says why (status shows
   it).
-* `set_udp_gro` and `receive_batches`: with ``UDP_GRO`` one ``recvmsg``
+* `set_udp_gro`, `recv_batch` and `recv_views`: with ``UDP_GRO`` one ``recvmsg``
   returns many datagrams of one sender back to back, the datagram size in a
   control message.
 
@@ -26,11 +26,10 @@ import errno
 import fcntl
 import socket
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from ground.constants import Addr
-from tunnel.batch import Batch, sort_batch
 from tunnel.crypto import OVERHEAD, KeyExhausted, Sealer, seal_run
 from tunnel.offload import VNET_HDR_LEN, Segments
 
@@ -40,7 +39,6 @@ __all__ = [
     "GsoSender",
     "negotiate_tun_offload",
     "offload_names",
-    "receive_batches",
     "recv_batch",
     "set_udp_gro",
     "tun_has_vnet_hdr",
@@ -273,46 +271,6 @@ def recv_views(sock: socket.socket, buf: bytearray) -> tuple[list[memoryview], A
     if not segment:
         return [view[:size]], addr
     return [view[at : min(at + segment, size)] for at in range(0, size, segment)], addr
-
-
-def receive_batches(
-    sock: socket.socket,
-    buf: bytearray,
-    opener: Callable[[Sequence[bytes | memoryview], Addr], list[bytes]] | None = None,
-) -> Iterator[Batch | None]:
-    """Every receive queued on `sock`, sorted; None for a socket error or a truncated batch.
-
-    With `opener` (decryption: the inner frames of a batch's datagrams, those
-    that did not open dropped and counted by it) each datagram of a GRO batch
-    is opened on its own before the batch is sorted and merged.
-    """
-    while True:
-        truncated = False
-        try:
-            if opener is None:
-                datagrams, addr = recv_batch(sock, buf)
-                truncated = not datagrams
-            else:
-                views, addr = recv_views(sock, buf)
-                truncated = not views
-                datagrams = opener(views, addr) if views else []
-                del views[:]  # no view may outlive the buffer's next receive
-        except BlockingIOError:
-            return
-        except OSError:
-            # On a connected socket ICMP errors surface as ECONNREFUSED and the like;
-            # a socket closed under the loop (a tunnel going away) gives EBADF for
-            # ever. Either way stop here: epoll is level-triggered and wakes the
-            # loop again while datagrams are queued.
-            yield None
-            return
-        if truncated:
-            yield None  # longer than any GRO batch
-            continue
-        if not datagrams:
-            continue  # nothing opened: the opener counted why
-        packets, partial, other, malformed = sort_batch(datagrams)
-        yield Batch(packets, partial, other, malformed, addr)
 
 
 def probe_udp_offload() -> list[str]:

@@ -6,18 +6,21 @@ from typing import Any
 import click
 
 from upmt.cli import (
-    LOG_LEVELS,
+    add_status_command,
     datapath_line,
     encryption_option,
     flow_rows,
     json_option,
+    log_level_option,
     offload_option,
     print_json,
     query,
     restart_and_wait,
     run_cli,
     setup_logging,
+    sip_port_option,
     table,
+    tunnel_port_option,
 )
 from upmt.cli import control_option as shared_control_option
 
@@ -36,8 +39,8 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--anchor", required=True, help="Anchor node address (IP or IP:SIP-port).")
-@click.option("--sip-port", type=click.IntRange(1, 65535), default=5060, show_default=True)
-@click.option("--tunnel-port", type=click.IntRange(1, 65535), default=1800, show_default=True)
+@sip_port_option
+@tunnel_port_option
 @click.option(
     "--terminal-id",
     default=None,
@@ -129,30 +132,8 @@ def cli() -> None:
     show_default=True,
     help="Seconds between key exchanges with the anchor (new tunnel keys each time).",
 )
-@click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
-def run(
-    anchor: str,
-    sip_port: int,
-    tunnel_port: int,
-    terminal_id: str | None,
-    interfaces: tuple[str, ...],
-    policy: Path | None,
-    password_file: Path | None,
-    control: Path,
-    run_dir: Path,
-    tun_name: str,
-    probe_interval: float,
-    dead_after: int,
-    hold_down: float,
-    expires: int,
-    register_timeout: float,
-    offload: str,
-    encryption: str,
-    anchor_key: str | None,
-    state_dir: Path,
-    rekey_interval: float,
-    log_level: str,
-) -> None:
+@log_level_option
+def run(terminal_id: str | None, log_level: str, **options: Any) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
     import socket
 
@@ -161,44 +142,12 @@ def run(
     from upmt_client.policy import load_policy
 
     config = ClientConfig.build(
-        anchor=anchor,
-        sip_port=sip_port,
-        tunnel_port=tunnel_port,
-        terminal_id=terminal_id or socket.gethostname().split(".")[0],
-        interfaces=interfaces,
-        control=control,
-        run_dir=run_dir,
-        tun_name=tun_name,
-        probe_interval=probe_interval,
-        dead_after=dead_after,
-        expires=expires,
-        register_timeout=register_timeout,
-        policy=policy,
-        hold_down=hold_down,
-        password_file=password_file,
-        offload=offload,
-        encryption=encryption,
-        state_dir=state_dir,
-        anchor_key=anchor_key,
-        rekey_interval=rekey_interval,
+        terminal_id=terminal_id or socket.gethostname().split(".")[0], **options
     )
-    if policy is not None:
-        load_policy(policy, fallback_interfaces=interfaces)  # a bad file stops us here
+    if config.policy is not None:  # a bad file stops us here
+        load_policy(config.policy, fallback_interfaces=config.interfaces)
     setup_logging(log_level)
     run_client(config)
-
-
-@cli.command()
-@json_option
-@control_option
-def status(as_json: bool, control: Path) -> None:
-    """VIPA, anchor, tunnels, flows and recent handovers of the running client."""
-    answer = query(control, {"cmd": "status"})
-    answer.pop("ok", None)
-    if as_json:
-        print_json(answer)
-        return
-    click.echo(format_status(answer))
 
 
 @cli.command()
@@ -355,6 +304,14 @@ def format_status(st: dict[str, Any]) -> str:
             table(rows, ["AT", "APP", "FLOWS", "FROM", "TO", "REASON", "ANCHOR"]),
         ]
     return "\n".join(out)
+
+
+add_status_command(
+    cli,
+    DEFAULT_CONTROL,
+    format_status,
+    "VIPA, anchor, tunnels, flows and recent handovers of the running client.",
+)
 
 
 def main() -> None:

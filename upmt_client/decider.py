@@ -18,8 +18,8 @@ from collections.abc import Callable
 from ground.errors import MalformedError
 from paft.flow import FiveTuple
 from upmt_client.classifier import Classifier
-from upmt_client.datapath import FlowChoice
 from upmt_client.flows import FlowBook
+from upmt_client.forwarder import FlowChoice
 from upmt_client.procscan import AppInfo
 from upmt_client.reevaluation import CLASSIFIABLE
 from upmt_client.sockdiag import SockDiag, SocketOwner

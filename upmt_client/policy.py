@@ -68,6 +68,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Final
 
 from ground.errors import ConfigError
 from ground.names import is_ifname
@@ -340,20 +341,18 @@ def _toml_key(key: str) -> str:
     return key if _BARE_KEY.fullmatch(key) else _quote(key)
 
 
+_TOML_TYPES: Final = (
+    (bool, "a boolean"),  # before int: a bool is an int
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
 def _toml_type(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date or time"
+    return next((name for kind, name in _TOML_TYPES if isinstance(value, kind)), "a date or time")
 
 
 def _one_line(message: str) -> str:

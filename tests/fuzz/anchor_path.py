@@ -24,7 +24,8 @@ from pathlib import Path
 
 from sipmessage import Request, Response
 
-from anchor_node.datapath import AnchorDataPath, Origin
+from anchor_node.datapath import AnchorDataPath
+from anchor_node.forwarder import CHANNEL, Origin
 from anchor_node.leases import LeaseStore, parse_pool
 from anchor_node.registrar import Registrar
 from ground.constants import Addr
@@ -75,9 +76,9 @@ class AnchorUnderFuzz:
             threading.Lock(),
             self._control,
             sessions=self.registrar.sessions,
+            tunnel_vipa=self.registrar.tunnel_vipa,
+            default_tunnel=self.registrar.default_tunnel,
         )
-        self.datapath.tunnel_vipa = self.registrar.tunnel_vipa
-        self.datapath.default_tunnel = self.registrar.default_tunnel
         self._associate()
 
     # -- wiring, as the daemon does it -------------------------------------------------
@@ -179,7 +180,7 @@ class AnchorUnderFuzz:
         if kind == "sealed":
             data = self.sealer.seal(data) if data else data
         (self.stranger if kind == "stranger" else self.peer).send(data)
-        self.datapath._drain_socket()
+        self.datapath.engine.drain_channel(CHANNEL)
         # Tunnel-port answers leave as sealed SIGNAL frames (the daemon's `_send_tunnel_sip`).
         out = []
         for answer, addr in self.tunnel_sip.datagrams_to_send():

@@ -1,12 +1,15 @@
-"""A client core and an anchor in one process, over the in-memory network, on a virtual clock.
+"""A client and an anchor in one process, over the in-memory network, on a virtual clock.
 
 The anchor is its real `Registrar` with the SIP port's and the tunnels'
-`TransactionLayer`s, wired as `anchor_node.daemon` wires them; PROBEs from
-a known tunnel are answered as the anchor's data path answers them (that
-rule stands in for the data path, which is not in this kit). The client is
-a `MobileHost`, driven as `upmt_client.daemon` drives it: sockets opened
-and closed on its events (a fresh port each time), datagrams sent, timers
-fired. Each access interface sits behind its own `NatBox`.
+`TransactionLayer`s and its real data path (`AnchorForwarder` on the
+`Engine`, over a fake TUN and a socket of the fake network), wired as
+`anchor_node.daemon` wires them. The client is a `MobileHost`, driven as
+`upmt_client.daemon` drives it: sockets opened and closed on its events (a
+fresh port each time), datagrams sent, timers fired; its tunnel sockets are
+channels of its own data path (`ClientForwarder` on an `Engine`), whose
+control frames come back to the core. Each access interface sits behind its
+own `NatBox`. The engines are driven by arrivals (as epoll would wake them)
+and by `inject` on their TUNs.
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ from typing import Any
 
 from sipmessage import Response
 
+from anchor_node.forwarder import CHANNEL, AnchorForwarder, Origin
 from anchor_node.leases import LeaseStore, parse_pool
 from anchor_node.registrar import Registrar
 from anchor_node.users import UserStore
 from ground.constants import Addr
-from paft.flow import FiveTuple
+from paft.flow import PROTO_UDP, FiveTuple
+from paft.packets import build_ipv4, build_udp
 from paft.table import Paft
 from signalling.events import RequestReceived
 from signalling.handshake import StaticKey
 from signalling.transaction import TransactionLayer
-from tunnel.frames import FrameType, Probe, ProbeAck, Signal, decode_frame_untrusted, encode_frame
-from upmt.fakes.network import FakeNetwork, NatBox, VirtualClock
+from tunnel.frames import FrameType, Signal, encode_frame
+from upmt.engine import Engine
+from upmt.fakes.network import FakeDatagramIO, FakeNetwork, NatBox, VirtualClock
+from upmt.fakes.tun import FakeTunIO
 from upmt_client.config import ClientConfig
+from upmt_client.forwarder import ClientForwarder, FlowChoice
 from upmt_client.host import MobileHost
 from upmt_client.host_events import CloseSocket, Failed, OpenSocket, SocketKind
 from upmt_client.policy import builtin_policy
@@ -55,9 +63,15 @@ class InProcessAnchor:
         )
         self.sip = TransactionLayer(screen=self.registrar.screen)
         self.tunnel_sip = TransactionLayer(screen=self.registrar.screen_tunnel)
-        self.probes_unanswered = 0
         network.bind(SIP, self._sip)
-        network.bind(TUNNEL, self._tunnel)
+        self.forwarder = AnchorForwarder(self.registrar.paft, threading.Lock(), self._control)
+        self.forwarder.tunnel_vipa = self.registrar.tunnel_vipa
+        self.forwarder.default_tunnel = self.registrar.default_tunnel
+        self.tun = FakeTunIO()
+        self.engine = Engine("anchor-data", self.tun, self.forwarder, clock=self.clock)
+        self.socket = FakeDatagramIO(network, TUNNEL)
+        self.socket.on_readable = lambda: self.engine.drain_channel(CHANNEL)
+        self.engine.add_channel(CHANNEL, self.socket)
 
     def _sip(self, data: bytes, source: Addr) -> None:
         now = self.clock.now
@@ -66,20 +80,15 @@ class InProcessAnchor:
         for datagram, addr in self.sip.datagrams_to_send():
             self.network.send(SIP, addr, datagram)
 
-    def _tunnel(self, frame: bytes, source: Addr) -> None:
+    def _control(self, origin: Origin, frame: bytes) -> None:
+        """A control frame from the data path: SIP inside a tunnel (the daemon's rule)."""
+        if frame[0] != FrameType.SIGNAL:
+            return
         now = self.clock.now
-        if frame[0] == FrameType.SIGNAL:
-            self.tunnel_sip.receive_datagram(frame[1:], source, now)
-            self._serve(self.tunnel_sip, lambda r, a: self.registrar.on_tunnel_message(r, a, now))
-            for datagram, addr in self.tunnel_sip.datagrams_to_send():
-                self.network.send(TUNNEL, addr, encode_frame(Signal(datagram)))
-            return
-        probe = decode_frame_untrusted(frame)
-        if not isinstance(probe, Probe) or source not in self.registrar.tunnel_vipa:
-            self.probes_unanswered += 1  # the data path answers known tunnels only
-            return
-        ack = ProbeAck(probe.tunnel_id, probe.seq, probe.timestamp_ns, probe.flags, source)
-        self.network.send(TUNNEL, source, encode_frame(ack))
+        self.tunnel_sip.receive_datagram(frame[1:], origin[0], now)
+        self._serve(self.tunnel_sip, lambda r, a: self.registrar.on_tunnel_message(r, a, now))
+        for datagram, addr in self.tunnel_sip.datagrams_to_send():
+            self.network.send(TUNNEL, addr, encode_frame(Signal(datagram)))
 
     def _serve(self, layer: TransactionLayer, answer: Any) -> None:
         while (event := layer.next_event()) is not None:
@@ -90,7 +99,7 @@ class InProcessAnchor:
 
     def stop(self) -> None:
         self.network.unbind(SIP)
-        self.network.unbind(TUNNEL)
+        self.socket.close()
 
 
 class SystemLab:
@@ -128,6 +137,14 @@ class SystemLab:
             wall=lambda: 1e6 + self.clock.now,
             flow_clock=self.clock,
         )
+        # The classifier's part: the application that owns a flow (absent: unknown).
+        self.owners: dict[FiveTuple, str] = {}
+        self.forwarder = ClientForwarder(
+            self.paft, self.host.lock, self._decide, self._decide, self._control
+        )
+        self.tun = FakeTunIO()
+        self.engine = Engine("client-data", self.tun, self.forwarder, clock=self.clock)
+        self.channels: dict[str, FakeDatagramIO] = {}
         self.sockets: dict[tuple[SocketKind, str], Addr] = {}
         self.failed: list[Failed] = []
         self._next_port = 50000
@@ -147,9 +164,7 @@ class SystemLab:
                 if isinstance(event, OpenSocket):
                     self._open(event.kind, event.interface)
                 elif isinstance(event, CloseSocket):
-                    local = self.sockets.pop((event.kind, event.interface), None)
-                    if local is not None:
-                        self.network.unbind(local)
+                    self._close(event.kind, event.interface)
                 elif isinstance(event, Failed):
                     self.failed.append(event)
             for out in self.host.datagrams_to_send():
@@ -168,8 +183,31 @@ class SystemLab:
         if kind is SocketKind.REGISTER:
             self.network.bind(local, lambda d, a: self.host.receive_register(name, d, a, self.now))
         else:
-            self.network.bind(local, lambda d, _a: self.host.receive(name, d, self.now))
+            # A connected tunnel socket read by the data path, as `HostSockets` opens it.
+            channel = FakeDatagramIO(self.network, local, peer=TUNNEL)
+            channel.on_readable = lambda: self.engine.drain_channel(name)
+            self.channels[name] = channel
+            self.forwarder.attach(name, self.host.tunnels[name].keys)
+            self.engine.add_channel(name, channel)
         self.host.socket_opened(kind, name, local, self.now)
+
+    def _close(self, kind: SocketKind, name: str) -> None:
+        local = self.sockets.pop((kind, name), None)
+        if kind is SocketKind.TUNNEL and (channel := self.channels.pop(name, None)):
+            self.forwarder.detach(name)
+            self.engine.remove_channel(name)
+            channel.close()
+        elif local is not None:
+            self.network.unbind(local)
+
+    def _control(self, name: str, frame: bytes) -> None:
+        self.host.receive(name, frame, self.now)
+
+    def _decide(self, key: FiveTuple) -> FlowChoice:
+        """Where a new flow goes, as the classifier thread answers with its owner known."""
+        app = self.owners.get(key)
+        decision = self.host.steering.view.decide(app, app)
+        return FlowChoice(decision.tunnel, app, decision.movable)
 
     def run_until(self, t: float) -> None:
         """Fire the core's timers up to virtual time `t`."""
@@ -198,9 +236,25 @@ class SystemLab:
         self.anchor = InProcessAnchor(self.tmp_path / "anchor-2", self.network)
         self.host.anchor_key = self.anchor.registrar.static_key.public
 
+    def send_up(self, packet: bytes) -> None:
+        """An application's packet into the client's TUN, forwarded, and what follows."""
+        self.tun.inject(packet)
+        self.engine.drain_tun()
+        self.pump()
+
+    def send_down(self, packet: bytes) -> None:
+        """A packet from the Internet into the anchor's TUN, forwarded, and what follows."""
+        self.anchor.tun.inject(packet)
+        self.anchor.engine.drain_tun()
+        self.pump()
+
     def learn(self, key: FiveTuple, interface: str, app: str | None = None) -> None:
         with self.host.lock:
             self.paft.learn(key, interface, self.now, app=app)
+
+
+def udp(src: str, dst: str, sport: int, dport: int, payload: bytes = b"x") -> bytes:
+    return build_ipv4(src, dst, PROTO_UDP, build_udp(sport, dport, payload, src, dst))
 
 
 def flow(dport: int) -> FiveTuple:

@@ -4,7 +4,7 @@ The TUN is a SOCK_SEQPACKET socket pair: message boundaries hold, so one
 `os.read` is one TUN frame, as on the device. Upstream batches are sent with
 `GsoSender` from a second UDP socket: on loopback one UDP_SEGMENT send reaches
 a UDP_GRO socket as one receive, so each test knows exactly which datagrams
-`_drain_socket_offload` sees together.
+`Engine.drain_channel` sees together.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Protocol
 
 import pytest
 
-from anchor_node.datapath import AnchorCounters, AnchorDataPath
+from anchor_node.datapath import AnchorDataPath
+from anchor_node.forwarder import CHANNEL, AnchorCounters
 from ground.constants import Addr
 from paft.flow import PROTO_TCP, PROTO_UDP, FiveTuple
 from paft.packets import build_ipv4, build_udp, pack_address
@@ -203,7 +204,7 @@ def test_gro_batch_merges_the_legit_flow_and_drops_spoofed_segments(anchor: Anch
     assert {len(d) for d in batch[:-1]} == {1041} and len(batch[-1]) == 1040
     gso_send(anchor.tx, batch, anchor.addr)
 
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     frames = read_tun(anchor.tun)
     assert len(frames) == 1
@@ -226,14 +227,14 @@ def test_gro_batch_merges_the_legit_flow_and_drops_spoofed_segments(anchor: Anch
     assert anchor.dp.counters.snapshot() == counters(
         tunnel_packets=5, tunnel_bytes=5 * 1040, spoofed_source=3, gro_batches=1
     )
-    assert list(anchor.dp.paft.entries) == [key_up()]
-    entry = anchor.dp.paft.entries[key_up()]
+    assert list(anchor.dp.forwarder.paft.entries) == [key_up()]
+    entry = anchor.dp.forwarder.paft.entries[key_up()]
     assert entry.tunnel == anchor.tx_addr
     assert (entry.packets_up, entry.bytes_up) == (5, sum(map(len, legit)))
     assert (entry.packets_down, entry.bytes_down) == (0, 0)
-    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 1
-    assert anchor.dp.default_tunnel == {pack_address(VIPA): anchor.tx_addr}
-    assert set(anchor.dp.last_heard) == {anchor.tx_addr}
+    assert anchor.dp.forwarder.paft.count_of(pack_address(VIPA)) == 1
+    assert anchor.dp.forwarder.default_tunnel == {pack_address(VIPA): anchor.tx_addr}
+    assert set(anchor.dp.forwarder.last_heard) == {anchor.tx_addr}
 
 
 @needs_udp_offload
@@ -251,14 +252,14 @@ def test_unknown_tunnel_counts_every_inner_packet_and_learns_nothing(
     probe = encode_frame(Probe(tunnel_id=9, seq=1, timestamp_ns=123))
     gso_send(stranger, [*batch, probe], anchor.addr)
 
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     assert read_tun(anchor.tun) == []
     assert receive(stranger) == ([], 0)  # the probe is not answered either
     assert anchor.dp.counters.snapshot() == counters(unknown_tunnel=5)
-    assert len(anchor.dp.paft) == 0
-    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 0
-    assert anchor.dp.last_heard == {}
+    assert len(anchor.dp.forwarder.paft) == 0
+    assert anchor.dp.forwarder.paft.count_of(pack_address(VIPA)) == 0
+    assert anchor.dp.forwarder.last_heard == {}
     assert anchor.control == []
 
 
@@ -279,7 +280,7 @@ def test_probe_in_a_data_batch_is_answered_and_the_data_delivered(anchor: Anchor
     probe = Probe(tunnel_id=0xDEADBEEF, seq=42, timestamp_ns=1_234_567_890, flags=3)
     gso_send(anchor.tx, [*map(partial_frame, packets[:3]), encode_frame(probe)], anchor.addr)
 
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     acks, _calls = receive(anchor.tx)
     assert [decode_frame_untrusted(a) for a in acks] == [
@@ -296,7 +297,7 @@ def test_probe_in_a_data_batch_is_answered_and_the_data_delivered(anchor: Anchor
     # A SIGNAL closing the next batch goes to the control plane, the data to the TUN.
     signal = b"\x01REGISTER sip:anchor SIP/2.0\r\n\r\n"
     gso_send(anchor.tx, [*map(partial_frame, packets[3:]), signal], anchor.addr)
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     assert anchor.control == [(anchor.tx_addr, signal)]
     (frame,) = read_tun(anchor.tun)
@@ -308,7 +309,7 @@ def test_probe_in_a_data_batch_is_answered_and_the_data_delivered(anchor: Anchor
         control_frames=1,
         gro_batches=2,
     )
-    assert anchor.dp.paft.entries[key_up()].packets_up == 5
+    assert anchor.dp.forwarder.paft.entries[key_up()].packets_up == 5
 
 
 @needs_udp_offload
@@ -325,7 +326,7 @@ def test_flow_limit_applies_to_every_segment_of_a_batch(make_anchor: MakeAnchor)
     batch = [partial_frame(p) for pair in zip(a, b, strict=True) for p in pair]
     gso_send(anchor.tx, batch, anchor.addr)
 
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     (frame,) = read_tun(anchor.tun)
     assert frame[VNET_HDR_LEN + 20 : VNET_HDR_LEN + 22] == struct.pack("!H", 40000)
@@ -333,17 +334,17 @@ def test_flow_limit_applies_to_every_segment_of_a_batch(make_anchor: MakeAnchor)
     assert anchor.dp.counters.snapshot() == counters(
         tunnel_packets=3, tunnel_bytes=3 * 1040, flow_limit=3, gro_batches=1
     )
-    assert list(anchor.dp.paft.entries) == [key_up(sport=40000)]
-    assert anchor.dp.paft.count_of(pack_address(VIPA)) == 1
+    assert list(anchor.dp.forwarder.paft.entries) == [key_up(sport=40000)]
+    assert anchor.dp.forwarder.paft.count_of(pack_address(VIPA)) == 1
 
     # The learnt flow still passes; the other one is still refused, segment by segment.
     more_a = tcp_packet(VIPA, SERVER, sport=40000, seq=3 * PAYLOAD, payload=data(PAYLOAD, 3))
     more_b = tcp_packet(VIPA, SERVER, sport=40001, seq=3 * PAYLOAD, payload=data(PAYLOAD, 13))
     gso_send(anchor.tx, [partial_frame(more_b), partial_frame(more_a)], anchor.addr)
-    anchor.dp._drain_socket_offload()
+    anchor.dp.engine.drain_channel(CHANNEL)
     assert len(read_tun(anchor.tun)) == 1
     assert anchor.dp.counters.flow_limit == 4
-    assert anchor.dp.paft.entries[key_up(sport=40000)].packets_up == 4
+    assert anchor.dp.forwarder.paft.entries[key_up(sport=40000)].packets_up == 4
 
 
 # --- downstream, offload mode ---------------------------------------------------------
@@ -357,13 +358,13 @@ def test_tun_super_packet_goes_out_as_one_gso_send_of_partial_frames(
     sockets.append(client)
     client_addr: Addr = client.getsockname()
     key = key_up()
-    anchor.dp.paft.learn(key, client_addr, time.monotonic())
+    anchor.dp.forwarder.paft.learn(key, client_addr, time.monotonic())
     frame = super_frame(
         SERVER, VIPA, sport=80, dport=40000, seq=77, payload=data(20000, 5), mss=1400
     )
     anchor.tun.send(frame)
 
-    anchor.dp._drain_tun_offload()
+    anchor.dp.engine.drain_tun()
 
     got, calls = receive(client)
     expected = split_untrusted(frame, MTU)
@@ -378,7 +379,7 @@ def test_tun_super_packet_goes_out_as_one_gso_send_of_partial_frames(
 
     inner = sum(map(len, expected))
     assert anchor.dp.counters.snapshot() == counters(tun_packets=15, tun_bytes=inner, gso_reads=1)
-    entry = anchor.dp.paft.entries[key]
+    entry = anchor.dp.forwarder.paft.entries[key]
     assert (entry.packets_down, entry.bytes_down) == (15, inner)
     assert (entry.packets_up, entry.bytes_up) == (0, 0)
 
@@ -387,7 +388,7 @@ def test_tun_super_packet_goes_out_as_one_gso_send_of_partial_frames(
 def test_tun_super_packet_of_an_unknown_flow_is_counted_no_route(anchor: Anchor) -> None:
     frame = super_frame(SERVER, VIPA, sport=80, dport=40000, seq=0, payload=data(3000, 6), mss=1400)
     anchor.tun.send(frame)
-    anchor.dp._drain_tun_offload()
+    anchor.dp.engine.drain_tun()
     assert anchor.dp.counters.snapshot() == counters(
         tun_packets=3, tun_bytes=3000 + 3 * 40, gso_reads=1, no_route=3
     )
@@ -412,7 +413,7 @@ def test_plain_anchor_completes_partial_checksums(make_anchor: MakeAnchor) -> No
     for packet in [*partial, udp_partial]:
         anchor.tx.sendto(partial_frame(packet), anchor.addr)
 
-    anchor.dp._drain_socket()
+    anchor.dp.engine.drain_channel(CHANNEL)
 
     written = read_tun(anchor.tun)
     assert written == [*full, udp]  # no virtio_net_hdr, checksums completed
@@ -420,7 +421,7 @@ def test_plain_anchor_completes_partial_checksums(make_anchor: MakeAnchor) -> No
     assert anchor.dp.counters.snapshot() == counters(
         tunnel_packets=4, tunnel_bytes=sum(map(len, written))
     )
-    entry = anchor.dp.paft.entries[key_up()]
+    entry = anchor.dp.forwarder.paft.entries[key_up()]
     assert (entry.packets_up, entry.bytes_up) == (3, sum(map(len, full)))
 
 
@@ -429,11 +430,10 @@ def test_drain_of_a_socket_closed_under_it_returns(make_anchor: MakeAnchor, offl
     """A socket closed while its drain runs gives EBADF for ever: the drain must end."""
     anchor = make_anchor(offload=offload)
     anchor.sock.close()
-    drain = anchor.dp._drain_socket_offload if offload else anchor.dp._drain_socket
     done = threading.Event()
 
     def run() -> None:
-        drain()
+        anchor.dp.engine.drain_channel(CHANNEL)
         done.set()
 
     worker = threading.Thread(target=run, daemon=True)

@@ -48,7 +48,7 @@ def test_a_forged_frame_under_unconfirmed_new_keys_switches_nothing(tmp_path: Pa
     sealer = anchor.registrar.sessions.senders[addr]
     fresh = anchor.associate_again()  # the terminal never learns these
     forged = bytes([ENCRYPTED]) + fresh.anchor_index.to_bytes(4, "big") + bytes(38)
-    assert anchor.datapath._open_batch([forged], addr) == []
-    assert anchor.datapath._open(forged, addr) is None
+    assert anchor.datapath.forwarder._open_batch([forged], addr) == []
+    assert anchor.datapath.forwarder._open(forged, addr) is None
     assert anchor.registrar.sessions.senders[addr] is sealer
     assert anchor.datapath.counters.auth_failed == 2

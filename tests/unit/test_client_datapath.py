@@ -47,7 +47,8 @@ from tunnel.offload import (
     tunnel_segments_untrusted,
 )
 from upmt.offload import set_udp_gro
-from upmt_client.datapath import ClientCounters, ClientDataPath, FlowChoice
+from upmt_client.datapath import ClientDataPath
+from upmt_client.forwarder import ClientCounters, FlowChoice
 
 MSS = 1400
 PAYLOAD = 1000  # TCP payload per downstream segment: 1040-byte inner packets
@@ -208,7 +209,7 @@ def test_super_packet_is_decided_once_and_sent_as_partial_frames(client: Client)
     assert len(packets) == 15
     client.tun.send(frame)
 
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
 
     assert client.decide.calls == [key_up()]
     got, calls = receive(client.anchor)
@@ -218,17 +219,17 @@ def test_super_packet_is_decided_once_and_sent_as_partial_frames(client: Client)
     assert [checksum_partial_fill(d[1:]) for d in got] == packets
     inner = sum(map(len, packets))
     assert client.dp.counters.snapshot() == counters(tun_packets=15, tun_bytes=inner, gso_reads=1)
-    entry = client.dp.paft.entries[key_up()]
+    entry = client.dp.forwarder.paft.entries[key_up()]
     assert (entry.tunnel, entry.app, entry.movable) == (IF0, "curl", True)
     assert (entry.packets_up, entry.bytes_up) == (15, inner)
 
     # The next read of the flow finds its entry: no second decision.
     client.tun.send(super_frame(seq=20500, payload=data(3000, 2)))
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
     assert client.decide.calls == [key_up()]
     got, _calls = receive(client.anchor)
     assert len(got) == 3
-    assert client.dp.paft.entries[key_up()].packets_up == 18
+    assert client.dp.forwarder.paft.entries[key_up()].packets_up == 18
     assert client.dp.counters.gso_reads == 2
 
 
@@ -243,7 +244,7 @@ def test_held_super_packet_is_sent_whole_when_resolved(
     client.tun.send(frame)
     client.tun.send(tail)
 
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
 
     assert client.decide.calls == [key_up()]
     assert client.dp.held_flows == 1
@@ -254,15 +255,15 @@ def test_held_super_packet_is_sent_whole_when_resolved(
         gso_reads=1,
         held_packets=16,
     )
-    assert len(client.dp.paft) == 0
+    assert len(client.dp.forwarder.paft) == 0
 
     client.dp.resolve(key_up(), FlowChoice(IF0, "wget", False))
-    client.dp._drain_resolved()
+    client.dp.drain_resolved()
 
     assert client.dp.held_flows == 0
     got, _calls = receive(client.anchor)
     assert got == [*expected_datagrams(frame), tail[VNET_HDR_LEN:]]
-    entry = client.dp.paft.entries[key_up()]
+    entry = client.dp.forwarder.paft.entries[key_up()]
     assert (entry.tunnel, entry.app, entry.movable) == (IF0, "wget", False)
     assert entry.packets_up == 16
     assert entry.bytes_up == client.dp.counters.tun_bytes
@@ -277,15 +278,15 @@ def test_held_partial_packet_is_accounted_by_its_inner_size(
     client = make_client(sockets, made, choice=None)
     syn = tcp_packet(VIPA, SERVER, flags=TCP_SYN, partial=True)
     client.tun.send(vnet(gso_type=GsoType.NONE, hdr_len=0).pack() + syn)
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
     assert client.dp.held_flows == 1
     assert client.dp.counters.tun_bytes == len(syn)
 
     client.dp.resolve(key_up(), FlowChoice(IF0, "curl", True))
-    client.dp._drain_resolved()
+    client.dp.drain_resolved()
 
     assert receive(client.anchor)[0] == [partial_frame(syn)]
-    entry = client.dp.paft.entries[key_up()]
+    entry = client.dp.forwarder.paft.entries[key_up()]
     assert (entry.packets_up, entry.bytes_up) == (1, len(syn))
 
 
@@ -295,22 +296,22 @@ def test_held_super_packet_resolved_to_blocked_sends_nothing(
 ) -> None:
     client = make_client(sockets, made, choice=None)
     client.tun.send(super_frame(seq=0, payload=data(20000)))
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
     assert client.dp.held_flows == 1
 
     client.dp.resolve(key_up(), FlowChoice(BLOCKED, "evil", False))
-    client.dp._drain_resolved()
+    client.dp.drain_resolved()
 
     assert client.dp.held_flows == 0
     assert receive(client.anchor) == ([], 0)
     c = client.dp.counters
     assert (c.blocked, c.held_packets, c.send_dropped, c.no_tunnel) == (15, 15, 0, 0)
-    entry = client.dp.paft.entries[key_up()]
+    entry = client.dp.forwarder.paft.entries[key_up()]
     assert (entry.tunnel, entry.packets_up) == (BLOCKED, 0)
 
     # Later reads of the flow are blocked too, per inner packet.
     client.tun.send(super_frame(seq=20000, payload=data(3000, 2)))
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
     assert receive(client.anchor) == ([], 0)
     assert client.dp.counters.blocked == 18
     assert client.decide.calls == [key_up()]
@@ -327,7 +328,7 @@ def down_packet(
 
 @needs_udp_offload
 def test_gro_batch_is_merged_per_flow_in_order(client: Client) -> None:
-    client.dp.paft.learn(key_up(), IF0, 0.0)
+    client.dp.forwarder.paft.learn(key_up(), IF0, 0.0)
     seq0 = 3_000_000
     stream = data(5 * PAYLOAD, 7)
     a = [
@@ -348,7 +349,7 @@ def test_gro_batch_is_merged_per_flow_in_order(client: Client) -> None:
     batch += [partial_frame(a[3]), a[4]]  # the last, DATA, is the short datagram
     gso_send(client.anchor, batch, client.sock_addr)
 
-    client.dp._drain_tunnel_offload(IF0, client.sock)
+    client.dp.engine.drain_channel(IF0)
 
     frames = read_tun(client.tun)
     assert len(frames) == 3
@@ -364,7 +365,7 @@ def test_gro_batch_is_merged_per_flow_in_order(client: Client) -> None:
     assert client.dp.counters.snapshot() == counters(
         tunnel_packets=7, tunnel_bytes=5 * 1040 + 2 * 1041, gro_batches=1
     )
-    entry = client.dp.paft.entries[key_up()]
+    entry = client.dp.forwarder.paft.entries[key_up()]
     assert (entry.packets_down, entry.bytes_down) == (5, sum(map(len, a)))
     assert client.control == []
 
@@ -379,7 +380,7 @@ def test_probe_ack_in_a_gro_batch_goes_to_the_control_plane(client: Client) -> N
     ack = encode_frame(ProbeAck(7, 99, 123456789, 0, client.sock_addr))
     gso_send(client.anchor, [*map(partial_frame, a), ack], client.sock_addr)
 
-    client.dp._drain_tunnel_offload(IF0, client.sock)
+    client.dp.engine.drain_channel(IF0)
 
     assert client.control == [(IF0, ack)]
     (frame,) = read_tun(client.tun)
@@ -401,7 +402,7 @@ def test_plain_client_completes_partial_checksums(
         assert not checksums_valid(packet)
         client.anchor.sendto(partial_frame(packet), client.sock_addr)
 
-    client.dp._drain_tunnel(IF0, client.sock)
+    client.dp.engine.drain_channel(IF0)
 
     assert read_tun(client.tun) == full  # no virtio_net_hdr, checksums completed
     assert client.dp.counters.snapshot() == counters(
@@ -421,7 +422,7 @@ def test_eio_on_udp_segment_falls_back_to_one_send_per_datagram(
     frame = super_frame(seq=0, payload=data(20000))
     client.tun.send(frame)
 
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
 
     got, calls = receive(client.anchor)
     assert got == expected_datagrams(frame)
@@ -431,11 +432,11 @@ def test_eio_on_udp_segment_falls_back_to_one_send_per_datagram(
         IF0: {"udp_gro": "on", "udp_gso": "off (UDP_SEGMENT: EIO from the egress device)"}
     }
     assert client.dp.counters.send_dropped == 0
-    assert client.dp.paft.entries[key_up()].packets_up == 15
+    assert client.dp.forwarder.paft.entries[key_up()].packets_up == 15
 
     # And it stays off: the next super-packet does not try UDP_SEGMENT again.
     client.tun.send(super_frame(seq=20000, payload=data(3000, 2)))
-    client.dp._drain_tun_offload()
+    client.dp.engine.drain_tun()
     got, calls = receive(client.anchor)
     assert (len(got), calls) == (3, 3)
     assert client.sock.refused == 1
@@ -450,11 +451,10 @@ def test_drain_of_a_socket_closed_under_it_returns(
         pytest.skip("this kernel has no UDP_GRO")
     c = make_client(sockets, made, offload=offload, choice=FlowChoice(IF0, "curl", True))
     c.sock.close()
-    drain = c.dp._drain_tunnel_offload if offload else c.dp._drain_tunnel
     done = threading.Event()
 
     def run() -> None:
-        drain(IF0, c.sock)
+        c.dp.engine.drain_channel(IF0)
         done.set()
 
     worker = threading.Thread(target=run, daemon=True)

@@ -4,6 +4,8 @@
 tunnel/ codecs, signalling/, nat/ruleset.py) import only `ground` and each
 other, and nothing that does I/O: no socket, no thread, no trio, no kernel
 interface. Everything else may import them, never the other way round.
+The data path's forwarders are sans-IO as well: they may add only the
+anchor's key table (`anchor_node.sessions`, itself pure).
 """
 
 from __future__ import annotations
@@ -80,3 +82,25 @@ def test_the_walk_sees_imports() -> None:
     names = _imports(ROOT / "upmt_client" / "daemon.py")
     assert any(not _allowed_for_pure(n) for n in names if _project_module(n))
     assert len(_pure_files()) > 20
+
+
+FORWARDERS = ("upmt_client/forwarder.py", "anchor_node/forwarder.py")
+FORWARDER_EXTRA = ("anchor_node.sessions",)
+
+
+@pytest.mark.parametrize("relative", FORWARDERS)
+def test_forwarders_are_sans_io(relative: str) -> None:
+    bad = [
+        name
+        for name in _imports(ROOT / relative)
+        if name.split(".")[0] in IO_MODULES
+        or (
+            _project_module(name) is not None
+            and not _allowed_for_pure(name)
+            and not any(name == e or name.startswith(e + ".") for e in FORWARDER_EXTRA)
+        )
+    ]
+    assert not bad, f"{relative} imports {sorted(set(bad))}"
+    assert not [
+        n for n in _imports(ROOT / "anchor_node/sessions.py") if n.split(".")[0] in IO_MODULES
+    ]

@@ -1,9 +1,9 @@
 """The whole system in one process: a client core and the anchor over NATs, on virtual time.
 
 No root, no sockets (these pass inside `unshare -n`): `tests.unit.system_kit`
-runs a `MobileHost` and the anchor's real `Registrar` over the in-memory
-network of `upmt.fakes.network`, each access interface behind its own NAT.
-What is not here yet: DATA frames (the data paths take real fds).
+runs a `MobileHost` with its data path and the anchor's real `Registrar`
+with its data path over the in-memory network of `upmt.fakes.network` and
+the fake TUNs of `upmt.fakes.tun`, each access interface behind its own NAT.
 """
 
 from __future__ import annotations
@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 
 from anchor_node.users import UserStore
+from ground.constants import Addr
 from ground.errors import ConfigError
+from paft.flow import PROTO_UDP, FiveTuple
+from paft.packets import pack_address
 from signalling.handshake import SessionKeys
-from tests.unit.system_kit import ADDRESSES, NAT_PUBLIC, SystemLab, flow
+from tests.unit.system_kit import ADDRESSES, NAT_PUBLIC, SystemLab, flow, udp
 from upmt_client.association import AnchorRefused
 from upmt_client.commands import handover, host_status
 from upmt_client.host_events import OpenSocket
 from upmt_client.tunnels import TunnelPhase
+
+CH = "192.0.2.80"  # a correspondent host on the Internet, behind the anchor's NAT
 
 
 def tunnel_ids(lab: SystemLab) -> dict[str, str | None]:
@@ -77,20 +82,77 @@ def test_association_survives_a_lossy_access_network(tmp_path: Path) -> None:
     assert lab.nats["if0"].dropped > 0
 
 
+def tunnel_addr(lab: SystemLab, name: str) -> Addr:
+    """The anchor's name of tunnel `name`: the address its NAT shows."""
+    tid = lab.host.tunnels[name].tunnel_id
+    assert tid is not None
+    host, port = tid.rsplit(":", 1)
+    return host, int(port)
+
+
+def test_data_both_ways_and_the_anchor_learns_the_flow(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    query = udp(vipa, CH, 40000, 53, b"query")
+    key = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 53)
+    lab.owners[key] = "dig"
+
+    lab.send_up(query)
+
+    assert lab.anchor.tun.take() == [query]  # decapsulated, as it left the application
+    learnt = lab.anchor.registrar.paft.entries[key]
+    assert learnt.tunnel == tunnel_addr(lab, "if0") and learnt.packets_up == 1
+    entry = lab.paft.entries[key]
+    assert (entry.tunnel, entry.app, entry.packets_up) == ("if0", "dig", 1)
+
+    answer = udp(CH, vipa, 53, 40000, b"answer")
+    lab.send_down(answer)
+
+    assert lab.tun.take() == [answer]
+    assert (entry.packets_down, entry.bytes_down) == (1, len(answer))
+    assert learnt.packets_down == 1
+
+    # A packet whose source is not the terminal's VIPA goes no further than the anchor.
+    lab.send_up(udp("100.64.0.250", CH, 40001, 53))
+    assert lab.anchor.tun.take() == []
+    assert lab.anchor.forwarder.counters.spoofed_source == 1
+    # Nor does a packet for a VIPA nobody holds.
+    lab.send_down(udp(CH, "100.64.0.250", 53, 40000))
+    assert lab.tun.take() == []
+    assert lab.anchor.forwarder.counters.no_route == 1
+
+
 def test_cli_handover_is_make_before_break_and_the_anchor_confirms(tmp_path: Path) -> None:
     lab = SystemLab(tmp_path)
     lab.start()
-    key = flow(80)
-    lab.learn(key, "if0", app="curl")
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    key = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 5004)
+    lab.owners[key] = "curl"
+    lab.send_up(udp(vipa, CH, 40000, 5004, b"1"))
+    assert lab.anchor.registrar.paft.entries[key].tunnel == tunnel_addr(lab, "if0")
+
     answers: list[dict[str, object]] = []
     handover(lab.host, {"app": "curl", "to": "if1"}, lab.now, answers.append)
     assert lab.paft.entries[key].tunnel == "if1"  # the upstream switched at once
     lab.pump()
     assert answers and answers[0]["moved"] == 1, answers
     assert str(answers[0]["anchor"]).startswith("200"), answers
-    assert answers[0]["anchor_moved"] == 0  # the anchor has no flow state: the kit has no DATA
+    assert answers[0]["anchor_moved"] == 1  # the anchor moved its downstream as well
+    assert lab.anchor.registrar.paft.entries[key].tunnel == tunnel_addr(lab, "if1")
     assert lab.host.book.history[-1].reason == "user"
     assert lab.host.tunnels["if0"].phase is TunnelPhase.UP  # the old tunnel stays
+
+    # Both ways on if1 now: the next packets travel through if1's NAT only.
+    before = {name: nat.translated for name, nat in lab.nats.items()}
+    lab.send_up(udp(vipa, CH, 40000, 5004, b"2"))
+    lab.send_down(udp(CH, vipa, 5004, 40000, b"3"))
+    assert lab.anchor.tun.take()[-1] == udp(vipa, CH, 40000, 5004, b"2")
+    assert lab.tun.take() == [udp(CH, vipa, 5004, 40000, b"3")]
+    assert lab.nats["if1"].translated == before["if1"] + 2
+    assert lab.nats["if0"].translated == before["if0"]
 
 
 def test_link_down_moves_flows_and_they_return_after_the_hold_down(tmp_path: Path) -> None:
@@ -152,7 +214,7 @@ def test_a_nat_rebinding_brings_the_tunnel_back_under_its_new_address(tmp_path: 
     while tunnel.phase is TunnelPhase.UP and lab.now < started + 10:
         lab.run_for(0.05)
     assert tunnel.down_reason == "probe loss" and lab.now - started <= 2.6
-    assert lab.anchor.probes_unanswered > 0
+    assert lab.anchor.forwarder.counters.unknown_tunnel > 0
     lab.run_for(5)
     assert tunnel.phase is TunnelPhase.UP and tunnel.setups == 2
     assert tunnel.tunnel_id is not None and tunnel.tunnel_id != old

@@ -10,18 +10,22 @@ that carried nothing for `timeout` seconds, so the next datagram gets a new
 port (a rebinding, as a real NAT does after its UDP timeout). `loss` drops
 that share of datagrams each way, chosen by the injected random source; a
 blackholed box drops everything ("Wi-Fi associated, no Internet").
+`FakeDatagramIO` is a socket of this network as the data-path engine sees
+one (`upmt.engine.DatagramIO`).
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ground.constants import Addr
+from tunnel.crypto import Sealer
+from tunnel.offload import Segments
 
-__all__ = ["FakeNetwork", "NatBox", "VirtualClock"]
+__all__ = ["FakeDatagramIO", "FakeNetwork", "NatBox", "VirtualClock"]
 
 Handler = Callable[[bytes, Addr], None]
 
@@ -154,3 +158,54 @@ class FakeNetwork:
             self.delivered += 1
             handler(data, src)
         return done
+
+
+class FakeDatagramIO:
+    """A socket of the fake network, as the data-path engine sees one (`DatagramIO`).
+
+    Bound at `local`; with `peer` it is connected (sends with `addr` None go
+    there, as the client's tunnel sockets do). What arrives waits in `inbox`
+    until the engine drains the channel; `on_readable` (if set) is called on
+    each arrival, as epoll would wake the engine.
+    """
+
+    def __init__(self, network: FakeNetwork, local: Addr, peer: Addr | None = None) -> None:
+        self.network = network
+        self.local = local
+        self.peer = peer
+        self.inbox: deque[tuple[bytes, Addr]] = deque()
+        self.on_readable: Callable[[], None] | None = None
+        self.sent = 0
+        network.bind(local, self._arrived)
+
+    def _arrived(self, data: bytes, source: Addr) -> None:
+        self.inbox.append((data, source))
+        if self.on_readable is not None:
+            self.on_readable()
+
+    def close(self) -> None:
+        self.network.unbind(self.local)
+
+    def fileno(self) -> int:
+        return -1  # never polled: the caller drives the engine
+
+    def receive(self) -> tuple[Sequence[bytes | memoryview], Addr]:
+        if not self.inbox:
+            raise BlockingIOError
+        data, source = self.inbox.popleft()
+        return [data], source
+
+    def send(self, item: bytes | Segments, addr: Addr | None, sealer: Sealer | None) -> int:
+        datagrams: list[bytes]
+        if isinstance(item, bytes):
+            datagrams = [item]
+        else:
+            joined = b"".join(item.buffers)
+            datagrams = [joined[at : at + item.size] for at in range(0, len(joined), item.size)]
+        target = addr if addr is not None else self.peer
+        if target is None:
+            return len(datagrams)  # not connected: nowhere to go
+        for datagram in datagrams:
+            self.network.send(self.local, target, sealer.seal(datagram) if sealer else datagram)
+            self.sent += 1
+        return 0

@@ -1,0 +1,283 @@
+"""The client's per-packet decisions (sans-IO), driven by `upmt.engine.Engine`.
+
+From the TUN, every packet the applications send is keyed by its 5-tuple
+and looked up in the PAFT with one dict access. The first packet of a new
+flow asks `decide` where it goes; when the owning application is not known
+yet (its socket must be traced to a process, which takes milliseconds),
+`decide` answers None and the flow's packets are held — bounded in number
+and time — until `resolve` delivers the answer from the classifier, or until
+`hold_timeout`, when `fallback` (the default policy) decides. So no flow
+leaks onto the wrong network or past a block, and no other flow waits.
+
+From a tunnel, inner packets go to the TUN and are counted against their
+flow; every other frame (SIGNAL, PROBE-ACK) goes to the control plane
+through `on_control`. With `encrypted` every datagram a tunnel sends is
+sealed under the tunnel's current key and every datagram it receives must
+open under one of its keys; nothing travels, in or out, without one.
+
+The control plane moves flows and holds `lock` while it walks the table,
+since learning a flow here takes it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from ground.constants import Addr
+from ground.errors import MalformedError
+from paft.flow import FiveTuple, flow_of_packet_untrusted
+from paft.table import FlowEntry, Paft
+from tunnel.crypto import TunnelKeys
+from tunnel.forwarding import (
+    DROP_INNER,
+    DROP_SOCKET,
+    DROP_TUN,
+    DROP_TUN_WRITE,
+    EngineCounters,
+    Outbound,
+    Release,
+    Route,
+    count_drop,
+)
+
+__all__ = ["ClientCounters", "ClientForwarder", "FlowChoice"]
+
+MAX_HELD_PACKETS: Final = 64
+MAX_HELD_FLOWS: Final = 4096
+
+
+class FlowChoice(NamedTuple):
+    tunnel: str | None  # None: nowhere to send it now (dropped, counted)
+    app: str | None
+    movable: bool
+
+
+@dataclass(slots=True)
+class ClientCounters(EngineCounters):
+    tun_malformed: int = 0
+    no_tunnel: int = 0
+    blocked: int = 0
+    held_packets: int = 0
+    held_dropped: int = 0
+    hold_timeouts: int = 0
+    tunnel_packets: int = 0
+    tunnel_bytes: int = 0
+    tunnel_malformed: int = 0
+    control_frames: int = 0
+    tunnel_unauthenticated: int = 0  # received datagrams that did not open under a key
+    no_key: int = 0  # packets for a tunnel without keys (not sent)
+
+
+# The engine's drop reasons, under the client's counter names.
+_DROPS: Final = {
+    DROP_TUN: "tun_malformed",
+    DROP_SOCKET: "tunnel_malformed",
+    DROP_INNER: "tunnel_malformed",
+    DROP_TUN_WRITE: "tunnel_malformed",
+}
+
+
+class _Held:
+    """What a flow waiting for its owner has sent so far: items, inner packets and bytes."""
+
+    __slots__ = ("items", "packets", "since", "size")
+
+    def __init__(self, since: float, item: Outbound, packets: int, size: int) -> None:
+        self.since = since
+        self.items = [item]
+        self.packets = packets
+        self.size = size
+
+    def add(self, item: Outbound, packets: int, size: int) -> None:
+        self.items.append(item)
+        self.packets += packets
+        self.size += size
+
+
+class ClientForwarder:
+    def __init__(
+        self,
+        paft: Paft[str],
+        lock: AbstractContextManager[object],
+        decide: Callable[[FiveTuple], FlowChoice | None],
+        fallback: Callable[[FiveTuple], FlowChoice],
+        on_control: Callable[[str, bytes], None],
+        *,
+        blocked: str = "!blocked",
+        hold_timeout: float = 0.2,
+        encrypted: bool = False,
+    ) -> None:
+        self.paft = paft
+        self.lock = lock
+        self.decide = decide
+        self.fallback = fallback
+        self.on_control = on_control
+        self.blocked = blocked
+        self.hold_timeout = hold_timeout
+        self.encrypted = encrypted
+        # The tunnels that carry traffic: name → keys (None without encryption).
+        self.tunnels: dict[str, TunnelKeys | None] = {}
+        self._counters = ClientCounters()
+        self._held: dict[FiveTuple, _Held] = {}
+
+    @property
+    def counters(self) -> ClientCounters:
+        return self._counters
+
+    @property
+    def held_flows(self) -> int:
+        return len(self._held)
+
+    def attach(self, name: str, keys: TunnelKeys | None) -> None:
+        if self.encrypted and keys is None:
+            raise ValueError(f"{name}: an encrypted data path needs the tunnel's keys")
+        self.tunnels[name] = keys
+
+    def detach(self, name: str) -> None:
+        self.tunnels.pop(name, None)
+
+    def drop(self, reason: str, count: int) -> None:
+        count_drop(self._counters, _DROPS, reason, count)
+
+    # -- from the TUN ----------------------------------------------------------
+    def from_tun(
+        self, packet: bytes, item: Outbound, count: int, size: int, now: float
+    ) -> Route | None:
+        """Where `count` inner packets of one flow go by its PAFT entry; None: held or dropped."""
+        c = self._counters
+        try:
+            key = flow_of_packet_untrusted(packet)
+        except MalformedError:
+            c.tun_malformed += 1
+            return None
+        entry = self.paft.entries.get(key)
+        if entry is None:
+            held = self._held
+            waiting = held.get(key)
+            if waiting is not None:
+                if waiting.packets + count <= MAX_HELD_PACKETS:
+                    waiting.add(item, count, size)
+                    c.held_packets += count
+                else:
+                    c.held_dropped += count
+                return None
+            choice = self.decide(key)
+            if choice is None:
+                if len(held) < MAX_HELD_FLOWS:
+                    held[key] = _Held(now, item, count, size)
+                    c.held_packets += count
+                    return None
+                choice = self.fallback(key)
+            if choice.tunnel is None:
+                c.no_tunnel += count
+                return None
+            entry = self._learn(key, choice, now)
+        return self._route(entry, count, size, now)
+
+    def _route(self, entry: FlowEntry[str], count: int, size: int, now: float) -> Route | None:
+        """The tunnel of `entry` for `count` inner packets (accounted), or None (counted)."""
+        c = self._counters
+        name = entry.tunnel
+        if name not in self.tunnels:
+            if name == self.blocked:
+                c.blocked += count
+            else:
+                c.no_tunnel += count
+            return None
+        keys = self.tunnels.get(name)
+        if keys is None and self.encrypted:
+            c.no_key += count
+            return None
+        entry.packets_up += count
+        entry.bytes_up += size
+        entry.last_seen = now
+        return name, None, None if keys is None else keys.sealer
+
+    def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
+        assert choice.tunnel is not None
+        with self.lock:
+            entry = self.paft.learn(key, choice.tunnel, now, app=choice.app)
+        entry.movable = choice.movable
+        return entry
+
+    # -- held flows ------------------------------------------------------------
+    def resolve(self, key: FiveTuple, choice: FlowChoice, now: float) -> list[Release]:
+        """The classifier's answer for flow `key`: its held packets, if any, go."""
+        waiting = self._held.pop(key, None)
+        entry = self.paft.entries.get(key)
+        if entry is not None:
+            # Decided by the timeout already: record the owner; the control
+            # plane moves the flow if the application's policy says so.
+            if choice.app is not None:
+                entry.app = choice.app
+            return []
+        if waiting is None:
+            return []
+        return self._release(key, choice, waiting, now)
+
+    def expire(self, now: float) -> list[Release]:
+        """Flows held for `hold_timeout`: the default policy decides for them."""
+        if not self._held:
+            return []
+        expired = [k for k, h in self._held.items() if now - h.since >= self.hold_timeout]
+        released: list[Release] = []
+        for key in expired:
+            waiting = self._held.pop(key)
+            self._counters.hold_timeouts += 1
+            released += self._release(key, self.fallback(key), waiting, now)
+        return released
+
+    def _release(
+        self, key: FiveTuple, choice: FlowChoice, held: _Held, now: float
+    ) -> list[Release]:
+        if choice.tunnel is None:
+            self._counters.no_tunnel += held.packets
+            return []
+        entry = self._learn(key, choice, now)
+        route = self._route(entry, held.packets, held.size, now)
+        return [] if route is None else [(route, held.items)]
+
+    # -- from a tunnel ---------------------------------------------------------
+    def open(
+        self, channel: str, datagrams: Sequence[bytes | memoryview], addr: Addr
+    ) -> Sequence[bytes]:
+        """Decrypted under the tunnel's keys (counting failures), or as they came."""
+        if not self.encrypted:
+            return datagrams  # type: ignore[return-value]  # in clear: copies, bytes
+        keys = self.tunnels.get(channel)
+        if keys is None:
+            self._counters.tunnel_unauthenticated += len(datagrams)
+            return []
+        frames, failed = keys.open_many(datagrams)
+        self._counters.tunnel_unauthenticated += failed
+        return frames
+
+    def control(self, channel: str, frame: bytes, addr: Addr, now: float) -> bytes | None:
+        self._counters.control_frames += 1
+        self.on_control(channel, frame)
+        return None
+
+    def admit(self, channel: str, addr: Addr, count: int) -> bool:
+        return True  # a connected socket: only the anchor's datagrams arrive
+
+    def from_tunnel(
+        self, channel: str, addr: Addr, packet: bytes, now: float, count: int, size: int
+    ) -> bool:
+        """Count `count` inner packets of one flow against its PAFT entry; False if malformed."""
+        c = self._counters
+        try:
+            key = flow_of_packet_untrusted(packet).reversed()
+        except MalformedError:
+            c.tunnel_malformed += count
+            return False
+        c.tunnel_packets += count
+        c.tunnel_bytes += size
+        entry = self.paft.entries.get(key)
+        if entry is not None:
+            entry.packets_down += count
+            entry.bytes_down += size
+            entry.last_seen = now
+        return True
