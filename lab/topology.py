@@ -58,9 +58,12 @@ table inet labnat {{ {conntrack_note}
     counter down {{ }}
     chain blackhole {{
     }}
+    chain impair {{
+    }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
         jump blackhole
+        jump impair
         iifname "lan" oifname "wan" counter name up
         iifname "wan" oifname "lan" counter name down
     }}
@@ -294,6 +297,20 @@ class Lab:
             self.exec(NAT_OF[ifname], "nft", "add", "rule", *chain, "drop")
         else:
             self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
+
+    def impair(self, ifname: str, loss: float = 0.0) -> None:
+        """Drop a share `loss` (0..1) of what the NAT in front of `ifname` forwards, each way.
+
+        Random per packet (nftables `numgen random`); 0 clears it.
+        """
+        if not 0.0 <= loss <= 1.0:
+            raise ValueError(f"loss {loss} is not a share between 0 and 1")
+        chain = ["inet", "labnat", "impair"]
+        self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
+        per_mille = round(loss * 1000)
+        if per_mille:
+            rule = ["numgen", "random", "mod", "1000", "<", str(per_mille), "drop"]
+            self.exec(NAT_OF[ifname], "nft", "add", "rule", *chain, *rule)
 
     def app_command(self, name: str) -> str:
         """A python interpreter that the kernel will call `name` (its comm).

@@ -17,7 +17,17 @@ replayed ack from producing a second RTT sample.
 
 The RTT is smoothed as in RFC 6298 §2 (alpha = 1/8, beta = 1/4). Each probe carries
 its own sequence number and timestamp, so there is no retransmission
-ambiguity and Karn's rule has nothing to exclude.
+ambiguity and Karn's rule has nothing to exclude. Jitter and loss over
+sliding windows are kept as `tunnel.quality` computes them.
+
+Probing adapts to traffic. An idle tunnel is probed every ``interval``
+seconds (a keepalive). While the tunnel carries traffic (`set_active`) it is
+probed every ``active_interval`` seconds, but never faster than its
+retransmission timeout (RFC 6298: SRTT + 4 RTTVAR) lets an ack come back,
+and it is DEAD once its misses in a row also span `BUSY_SILENCE` seconds:
+a path that carries traffic and goes silent is declared DEAD within about a
+second, while a lossy one (15 % each way) is not taken for dead (eight
+misses in a row), and idle links get no more probes than before.
 
 The daemon owns the clocks: ``now`` (seconds, the event loop's clock) drives
 scheduling, ``now_ns`` (a monotonic nanosecond clock) goes into the probe and
@@ -26,14 +36,17 @@ measures the RTT.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
 from tunnel.frames import Probe, ProbeAck
+from tunnel.quality import DEFAULT_WINDOWS, Jitter, LossWindows, PathQuality
 
 __all__ = [
+    "BUSY_SILENCE",
     "LivenessEvent",
     "ProbeScheduler",
     "ProbeStatistics",
@@ -43,6 +56,9 @@ __all__ = [
 _SEQ_MOD: Final = 1 << 32
 _TIMESTAMP_MOD: Final = 1 << 64
 _TUNNEL_ID_MAX: Final = 0xFFFF_FFFF
+
+# A busy tunnel is DEAD after this much silence (and at least `dead_after` misses).
+BUSY_SILENCE: Final = 0.8
 
 # RFC 6298 §2.3.
 _ALPHA: Final = 1 / 8
@@ -116,6 +132,8 @@ class ProbeScheduler:
         dead_after: int,
         window: int = 16,
         initial_seq: int = 0,
+        active_interval: float | None = None,
+        loss_windows: tuple[float, ...] = DEFAULT_WINDOWS,
     ) -> None:
         if not 0 <= tunnel_id <= _TUNNEL_ID_MAX:
             raise ValueError(f"tunnel_id {tunnel_id} is not a u32")
@@ -127,6 +145,8 @@ class ProbeScheduler:
             raise ValueError(f"window must be at least 1, not {window}")
         if not 0 <= initial_seq < _SEQ_MOD:
             raise ValueError(f"initial_seq {initial_seq} is not a u32")
+        if active_interval is not None and not 0 < active_interval <= interval:
+            raise ValueError(f"active_interval must be in (0, interval], not {active_interval}")
         self.tunnel_id: Final = tunnel_id
         self.interval: Final = interval
         self.dead_after: Final = dead_after
@@ -149,6 +169,41 @@ class ProbeScheduler:
         self._latest_rtt: float | None = None
         self._min_rtt: float | None = None
         self._observed: tuple[str, int] | None = None
+        self.active_interval: Final = active_interval
+        self._active = False
+        self._jitter = Jitter()
+        self._acks_for_jitter = 0
+        self._loss = LossWindows(loss_windows)
+
+    def set_active(self, active: bool) -> None:
+        """Whether the tunnel carries traffic now (the data path's counters moved)."""
+        self._active = active
+
+    @property
+    def current_interval(self) -> float:
+        """The probe interval now: the keepalive's, or the faster one of a busy tunnel."""
+        if not self._active or self.active_interval is None:
+            return self.interval
+        rto = self.interval
+        if self._srtt is not None and self._rttvar is not None:
+            rto = self._srtt + 4 * self._rttvar
+        return max(self.active_interval, min(self.interval, rto))
+
+    def _misses_for_dead(self) -> int:
+        interval = self.current_interval
+        if interval >= self.interval:
+            return self.dead_after
+        return max(self.dead_after, math.ceil(BUSY_SILENCE / interval - 1e-9))
+
+    def quality(self, now: float, goodput: float = 0.0) -> PathQuality:
+        """RTT, jitter, loss per window and `goodput` (given by the caller) at `now`."""
+        return PathQuality(
+            rtt=self._srtt,
+            rttvar=self._rttvar,
+            jitter=self._jitter.value if self._acks_for_jitter >= 2 else None,
+            loss=self._loss.all(now),
+            goodput=goodput,
+        )
 
     def _fire(self, event: LivenessEvent) -> None:
         self._state = _TRANSITIONS[self._state][event]
@@ -157,7 +212,7 @@ class ProbeScheduler:
         """When the next probe is due; None before the first one (due at once)."""
         if self._last_sent_at is None:
             return None
-        return self._last_sent_at + self.interval
+        return self._last_sent_at + self.current_interval
 
     def make_probe(self, now: float, now_ns: int) -> Probe:
         """Create the next probe and remember it as outstanding.
@@ -166,8 +221,9 @@ class ProbeScheduler:
         probe interval is the deadline for its ack.
         """
         if self._last_seq is not None and not self._last_acked:
+            self._loss.missed(self._last_seq)
             self._misses += 1
-            if self._misses == self.dead_after:
+            if self._misses >= self._misses_for_dead() and self._state is not TunnelState.DEAD:
                 self._fire(LivenessEvent.SILENT)
         seq = self._next_seq
         self._next_seq = (seq + 1) % _SEQ_MOD
@@ -181,6 +237,7 @@ class ProbeScheduler:
         self._last_seq = seq
         self._last_acked = False
         self._last_sent_at = now
+        self._loss.sent(seq, now)
         self._probes_sent += 1
         return Probe(self.tunnel_id, seq, timestamp_ns, 0)
 
@@ -203,6 +260,9 @@ class ProbeScheduler:
         # only guards against a caller mixing clocks.
         rtt = max(0, now_ns % _TIMESTAMP_MOD - sent.timestamp_ns) / 1e9
         self._update_rtt(rtt)
+        self._jitter.add(rtt)
+        self._acks_for_jitter += 1
+        self._loss.received(ack.seq)
         if ack.seq == self._last_seq:
             self._last_acked = True
         self._acks_received += 1

@@ -227,4 +227,6 @@ class Engine:
                     c.send_dropped += sock.send(item, addr, sealer)
 
     def tick(self) -> None:
-        self.release(self.forwarder.expire(self.clock()))
+        released = self.forwarder.expire(self.clock())
+        if released:
+            self.release(released)

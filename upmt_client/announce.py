@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sipmessage import Request, Response
 
@@ -22,7 +22,7 @@ from ground.errors import MalformedError
 from paft.flow import FiveTuple
 from signalling.bodies import HandoverResponse, decode_body_untrusted
 from signalling.message import MessageTooLarge
-from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.flows import FlowBook
 from upmt_client.handover import handover_requests
 from upmt_client.transactions import ClientTransactions
 from upmt_client.tunnels import tunnel_channel
@@ -118,8 +118,6 @@ class Announcer:
         history = self._book.history
         if job.index is not None and 0 <= job.index < len(history):
             old = history[job.index]
-            history[job.index] = HandoverRecord(
-                old.at, old.app, old.flows, old.source, old.target, old.reason, answer, elapsed_ms
-            )
+            history[job.index] = replace(old, anchor=answer, anchor_ms=elapsed_ms)
         if job.on_done is not None:
             job.on_done(answer, elapsed_ms, moved, now)

@@ -79,7 +79,16 @@ def cli() -> None:
     type=click.FloatRange(0.05, 60),
     default=0.5,
     show_default=True,
-    help="Seconds between probes (keepalive) on each tunnel.",
+    help="Seconds between probes (keepalive) on an idle tunnel.",
+)
+@click.option(
+    "--busy-probe-interval",
+    type=click.FloatRange(0.02, 60),
+    default=0.1,
+    show_default=True,
+    help="Seconds between probes on a tunnel that carries traffic (never faster than its "
+    "round trip allows): a busy path that goes silent is declared dead within "
+    "--dead-after of them.",
 )
 @click.option(
     "--dead-after",
@@ -231,6 +240,20 @@ def handover(
 
 
 @cli.command()
+@click.argument("app")
+@json_option
+@control_option
+def explain(app: str, as_json: bool, control: Path) -> None:
+    """Why APP is where it is: each interface's figures, criteria, cost, score; the choice."""
+    answer = query(control, {"cmd": "explain", "app": app})
+    answer.pop("ok", None)
+    if as_json:
+        print_json(answer)
+        return
+    click.echo(format_explain(answer))
+
+
+@cli.command()
 @control_option
 def restart(control: Path) -> None:
     """Restart the running client in place: open connections, VIPA and tunnels stay."""
@@ -251,6 +274,18 @@ def policy_reload(control: Path) -> None:
     click.echo(f"policy reloaded from {answer['policy']['source']}")
 
 
+TUNNEL_COLUMNS = [
+    "INTERFACE",
+    "STATE",
+    "TUNNEL",
+    "RTT_MS",
+    "JITTER_MS",
+    "LOSS",
+    "OBSERVED",
+    "KEY_AGE_S",
+]
+
+
 def format_status(st: dict[str, Any]) -> str:
     out = [
         f"terminal {st['terminal_id']}  VIPA {st['vipa']} on {st['tun']}  "
@@ -267,6 +302,8 @@ def format_status(st: dict[str, Any]) -> str:
             t["state"],
             str(t["tunnel_id"] or "-"),
             "-" if t["rtt_ms"] is None else f"{t['rtt_ms']:.2f}",
+            "-" if t.get("jitter_ms") is None else f"{t['jitter_ms']:.2f}",
+            "-" if t.get("loss") is None else f"{t['loss']:.1%}",
             str(t["observed"] or "-"),
             "-" if t.get("key_age_s") is None else f"{t['key_age_s']:.0f}",
         ]
@@ -275,7 +312,19 @@ def format_status(st: dict[str, Any]) -> str:
     out += [
         "",
         "tunnels:",
-        table(rows, ["INTERFACE", "STATE", "TUNNEL", "RTT_MS", "OBSERVED", "KEY_AGE_S"]),
+        table(
+            rows,
+            [
+                "INTERFACE",
+                "STATE",
+                "TUNNEL",
+                "RTT_MS",
+                "JITTER_MS",
+                "LOSS",
+                "OBSERVED",
+                "KEY_AGE_S",
+            ],
+        ),
     ]
     out += [
         "",
@@ -312,6 +361,37 @@ add_status_command(
     format_status,
     "VIPA, anchor, tunnels, flows and recent handovers of the running client.",
 )
+
+
+def format_explain(ex: dict[str, Any]) -> str:
+    pol = ex["policy"]
+    criteria = ", ".join(f"{k} {v:g}" for k, v in pol["criteria"].items() if v is not None)
+    out = [
+        f"{ex['app']}: policy [{pol['key']}]"
+        + ("  auto" if pol["auto"] else "")
+        + (f"  criteria: {criteria}" if criteria else ""),
+    ]
+    rows = []
+    for c in ex["candidates"]:
+        if not c["live"]:
+            rows.append([c["interface"], "down", "-", "-", "-", f"{c['cost']:g}", "-", "-"])
+            continue
+        rows.append(
+            [
+                c["interface"],
+                "up",
+                "-" if c["rtt_ms"] is None else f"{c['rtt_ms']:.1f}",
+                "-" if c["jitter_ms"] is None else f"{c['jitter_ms']:.1f}",
+                "-" if c["loss"] is None else f"{c['loss']:.1%}",
+                f"{c['cost']:g}",
+                f"{c['score']:.0f}",
+                "yes" if c["acceptable"] else "; ".join(c["breaks"]),
+            ]
+        )
+    columns = ["INTERFACE", "TUNNEL", "RTT_MS", "JITTER_MS", "LOSS", "COST", "SCORE", "MEETS"]
+    out += [table(rows, columns), ""]
+    out.append(f"chosen: {ex['chosen'] or '(none live)'} ({ex['reason']}: {ex['detail']})")
+    return "\n".join(out)
 
 
 def main() -> None:

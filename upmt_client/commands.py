@@ -94,12 +94,22 @@ def flows_json(host: MobileHost, flow_now: float) -> list[JSON]:
     return [host.book.flow_json(k, e, tid_of.get(e.tunnel), flow_now) for k, e in pairs]
 
 
-def tunnels_json(host: MobileHost, flow_now: float) -> list[JSON]:
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _rounded(share: float | None) -> float | None:
+    return None if share is None else round(share, 4)
+
+
+def tunnels_json(host: MobileHost, now: float, flow_now: float) -> list[JSON]:
     out = []
     for name in host.interface_order:
         t = host.tunnels[name]
-        stats = t.scheduler.statistics() if t.scheduler is not None else None
-        rtt = stats.srtt if stats is not None else None
+        sched = t.scheduler
+        stats = sched.statistics() if sched is not None else None
+        quality = sched.quality(now, t.goodput.bits_per_second) if sched is not None else None
+        loss = quality.loss if quality is not None else {}
         keys = t.keys
         out.append(
             {
@@ -110,7 +120,13 @@ def tunnels_json(host: MobileHost, flow_now: float) -> list[JSON]:
                 "key_age_s": None if keys is None else round(flow_now - keys.sealer.created, 1),
                 "frames_sealed": 0 if keys is None else keys.sealer.sent(),
                 "down_reason": t.down_reason or None,
-                "rtt_ms": None if rtt is None else round(rtt * 1000, 3),
+                "rtt_ms": _ms(quality.rtt if quality else None),
+                "rttvar_ms": _ms(quality.rttvar if quality else None),
+                "jitter_ms": _ms(quality.jitter if quality else None),
+                "loss": _rounded(loss.get("30s")),
+                "loss_windows": {w: _rounded(v) for w, v in loss.items()},
+                "goodput_kbit_s": round(t.goodput.bits_per_second / 1000, 1),
+                "probe_interval_ms": _ms(sched.current_interval if sched else None),
                 "observed": t.observed,
                 "local": t.local_text,
                 "probes_sent": stats.probes_sent if stats else 0,
@@ -133,7 +149,7 @@ def host_status(host: MobileHost, now: float, flow_now: float) -> JSON:
         "associations": host.association.associations,
         "registration_expires_in_s": reg.expires_in(now),
         "policy": host.policy.source,
-        "tunnels": tunnels_json(host, flow_now),
+        "tunnels": tunnels_json(host, now, flow_now),
         "flows": flows_json(host, flow_now),
         "handovers": [r.to_json() for r in host.book.history],
     }

@@ -25,6 +25,7 @@ class ClientConfig:
     tun_name: str = "upmt0"
     probe_interval: float = 0.5
     dead_after: int = 4
+    busy_probe_interval: float = 0.1  # between probes while a tunnel carries traffic
     expires: int = 600
     register_timeout: float = 8.0
     flow_idle_timeout: float = 300.0
@@ -61,6 +62,7 @@ class ClientConfig:
         state_dir: Path = Path("/var/lib/upmt/client"),
         anchor_key: str | None = None,
         rekey_interval: float = 120.0,
+        busy_probe_interval: float = 0.1,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -97,6 +99,7 @@ class ClientConfig:
             state_dir=state_dir,
             anchor_key=parse_anchor_key(anchor_key) if anchor_key is not None else None,
             rekey_interval=rekey_interval,
+            busy_probe_interval=busy_probe_interval,
         )
 
 

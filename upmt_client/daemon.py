@@ -45,6 +45,7 @@ from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath
 from upmt_client.decider import FlowDecider
+from upmt_client.explain import explain_json
 from upmt_client.flows import FlowBook
 from upmt_client.host import MobileHost
 from upmt_client.host_events import (
@@ -200,6 +201,7 @@ class ClientDaemon:
             encrypted=cfg.encryption,
         )
         self.decider.resolve = self.datapath.resolve
+        self.host.traffic = self.datapath.forwarder.tunnels
         self.io.datapath = self.datapath
         stack.callback(self.datapath.stop)
         self.datapath.start()
@@ -321,6 +323,11 @@ class ClientDaemon:
             }
         if cmd == "handover":
             return await self._handover(request)
+        if cmd == "explain":
+            app = request.get("app")
+            if not isinstance(app, str) or not app:
+                return {"ok": False, "error": "explain needs an application name"}
+            return {"ok": True, **explain_json(self.host, app, trio.current_time())}
         if cmd == "restart":
             trio.lowlevel.spawn_system_task(self._restart_in_place)
             return {"ok": True, "pid": os.getpid()}

@@ -26,13 +26,15 @@ class HandoverRecord:
     flows: int
     source: str
     target: str
-    reason: str  # "user", "link down", "probe loss", "return", "policy", "pin"
+    reason: str  # "user", "link down", "probe loss", "return", "policy", "pin", "quality", "cost"
     anchor: str = ""  # the anchor's answer, filled in when it arrives
     anchor_ms: float | None = None
+    detail: str = ""  # the figures behind an automatic move
 
     def to_json(self) -> dict[str, Any]:
         return {
             "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.at)),
+            "at_unix": round(self.at, 3),
             "app": self.app,
             "flows": self.flows,
             "from": self.source,
@@ -40,6 +42,7 @@ class HandoverRecord:
             "reason": self.reason,
             "anchor": self.anchor,
             "anchor_ms": self.anchor_ms,
+            "detail": self.detail,
         }
 
 

@@ -43,7 +43,7 @@ from tunnel.forwarding import (
     count_drop,
 )
 
-__all__ = ["ClientCounters", "ClientForwarder", "FlowChoice"]
+__all__ = ["ClientCounters", "ClientForwarder", "FlowChoice", "TunnelTraffic"]
 
 MAX_HELD_PACKETS: Final = 64
 MAX_HELD_FLOWS: Final = 4096
@@ -78,6 +78,24 @@ _DROPS: Final = {
     DROP_INNER: "tunnel_malformed",
     DROP_TUN_WRITE: "tunnel_malformed",
 }
+
+
+class TunnelTraffic:
+    """One attached tunnel: its keys and what the data path moved on it (read by the core)."""
+
+    __slots__ = ("bytes_down", "bytes_up", "keys", "packets_down", "packets_up")
+
+    def __init__(self, keys: TunnelKeys | None) -> None:
+        self.keys = keys
+        self.packets_up = self.bytes_up = self.packets_down = self.bytes_down = 0
+
+    @property
+    def packets(self) -> int:
+        return self.packets_up + self.packets_down
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
 
 
 class _Held:
@@ -118,8 +136,8 @@ class ClientForwarder:
         self.blocked = blocked
         self.hold_timeout = hold_timeout
         self.encrypted = encrypted
-        # The tunnels that carry traffic: name → keys (None without encryption).
-        self.tunnels: dict[str, TunnelKeys | None] = {}
+        # The tunnels that carry traffic: name → keys (None without encryption), counts.
+        self.tunnels: dict[str, TunnelTraffic] = {}
         self._counters = ClientCounters()
         self._held: dict[FiveTuple, _Held] = {}
 
@@ -134,7 +152,7 @@ class ClientForwarder:
     def attach(self, name: str, keys: TunnelKeys | None) -> None:
         if self.encrypted and keys is None:
             raise ValueError(f"{name}: an encrypted data path needs the tunnel's keys")
-        self.tunnels[name] = keys
+        self.tunnels[name] = TunnelTraffic(keys)
 
     def detach(self, name: str) -> None:
         self.tunnels.pop(name, None)
@@ -181,19 +199,22 @@ class ClientForwarder:
         """The tunnel of `entry` for `count` inner packets (accounted), or None (counted)."""
         c = self._counters
         name = entry.tunnel
-        if name not in self.tunnels:
+        tunnel = self.tunnels.get(name)
+        if tunnel is None:
             if name == self.blocked:
                 c.blocked += count
             else:
                 c.no_tunnel += count
             return None
-        keys = self.tunnels.get(name)
+        keys = tunnel.keys
         if keys is None and self.encrypted:
             c.no_key += count
             return None
         entry.packets_up += count
         entry.bytes_up += size
         entry.last_seen = now
+        tunnel.packets_up += count
+        tunnel.bytes_up += size
         return name, None, None if keys is None else keys.sealer
 
     def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
@@ -247,7 +268,8 @@ class ClientForwarder:
         """Decrypted under the tunnel's keys (counting failures), or as they came."""
         if not self.encrypted:
             return datagrams  # type: ignore[return-value]  # in clear: copies, bytes
-        keys = self.tunnels.get(channel)
+        tunnel = self.tunnels.get(channel)
+        keys = None if tunnel is None else tunnel.keys
         if keys is None:
             self._counters.tunnel_unauthenticated += len(datagrams)
             return []
@@ -275,6 +297,10 @@ class ClientForwarder:
             return False
         c.tunnel_packets += count
         c.tunnel_bytes += size
+        tunnel = self.tunnels.get(channel)
+        if tunnel is not None:
+            tunnel.packets_down += count
+            tunnel.bytes_down += size
         entry = self.paft.entries.get(key)
         if entry is not None:
             entry.packets_down += count

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sipmessage import Request, Response
@@ -48,8 +48,10 @@ from tunnel.frames import FrameType, Probe, ProbeAck, Signal, decode_frame_untru
 from tunnel.state import ProbeScheduler
 from upmt_client.announce import Announcer
 from upmt_client.association import Associated, Association, Registration, register_channel
+from upmt_client.auto import AutoSteering
 from upmt_client.config import ClientConfig
 from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.forwarder import TunnelTraffic
 from upmt_client.host_events import (
     AnchorKeyLearned,
     CloseSocket,
@@ -111,6 +113,7 @@ class MobileHost:
         self.tunnels = {name: ClientTunnel(name, n) for n, name in enumerate(interfaces, 1)}
         self.links = {name: Link() for name in interfaces}
         self.steering = Steering(policy, config.hold_down)
+        self.auto = AutoSteering(self.steering, config.hold_down)
         self.book = FlowBook()
         self._events: deque[HostEvent] = deque()
         self.transactions = ClientTransactions()
@@ -129,6 +132,8 @@ class MobileHost:
         self._housekeeping_at: float | None = None
         self._reexamined: dict[FiveTuple, int] = {}
         self._probes: list[Outgoing] = []
+        # The data path's per-tunnel counters (the driver hands them over).
+        self.traffic: Mapping[str, TunnelTraffic] = {}
 
     @property
     def policy(self) -> Policy:
@@ -253,6 +258,7 @@ class MobileHost:
         scheduler = tunnel.scheduler
         if scheduler is None or not tunnel.open:
             return
+        tunnel.note_traffic(self.traffic.get(tunnel.name), now)
         due = scheduler.next_probe_at()
         if due is not None and now < due:
             return
@@ -371,8 +377,12 @@ class MobileHost:
         self.associate(now)
 
     def _tunnel_up(self, tunnel: ClientTunnel, now: float) -> None:
+        interval = self.config.probe_interval
         tunnel.scheduler = ProbeScheduler(
-            tunnel.number, interval=self.config.probe_interval, dead_after=self.config.dead_after
+            tunnel.number,
+            interval=interval,
+            dead_after=self.config.dead_after,
+            active_interval=min(self.config.busy_probe_interval, interval),
         )
         tunnel.phase = TunnelPhase.UP
         self.steering.set_up(tunnel.name, now)
@@ -433,13 +443,22 @@ class MobileHost:
     def reevaluate(self, now: float) -> None:
         """Move every flow that is not where steering wants it; announce the moves."""
         self._reevaluate_at = now + REEVALUATE_INTERVAL
+        self.auto.run(self.tunnels, now)
         with self.lock:
             pairs = list(self.paft)
             groups = plan_moves(pairs, self.book, self.steering, now)
-        for (app, source, target, reason), keys in groups.items():
-            record = HandoverRecord(self.wall(), app, len(keys), source, target, reason)
+        for (app, source, target, reason, detail), keys in groups.items():
+            record = HandoverRecord(
+                self.wall(), app, len(keys), source, target, reason, detail=detail
+            )
             log.info(
-                "handover: %s, %d flows, %s -> %s (%s)", app, len(keys), source, target, reason
+                "handover: %s, %d flows, %s -> %s (%s%s)",
+                app,
+                len(keys),
+                source,
+                target,
+                reason,
+                f": {detail}" if detail else "",
             )
             index = self.book.record(record)
             tunnel = self.tunnels.get(target)
@@ -463,6 +482,9 @@ class MobileHost:
             self.book.forget_missing(live)
         if any(_keys_worn(t) for t in self.tunnels.values()):
             self.association.request_rekey()
+        for tunnel in self.tunnels.values():
+            if (traffic := self.traffic.get(tunnel.name)) is not None:
+                tunnel.goodput.sample(traffic.bytes, now)
 
 
 def _ns(now: float) -> int:

@@ -25,6 +25,16 @@ The file format (TOML)::
     [apps."fire*"]                   # globs need quoting in TOML
     interfaces = ["if1"]
 
+    [interfaces.wwan0]               # attributes of an access interface
+    cost = 5                         # relative cost per GB (default 0)
+
+    [apps.zoom]
+    interfaces = ["wlan0", "wwan0"]
+    auto = true                      # choose among them by measurement and cost
+    max_loss = 0.02                  # criteria a tunnel must meet
+    max_rtt_ms = 150
+    max_jitter_ms = 30
+
 ``[default]`` applies to every application no ``[apps.*]`` table matches.
 Its keys:
 
@@ -41,9 +51,22 @@ Its keys:
 - ``movable``: as above, default true. It is not inherited from
   ``[default]``: each table says what it means on its own.
 
-A blocked application uses no interface, so ``interfaces`` and ``movable`` in
-a table with ``action = "block"`` are rejected rather than silently ignored:
-they would suggest a meaning they do not have.
+- ``auto``: choose among ``interfaces`` by measurement and cost
+  (`upmt_client.decision`) instead of taking the first live one (default
+  false). The criteria ``max_loss`` (a share, 0..1, of probes lost over
+  30 s), ``max_rtt_ms`` and ``max_jitter_ms`` say which tunnels are
+  acceptable; among those the cheapest wins, and without any the best
+  quality does.
+
+``auto`` and the criteria are allowed in ``[default]`` too, with the same
+meaning for every application without a table of its own.
+
+``[interfaces.NAME]`` keys: ``cost`` (a number >= 0, relative cost per GB,
+default 0).
+
+A blocked application uses no interface, so ``interfaces``, ``movable`` and
+the other keys above in a table with ``action = "block"`` are rejected
+rather than silently ignored: they would suggest a meaning they do not have.
 
 NAME is matched, case-sensitively, against both the process name and the
 basename of its executable; either matching is enough. NAME may be a shell
@@ -68,7 +91,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from ground.errors import ConfigError
 from ground.names import is_ifname
@@ -79,8 +102,10 @@ DEFAULT_KEY = "default"
 _GLOB_CHARS = frozenset("*?[")
 # Bare TOML keys need no quoting; anything else is shown as a quoted key.
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_DEFAULT_KEYS = frozenset({"interfaces", "movable"})
-_APP_KEYS = frozenset({"interfaces", "movable", "action"})
+_CHOICE_KEYS = frozenset({"auto", "max_loss", "max_rtt_ms", "max_jitter_ms"})
+_DEFAULT_KEYS = frozenset({"interfaces", "movable"}) | _CHOICE_KEYS
+_APP_KEYS = frozenset({"interfaces", "movable", "action"}) | _CHOICE_KEYS
+_INTERFACE_KEYS = frozenset({"cost"})
 
 
 class Action(Enum):
@@ -88,6 +113,33 @@ class Action(Enum):
 
     TUNNEL = "tunnel"
     BLOCK = "block"
+
+
+@dataclass(frozen=True, slots=True)
+class Criteria:
+    """What an `auto` application asks of a tunnel; None: no bound."""
+
+    max_loss: float | None = None  # share of probes lost over 30 s
+    max_rtt_ms: float | None = None
+    max_jitter_ms: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {
+            "max_loss": self.max_loss,
+            "max_rtt_ms": self.max_rtt_ms,
+            "max_jitter_ms": self.max_jitter_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceAttributes:
+    cost: float = 0.0  # relative cost per GB
+
+    def to_json(self) -> dict[str, float]:
+        return {"cost": self.cost}
+
+
+NO_ATTRIBUTES: Final = InterfaceAttributes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +154,8 @@ class AppPolicy:
     interfaces: tuple[str, ...]
     movable: bool = True
     action: Action = Action.TUNNEL
+    auto: bool = False
+    criteria: Criteria = Criteria()
 
     def to_json(self) -> dict[str, object]:
         """The fields as JSON values."""
@@ -110,6 +164,8 @@ class AppPolicy:
             "action": self.action.value,
             "interfaces": list(self.interfaces),
             "movable": self.movable,
+            "auto": self.auto,
+            "criteria": self.criteria.to_json(),
         }
 
 
@@ -120,6 +176,7 @@ class Policy:
     default: AppPolicy
     apps: tuple[AppPolicy, ...]
     source: str
+    interfaces: Mapping[str, InterfaceAttributes] = field(default_factory=dict)
     # Lookup structures, derived once so that classifying a new flow costs a
     # dict lookup in the common (exact name) case.
     _exact: dict[str, int] = field(init=False, repr=False, compare=False)
@@ -148,6 +205,9 @@ class Policy:
                 return app
         return self.default
 
+    def attributes(self, interface: str) -> InterfaceAttributes:
+        return self.interfaces.get(interface, NO_ATTRIBUTES)
+
     def interfaces_used(self) -> set[str]:
         """Every interface the policy names, in the default or any application."""
         used = set(self.default.interfaces)
@@ -161,6 +221,7 @@ class Policy:
             "source": self.source,
             "default": self.default.to_json(),
             "apps": [app.to_json() for app in self.apps],
+            "interfaces": {name: a.to_json() for name, a in self.interfaces.items()},
         }
 
 
@@ -237,14 +298,67 @@ class _Parser:
 
     def policy(self, data: Mapping[str, object], fallback: tuple[str, ...]) -> Policy:
         for key in data:
-            if key not in (DEFAULT_KEY, "apps"):
-                raise self.error([key], "unknown key or table (expected [default] or [apps.NAME])")
+            if key not in (DEFAULT_KEY, "apps", "interfaces"):
+                raise self.error(
+                    [key],
+                    "unknown key or table (expected [default], [apps.NAME] or [interfaces.NAME])",
+                )
         default = self.default(data.get(DEFAULT_KEY), fallback)
-        apps_table = data.get("apps", {})
-        if not isinstance(apps_table, dict):
-            raise self.error(["apps"], "must be a table of [apps.NAME] tables")
-        apps = tuple(self.app(name, table, default) for name, table in apps_table.items())
-        return Policy(default=default, apps=apps, source=self.source)
+        apps = tuple(
+            self.app(name, table, default) for name, table in self.tables(data, "apps").items()
+        )
+        interfaces = {
+            name: self.interface(name, table)
+            for name, table in self.tables(data, "interfaces").items()
+        }
+        return Policy(default=default, apps=apps, source=self.source, interfaces=interfaces)
+
+    def tables(self, data: Mapping[str, object], key: str) -> dict[str, object]:
+        found = data.get(key, {})
+        if not isinstance(found, dict):
+            raise self.error([key], f"must be a table of [{key}.NAME] tables")
+        return found
+
+    def interface(self, name: str, table: object) -> InterfaceAttributes:
+        path = ["interfaces", name]
+        if not is_ifname(name):
+            raise self.error(path, f"{_quote(name)} is not a valid interface name")
+        if not isinstance(table, dict):
+            raise self.error(path, "must be a table")
+        self.check_keys(path, table, _INTERFACE_KEYS)
+        return InterfaceAttributes(self.number([*path, "cost"], table.get("cost", 0), low=0.0))
+
+    def choice(self, path: list[str], table: Mapping[str, object]) -> dict[str, Any]:
+        """The keys of automatic choice, as `AppPolicy` fields."""
+        found: dict[str, Any] = {}
+        if "auto" in table:
+            found["auto"] = self.boolean([*path, "auto"], table["auto"])
+        bounds = {
+            "max_loss": (0.0, 1.0),
+            "max_rtt_ms": (0.0, None),
+            "max_jitter_ms": (0.0, None),
+        }
+        criteria = {
+            key: self.number([*path, key], table[key], low, high)
+            for key, (low, high) in bounds.items()
+            if key in table
+        }
+        if criteria:
+            found["criteria"] = Criteria(**criteria)
+        return found
+
+    def number(
+        self, path: list[str], value: object, low: float, high: float | None = None
+    ) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(path, f"must be a number, not {_toml_type(value)}")
+        number = float(value)
+        if number != number or (high is None and number == float("inf")):
+            raise self.error(path, "must be a finite number")
+        if number < low or (high is not None and number > high):
+            bound = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+            raise self.error(path, f"must be {bound}, not {number:g}")
+        return number
 
     def default(self, table: object, fallback: tuple[str, ...]) -> AppPolicy:
         if table is None:
@@ -257,7 +371,7 @@ class _Parser:
         if "interfaces" in table:
             interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
         movable = self.boolean([*path, "movable"], table.get("movable", True))
-        return AppPolicy(DEFAULT_KEY, interfaces, movable)
+        return AppPolicy(DEFAULT_KEY, interfaces, movable, **self.choice(path, table))
 
     def app(self, name: str, table: object, default: AppPolicy) -> AppPolicy:
         path = ["apps", name]
@@ -268,7 +382,7 @@ class _Parser:
         self.check_keys(path, table, _APP_KEYS)
         action = self.action([*path, "action"], table.get("action", Action.TUNNEL.value))
         if action is Action.BLOCK:
-            for key in ("interfaces", "movable"):
+            for key in sorted(_APP_KEYS - {"action"}):
                 if key in table:
                     raise self.error([*path, key], 'not allowed with action = "block"')
             return AppPolicy(name, (), action=Action.BLOCK)
@@ -276,7 +390,7 @@ class _Parser:
         if "interfaces" in table:
             interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
         movable = self.boolean([*path, "movable"], table.get("movable", True))
-        return AppPolicy(name, interfaces, movable, Action.TUNNEL)
+        return AppPolicy(name, interfaces, movable, Action.TUNNEL, **self.choice(path, table))
 
     def check_keys(
         self, path: list[str], table: Mapping[str, object], allowed: frozenset[str]

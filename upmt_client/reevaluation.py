@@ -18,7 +18,7 @@ __all__ = ["CLASSIFIABLE", "REEXAMINE_TRIES", "plan_moves", "to_reexamine"]
 
 CLASSIFIABLE = (6, 17)  # TCP, UDP: protocols with sockets sock_diag can find
 REEXAMINE_TRIES = 3
-Group = tuple[str, str, str, str]  # application, from, to, reason
+Group = tuple[str, str, str, str, str]  # application, from, to, reason, detail
 
 
 def plan_moves(
@@ -32,9 +32,8 @@ def plan_moves(
         move = steering.target(key, entry.tunnel, name, exe, entry.movable, now)
         if move is None:
             continue
-        groups.setdefault((name or "(unknown)", entry.tunnel, move.target, move.reason), []).append(
-            key
-        )
+        group = (name or "(unknown)", entry.tunnel, move.target, move.reason, move.detail)
+        groups.setdefault(group, []).append(key)
         entry.tunnel = move.target
     return groups
 

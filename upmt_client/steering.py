@@ -12,12 +12,17 @@ interface to return. The user can pin an application (`handover APP --to`)
 or a single flow (`handover --flow ID --to`) to an interface: a pin takes
 precedence over the policy order while its interface is up.
 
+An `auto` application (policy ``auto = true``) goes where its automatic
+choice (`upmt_client.decision`, made by the core on every re-evaluation)
+puts it, while that interface is live; before the first choice, and when
+its interface dies, it follows the order of its list like any other.
+
 `SteeringView` is an immutable snapshot: the data-path thread reads the
 current one for new flows while the control plane builds the next.
 """
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from upmt_client.policy import Action, AppPolicy, Policy, matches
 
@@ -32,10 +37,25 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoChoice:
+    interface: str
+    reason: str  # "quality" or "cost"
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class SteeringView:
     policy: Policy
     up_since: Mapping[str, float]  # live interfaces → since when (control-plane clock)
     app_pins: tuple[tuple[str, str], ...] = ()  # (app pattern, interface), newest first
+    auto: Mapping[str, AutoChoice] = field(default_factory=dict)  # policy key → choice
+
+    def auto_choice(self, pol: AppPolicy) -> AutoChoice | None:
+        """The live automatic choice of an `auto` application, if it has one."""
+        if not pol.auto:
+            return None
+        choice = self.auto.get(pol.key)
+        return choice if choice is not None and self.live(choice.interface) else None
 
     def live(self, interface: str) -> bool:
         return interface in self.up_since
@@ -57,6 +77,9 @@ class SteeringView:
         pin = self.pinned(name, exe_name)
         if pin is not None and self.live(pin):
             return Decision(pin, pol.key, pol.movable)
+        auto = self.auto_choice(pol)
+        if auto is not None:
+            return Decision(auto.interface, pol.key, pol.movable)
         for interface in pol.interfaces:
             if self.live(interface):
                 return Decision(interface, pol.key, pol.movable)
@@ -67,7 +90,8 @@ class SteeringView:
 @dataclass(frozen=True, slots=True)
 class Move:
     target: str
-    reason: str  # "link down", "probe loss", "return", "policy", "pin"
+    reason: str  # "link down", "probe loss", "return", "policy", "pin", "quality", "cost"
+    detail: str = ""  # the figures behind an automatic choice
 
 
 @dataclass
@@ -87,7 +111,7 @@ class Steering:
 
     def set_policy(self, policy: Policy) -> None:
         self.policy = policy
-        self.view = SteeringView(policy, self.view.up_since, self.view.app_pins)
+        self.view = replace(self.view, policy=policy)
 
     def set_up(self, interface: str, now: float) -> None:
         if interface not in self.view.up_since:
@@ -95,18 +119,25 @@ class Steering:
                 self.returned.add(interface)
             up = dict(self.view.up_since)
             up[interface] = now
-            self.view = SteeringView(self.policy, up, self.view.app_pins)
+            self.view = replace(self.view, up_since=up)
         self.down_reason.pop(interface, None)
 
     def set_down(self, interface: str, reason: str) -> None:
         self.down_reason[interface] = reason
         if interface in self.view.up_since:
             up = {k: v for k, v in self.view.up_since.items() if k != interface}
-            self.view = SteeringView(self.policy, up, self.view.app_pins)
+            self.view = replace(self.view, up_since=up)
 
     def pin_app(self, pattern: str, interface: str) -> None:
         pins = ((pattern, interface), *(p for p in self.view.app_pins if p[0] != pattern))
-        self.view = SteeringView(self.policy, self.view.up_since, pins)
+        self.view = replace(self.view, app_pins=pins)
+
+    def set_auto(self, key: str, choice: AutoChoice | None) -> None:
+        """The automatic choice for the `auto` application of policy table `key`."""
+        auto = {k: v for k, v in self.view.auto.items() if k != key}
+        if choice is not None:
+            auto[key] = choice
+        self.view = replace(self.view, auto=auto)
 
     def pin_flow(self, key: object, interface: str) -> None:
         self.flow_pins[key] = interface
@@ -138,6 +169,13 @@ class Steering:
         pin = self.flow_pins.get(key) or view.pinned(name, exe_name)
         if pin is not None and view.live(pin):
             return None if pin == current else Move(pin, "pin")
+        auto = view.auto_choice(pol)
+        if auto is not None and auto.interface != current:
+            if not view.live(current):
+                return Move(auto.interface, self.down_reason.get(current, "link down"))
+            return Move(auto.interface, auto.reason, auto.detail)
+        if auto is not None:
+            return None
         if not view.live(current):
             for interface in pol.interfaces:
                 if view.live(interface):

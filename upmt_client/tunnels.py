@@ -17,14 +17,16 @@ asked for again after 1 s.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from ground.constants import Addr
 from signalling.handshake import SessionKeys, tunnel_keys
 from tunnel.addr import format_hostport
 from tunnel.crypto import KeyExhausted, Opener, Sealer, TunnelKeys
+from tunnel.quality import Goodput
 from tunnel.state import ProbeScheduler
+from upmt_client.forwarder import TunnelTraffic
 
 __all__ = ["MAX_BACKOFF", "ClientTunnel", "TunnelPhase", "tunnel_channel"]
 
@@ -37,6 +39,9 @@ class TunnelPhase(Enum):
     SETTING_UP = "setting-up"
     UP = "up"
     DEAD = "dead"
+
+
+BUSY_FOR = 1.0  # a tunnel that moved packets this recently is probed fast
 
 
 def tunnel_channel(interface: str) -> str:
@@ -66,6 +71,19 @@ class ClientTunnel:
     # same object, a rekey changes it in place.
     keys: TunnelKeys | None = None
     setup_failures: int = 0
+    # The data path's packet count when last looked at, and until when the tunnel
+    # counts as busy (probed fast); its goodput, sampled every second.
+    traffic_seen: int = 0
+    busy_until: float = float("-inf")
+    goodput: Goodput = field(default_factory=Goodput)
+
+    def note_traffic(self, traffic: TunnelTraffic | None, now: float) -> None:
+        """A tunnel whose packet count moved is busy for `BUSY_FOR` s: probed fast."""
+        if traffic is not None and traffic.packets != self.traffic_seen:
+            self.traffic_seen = traffic.packets
+            self.busy_until = now + BUSY_FOR
+        if self.scheduler is not None:
+            self.scheduler.set_active(now < self.busy_until)
 
     @property
     def slot(self) -> int:

@@ -40,7 +40,7 @@ from upmt_client.config import ClientConfig
 from upmt_client.forwarder import ClientForwarder, FlowChoice
 from upmt_client.host import MobileHost
 from upmt_client.host_events import CloseSocket, Failed, OpenSocket, SocketKind
-from upmt_client.policy import builtin_policy
+from upmt_client.policy import Policy, builtin_policy
 
 AN = "198.51.100.2"
 SIP: Addr = (AN, 5060)
@@ -105,7 +105,14 @@ class InProcessAnchor:
 class SystemLab:
     """One client core behind two NATs, one anchor, one network, one clock."""
 
-    def __init__(self, tmp_path: Path, *, users: UserStore | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        users: UserStore | None = None,
+        policy: Policy | None = None,
+        **config: Any,
+    ) -> None:
         self.tmp_path = tmp_path
         self.clock = VirtualClock()
         self.rng = random.Random(7)
@@ -129,7 +136,7 @@ class SystemLab:
         self.host = MobileHost(
             cfg,
             ["if0", "if1"],
-            builtin_policy(["if0", "if1"]),
+            policy or builtin_policy(["if0", "if1"]),
             static=StaticKey.generate(),
             anchor_key=self.anchor.registrar.static_key.public,
             paft=self.paft,
@@ -144,6 +151,7 @@ class SystemLab:
         )
         self.tun = FakeTunIO()
         self.engine = Engine("client-data", self.tun, self.forwarder, clock=self.clock)
+        self.host.traffic = self.forwarder.tunnels
         self.channels: dict[str, FakeDatagramIO] = {}
         self.sockets: dict[tuple[SocketKind, str], Addr] = {}
         self.failed: list[Failed] = []
@@ -247,6 +255,14 @@ class SystemLab:
         self.anchor.tun.inject(packet)
         self.anchor.engine.drain_tun()
         self.pump()
+
+    def stream(self, packets: list[bytes], seconds: float, every: float = 0.02) -> None:
+        """Send `packets` upstream every `every` seconds for `seconds` (a constant-rate app)."""
+        end = self.now + seconds
+        while self.now < end:
+            for packet in packets:
+                self.send_up(packet)
+            self.run_for(every)
 
     def learn(self, key: FiveTuple, interface: str, app: str | None = None) -> None:
         with self.host.lock:

@@ -114,7 +114,10 @@ def test_to_json() -> None:
         "action": "tunnel",
         "interfaces": ["if0", "if1"],
         "movable": True,
+        "auto": False,
+        "criteria": {"max_loss": None, "max_rtt_ms": None, "max_jitter_ms": None},
     }
+    assert out["interfaces"] == {}
     apps = out["apps"]
     assert isinstance(apps, list)
     assert [a["key"] for a in apps] == ["curl", "rsync", "telnet", "fire*"]

@@ -21,7 +21,9 @@ from signalling.handshake import SessionKeys
 from tests.unit.system_kit import ADDRESSES, NAT_PUBLIC, SystemLab, flow, udp
 from upmt_client.association import AnchorRefused
 from upmt_client.commands import handover, host_status
+from upmt_client.explain import explain_json
 from upmt_client.host_events import OpenSocket
+from upmt_client.policy import parse_policy
 from upmt_client.tunnels import TunnelPhase
 
 CH = "192.0.2.80"  # a correspondent host on the Internet, behind the anchor's NAT
@@ -175,7 +177,118 @@ def test_link_down_moves_flows_and_they_return_after_the_hold_down(tmp_path: Pat
     assert lab.host.book.history[-1].reason == "return"
 
 
-def test_a_blackhole_is_declared_after_dead_after_probes(tmp_path: Path) -> None:
+def test_a_blackhole_on_a_busy_tunnel_is_declared_within_a_second(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, probe_interval=0.5, dead_after=4)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    lab.owners[FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 5004)] = "rtp"
+    idle = lab.host.tunnels["if1"].scheduler
+    for _ in range(50):  # a 50 packets/s stream on if0 for a second
+        lab.send_up(udp(vipa, CH, 40000, 5004, b"voice"))
+        lab.run_for(0.02)
+    busy = lab.host.tunnels["if0"].scheduler
+    assert busy is not None and idle is not None
+    assert busy.current_interval == pytest.approx(0.1)  # probed fast while it carries traffic
+    assert idle.current_interval == 0.5  # the idle tunnel keeps the keepalive rate
+    lab.nats["if0"].blackhole = True
+    started = lab.now
+    while lab.host.tunnels["if0"].phase is TunnelPhase.UP and lab.now < started + 10:
+        lab.send_up(udp(vipa, CH, 40000, 5004, b"voice"))
+        lab.run_for(0.02)
+    assert lab.host.tunnels["if0"].down_reason == "probe loss"
+    assert lab.now - started <= 1.0
+    lab.send_up(udp(vipa, CH, 40000, 5004, b"after"))
+    assert lab.paft.entries[next(iter(lab.owners))].tunnel == "if1"
+    assert lab.anchor.tun.take()[-1] == udp(vipa, CH, 40000, 5004, b"after")
+
+
+def test_quality_figures_in_status(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    lab.nats["if1"].loss = 0.1
+    lab.run_for(30)
+    tunnels = {t["interface"]: t for t in host_status(lab.host, lab.now, lab.now)["tunnels"]}
+    assert tunnels["if0"]["loss"] == 0.0 and tunnels["if0"]["jitter_ms"] is not None
+    # A tenth of the probes and of their acks are lost on if1: about 19 % go unanswered.
+    assert 0.08 <= tunnels["if1"]["loss"] <= 0.35, tunnels["if1"]
+    assert set(tunnels["if1"]["loss_windows"]) == {"5s", "30s", "120s"}
+    assert tunnels["if0"]["probe_interval_ms"] == 500.0  # idle: the keepalive
+
+
+AUTO_POLICY = """
+[interfaces.if1]
+cost = 5
+[default]
+interfaces = ["if0", "if1"]
+[apps.rtp]
+interfaces = ["if0", "if1"]
+auto = true
+max_loss = 0.02
+max_rtt_ms = 150
+"""
+
+
+def auto_lab(tmp_path: Path) -> tuple[SystemLab, list[bytes], FiveTuple, FiveTuple]:
+    policy = parse_policy(AUTO_POLICY, "policy.toml", fallback_interfaces=["if0", "if1"])
+    lab = SystemLab(tmp_path, policy=policy, hold_down=10.0)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    rtp = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 5004)
+    bulk = FiveTuple(PROTO_UDP, pack_address(vipa), 40001, pack_address(CH), 9000)
+    lab.owners.update({rtp: "rtp", bulk: "curl"})
+    packets = [udp(vipa, CH, 40000, 5004, b"voice"), udp(vipa, CH, 40001, 9000, b"bulk")]
+    return lab, packets, rtp, bulk
+
+
+def moves_of(lab: SystemLab, app: str) -> list[tuple[str, str, str]]:
+    return [(h.source, h.target, h.reason) for h in lab.host.book.history if h.app == app]
+
+
+def test_loss_moves_an_auto_app_and_leaves_a_bulk_app_then_it_returns(tmp_path: Path) -> None:
+    lab, packets, rtp, bulk = auto_lab(tmp_path)
+    lab.stream(packets, 5)
+    assert (lab.paft.entries[rtp].tunnel, lab.paft.entries[bulk].tunnel) == ("if0", "if0")
+
+    lab.nats["if0"].loss = 0.15
+    started = lab.now
+    while lab.paft.entries[rtp].tunnel == "if0" and lab.now < started + 20:
+        lab.stream(packets, 0.5)
+    assert lab.paft.entries[rtp].tunnel == "if1"
+    assert lab.now - started <= 10
+    assert lab.paft.entries[bulk].tunnel == "if0"  # no `auto`: it stays
+    assert lab.host.tunnels["if0"].phase is TunnelPhase.UP  # lossy, not dead
+    (move,) = [h for h in lab.host.book.history if h.app == "rtp"]
+    assert (move.source, move.target, move.reason) == ("if0", "if1", "quality")
+    assert "if0: loss" in move.detail, move.detail
+    why = explain_json(lab.host, "rtp", lab.now)
+    assert (why["chosen"], why["reason"]) == ("if1", "quality")
+    by_name = {c["interface"]: c for c in why["candidates"]}
+    assert not by_name["if0"]["acceptable"] and by_name["if0"]["breaks"][0].startswith("loss")
+    assert by_name["if1"]["acceptable"] and by_name["if1"]["cost"] == 5
+    assert explain_json(lab.host, "curl", lab.now)["reason"] == "order"
+
+    lab.nats["if0"].loss = 0.0
+    recovered = lab.now
+    while lab.paft.entries[rtp].tunnel == "if1" and lab.now < recovered + 90:
+        lab.stream(packets, 0.5)
+    assert lab.paft.entries[rtp].tunnel == "if0"  # back to the cheaper interface
+    assert lab.now - recovered >= 10  # not before the hold-down
+    assert moves_of(lab, "rtp") == [("if0", "if1", "quality"), ("if1", "if0", "cost")]
+    assert moves_of(lab, "curl") == []
+
+
+def test_a_flapping_path_causes_no_ping_pong(tmp_path: Path) -> None:
+    lab, packets, _rtp, _bulk = auto_lab(tmp_path)
+    lab.stream(packets, 2)
+    for cycle in range(12):  # two minutes: if0 loses 20 % for 5 s of every 10
+        lab.nats["if0"].loss = 0.2 if cycle % 2 == 0 else 0.0
+        lab.stream(packets, 5, every=0.05)
+    assert len(moves_of(lab, "rtp")) <= 1, moves_of(lab, "rtp")
+
+
+def test_an_idle_blackhole_is_declared_after_dead_after_probes(tmp_path: Path) -> None:
     lab = SystemLab(tmp_path, probe_interval=0.5, dead_after=4)
     lab.start()
     key = flow(5000)
