@@ -38,7 +38,8 @@ class AutoSteering:
         out = []
         for name in pol.interfaces:
             tunnel = tunnels.get(name)
-            if tunnel is None or tunnel.scheduler is None or not self.steering.view.live(name):
+            view = self.steering.view
+            if tunnel is None or tunnel.scheduler is None or not view.usable(pol, name):
                 continue
             quality = tunnel.scheduler.quality(now, tunnel.goodput.bits_per_second)
             out.append(Candidate(name, quality, self.steering.policy.attributes(name).cost))

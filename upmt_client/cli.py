@@ -334,6 +334,9 @@ def format_status(st: dict[str, Any]) -> str:
             ["PROTO", "VIPA:PORT", "DST:PORT", "INTERFACE", "BYTES", "APP"],
         ),
     ]
+    used = (st.get("usage") or {}).get("interfaces_mb") or {}
+    if used:
+        out += ["", "today: " + ", ".join(f"{name} {mb:.1f} MB" for name, mb in used.items())]
     if st["handovers"]:
         rows = [
             [
@@ -374,7 +377,8 @@ def format_explain(ex: dict[str, Any]) -> str:
     rows = []
     for c in ex["candidates"]:
         if not c["live"]:
-            rows.append([c["interface"], "down", "-", "-", "-", f"{c['cost']:g}", "-", "-"])
+            state = "capped" if c.get("capped") else "down"
+            rows.append([c["interface"], state, "-", "-", "-", f"{c['cost']:g}", "-", "-"])
             continue
         rows.append(
             [

@@ -150,6 +150,7 @@ def host_status(host: MobileHost, now: float, flow_now: float) -> JSON:
         "registration_expires_in_s": reg.expires_in(now),
         "policy": host.policy.source,
         "tunnels": tunnels_json(host, now, flow_now),
+        "usage": host.usage.to_json(),
         "flows": flows_json(host, flow_now),
         "handovers": [r.to_json() for r in host.book.history],
     }

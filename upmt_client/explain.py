@@ -1,7 +1,8 @@
 """`upmt-client explain APP`: why an application is where it is (pure).
 
 For the application's policy table: each of its interfaces with the
-tunnel's figures, the criteria it meets or breaks, its cost and score, and
+tunnel's figures, the criteria it meets or breaks, whether a daily cap
+closed it, its cost and score, and
 the standing decision (the automatic choice of an `auto` application, or
 where steering sends its new flows).
 """
@@ -31,6 +32,7 @@ def explain_json(host: MobileHost, app: str, now: float) -> JSON:
         row: JSON = {
             "interface": name,
             "live": candidate is not None,
+            "capped": not host.steering.view.open_to(pol, name),
             "cost": host.policy.attributes(name).cost,
         }
         if candidate is not None:

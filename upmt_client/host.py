@@ -64,9 +64,10 @@ from upmt_client.host_events import (
 )
 from upmt_client.policy import Policy
 from upmt_client.reevaluation import plan_moves, to_reexamine
-from upmt_client.steering import BLOCKED, Steering
+from upmt_client.steering import PARKED, Steering
 from upmt_client.transactions import ClientTransactions
 from upmt_client.tunnels import MAX_BACKOFF, REOPEN_DELAY, ClientTunnel, TunnelPhase, tunnel_channel
+from upmt_client.usage import Usage
 
 __all__ = ["MobileHost"]
 
@@ -114,6 +115,7 @@ class MobileHost:
         self.links = {name: Link() for name in interfaces}
         self.steering = Steering(policy, config.hold_down)
         self.auto = AutoSteering(self.steering, config.hold_down)
+        self.usage = Usage()
         self.book = FlowBook()
         self._events: deque[HostEvent] = deque()
         self.transactions = ClientTransactions()
@@ -443,9 +445,12 @@ class MobileHost:
     def reevaluate(self, now: float) -> None:
         """Move every flow that is not where steering wants it; announce the moves."""
         self._reevaluate_at = now + REEVALUATE_INTERVAL
-        self.auto.run(self.tunnels, now)
         with self.lock:
             pairs = list(self.paft)
+        today = time.strftime("%Y-%m-%d", time.localtime(self.wall()))
+        self.steering.set_capped(self.usage.count(pairs, self.book, self.policy, today))
+        self.auto.run(self.tunnels, now)
+        with self.lock:
             groups = plan_moves(pairs, self.book, self.steering, now)
         for (app, source, target, reason, detail), keys in groups.items():
             record = HandoverRecord(
@@ -462,7 +467,7 @@ class MobileHost:
             )
             index = self.book.record(record)
             tunnel = self.tunnels.get(target)
-            if target != BLOCKED and tunnel is not None:
+            if target not in PARKED and tunnel is not None:
                 self.announcer.announce(target, keys, self._builder(tunnel), now, index=index)
         for key in to_reexamine(pairs, self.book, self._reexamined):
             self._events.append(Reexamine(key))

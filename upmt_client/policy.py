@@ -27,6 +27,7 @@ The file format (TOML)::
 
     [interfaces.wwan0]               # attributes of an access interface
     cost = 5                         # relative cost per GB (default 0)
+    cap_mb = 2000                    # metered: this many MB a day for all apps
 
     [apps.zoom]
     interfaces = ["wlan0", "wwan0"]
@@ -34,6 +35,8 @@ The file format (TOML)::
     max_loss = 0.02                  # criteria a tunnel must meet
     max_rtt_ms = 150
     max_jitter_ms = 30
+    cap_mb = 500                     # a daily cap on metered interfaces
+    over_cap = "block"               # or "hold": when no interface is left
 
 ``[default]`` applies to every application no ``[apps.*]`` table matches.
 Its keys:
@@ -57,12 +60,20 @@ Its keys:
   30 s), ``max_rtt_ms`` and ``max_jitter_ms`` say which tunnels are
   acceptable; among those the cheapest wins, and without any the best
   quality does.
+- ``cap_mb``: at most this many MB (10^6 bytes) a day over the metered
+  interfaces, all of them together (`upmt_client.usage`). A cap reached
+  closes those interfaces to the application until midnight: its flows go
+  to the next interface of its list, or, with none left, are dropped
+  (``over_cap = "block"``, the default) or parked without traffic until an
+  interface opens again (``over_cap = "hold"``).
 
-``auto`` and the criteria are allowed in ``[default]`` too, with the same
-meaning for every application without a table of its own.
+``auto``, the criteria, ``cap_mb`` and ``over_cap`` are allowed in
+``[default]`` too, with the same meaning for every application without a
+table of its own.
 
 ``[interfaces.NAME]`` keys: ``cost`` (a number >= 0, relative cost per GB,
-default 0).
+default 0) and ``cap_mb`` (a number > 0: the interface is metered, and
+closes to every application once this many MB crossed it today).
 
 A blocked application uses no interface, so ``interfaces``, ``movable`` and
 the other keys above in a table with ``action = "block"`` are rejected
@@ -102,10 +113,11 @@ DEFAULT_KEY = "default"
 _GLOB_CHARS = frozenset("*?[")
 # Bare TOML keys need no quoting; anything else is shown as a quoted key.
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_CHOICE_KEYS = frozenset({"auto", "max_loss", "max_rtt_ms", "max_jitter_ms"})
+_CHOICE_KEYS = frozenset({"auto", "max_loss", "max_rtt_ms", "max_jitter_ms", "cap_mb", "over_cap"})
 _DEFAULT_KEYS = frozenset({"interfaces", "movable"}) | _CHOICE_KEYS
 _APP_KEYS = frozenset({"interfaces", "movable", "action"}) | _CHOICE_KEYS
-_INTERFACE_KEYS = frozenset({"cost"})
+_INTERFACE_KEYS = frozenset({"cost", "cap_mb"})
+OVER_CAP: Final = ("block", "hold")
 
 
 class Action(Enum):
@@ -134,9 +146,10 @@ class Criteria:
 @dataclass(frozen=True, slots=True)
 class InterfaceAttributes:
     cost: float = 0.0  # relative cost per GB
+    cap_mb: float | None = None  # metered: MB a day for every application together
 
-    def to_json(self) -> dict[str, float]:
-        return {"cost": self.cost}
+    def to_json(self) -> dict[str, float | None]:
+        return {"cost": self.cost, "cap_mb": self.cap_mb}
 
 
 NO_ATTRIBUTES: Final = InterfaceAttributes()
@@ -156,6 +169,8 @@ class AppPolicy:
     action: Action = Action.TUNNEL
     auto: bool = False
     criteria: Criteria = Criteria()
+    cap_mb: float | None = None  # MB a day over metered interfaces
+    over_cap: str = "block"  # with every interface closed by a cap: "block" or "hold"
 
     def to_json(self) -> dict[str, object]:
         """The fields as JSON values."""
@@ -166,6 +181,8 @@ class AppPolicy:
             "movable": self.movable,
             "auto": self.auto,
             "criteria": self.criteria.to_json(),
+            "cap_mb": self.cap_mb,
+            "over_cap": self.over_cap,
         }
 
 
@@ -326,13 +343,29 @@ class _Parser:
         if not isinstance(table, dict):
             raise self.error(path, "must be a table")
         self.check_keys(path, table, _INTERFACE_KEYS)
-        return InterfaceAttributes(self.number([*path, "cost"], table.get("cost", 0), low=0.0))
+        cost = self.number([*path, "cost"], table.get("cost", 0), low=0.0)
+        return InterfaceAttributes(cost, self.cap([*path, "cap_mb"], table.get("cap_mb")))
+
+    def cap(self, path: list[str], value: object) -> float | None:
+        if value is None:
+            return None
+        cap = self.number(path, value, low=0.0)
+        if cap == 0:
+            raise self.error(path, "must be > 0 (leave it out for no cap)")
+        return cap
 
     def choice(self, path: list[str], table: Mapping[str, object]) -> dict[str, Any]:
         """The keys of automatic choice, as `AppPolicy` fields."""
         found: dict[str, Any] = {}
         if "auto" in table:
             found["auto"] = self.boolean([*path, "auto"], table["auto"])
+        if "cap_mb" in table:
+            found["cap_mb"] = self.cap([*path, "cap_mb"], table["cap_mb"])
+        if "over_cap" in table:
+            over = table["over_cap"]
+            if over not in OVER_CAP:
+                raise self.error([*path, "over_cap"], 'must be "block" or "hold"')
+            found["over_cap"] = over
         bounds = {
             "max_loss": (0.0, 1.0),
             "max_rtt_ms": (0.0, None),

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from upmt_client.policy import Action, AppPolicy, Policy, matches
 
 BLOCKED = "!blocked"  # a pseudo-tunnel: the data path drops the flow's packets
+HELD = "!held"  # a pseudo-tunnel for flows parked by a cap: dropped, counted as no tunnel
+PARKED = (BLOCKED, HELD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +51,32 @@ class SteeringView:
     up_since: Mapping[str, float]  # live interfaces → since when (control-plane clock)
     app_pins: tuple[tuple[str, str], ...] = ()  # (app pattern, interface), newest first
     auto: Mapping[str, AutoChoice] = field(default_factory=dict)  # policy key → choice
+    # (policy key or "*", interface) closed by a daily cap (`upmt_client.usage`).
+    capped: frozenset[tuple[str, str]] = frozenset()
 
     def auto_choice(self, pol: AppPolicy) -> AutoChoice | None:
-        """The live automatic choice of an `auto` application, if it has one."""
+        """The usable automatic choice of an `auto` application, if it has one."""
         if not pol.auto:
             return None
         choice = self.auto.get(pol.key)
-        return choice if choice is not None and self.live(choice.interface) else None
+        return choice if choice is not None and self.usable(pol, choice.interface) else None
 
     def live(self, interface: str) -> bool:
         return interface in self.up_since
+
+    def open_to(self, pol: AppPolicy, interface: str) -> bool:
+        """Whether no cap closes `interface` to `pol`'s applications today."""
+        return ("*", interface) not in self.capped and (pol.key, interface) not in self.capped
+
+    def usable(self, pol: AppPolicy, interface: str) -> bool:
+        return self.live(interface) and self.open_to(pol, interface)
+
+    def over_cap(self, pol: AppPolicy) -> str | None:
+        """Where `pol`'s flows park when caps close every live interface of its list."""
+        live = [i for i in pol.interfaces if self.live(i)]
+        if live and not any(self.open_to(pol, i) for i in live):
+            return BLOCKED if pol.over_cap == "block" else HELD
+        return None
 
     def policy_for(self, name: str | None, exe_name: str | None) -> AppPolicy:
         return self.policy.for_app(name, exe_name)
@@ -75,14 +93,17 @@ class SteeringView:
         if pol.action is Action.BLOCK:
             return Decision(BLOCKED, pol.key, False)
         pin = self.pinned(name, exe_name)
-        if pin is not None and self.live(pin):
+        if pin is not None and self.usable(pol, pin):
             return Decision(pin, pol.key, pol.movable)
         auto = self.auto_choice(pol)
         if auto is not None:
             return Decision(auto.interface, pol.key, pol.movable)
         for interface in pol.interfaces:
-            if self.live(interface):
+            if self.usable(pol, interface):
                 return Decision(interface, pol.key, pol.movable)
+        parked = self.over_cap(pol)
+        if parked is not None:
+            return Decision(parked, pol.key, True)
         # Nothing live: a flow that may not move waits for its first choice.
         return Decision(None if pol.movable else pol.interfaces[0], pol.key, pol.movable)
 
@@ -90,7 +111,7 @@ class SteeringView:
 @dataclass(frozen=True, slots=True)
 class Move:
     target: str
-    reason: str  # "link down", "probe loss", "return", "policy", "pin", "quality", "cost"
+    reason: str  # "link down", "probe loss", "return", "policy", "pin", "quality", "cost", "cap"
     detail: str = ""  # the figures behind an automatic choice
 
 
@@ -132,6 +153,10 @@ class Steering:
         pins = ((pattern, interface), *(p for p in self.view.app_pins if p[0] != pattern))
         self.view = replace(self.view, app_pins=pins)
 
+    def set_capped(self, capped: frozenset[tuple[str, str]]) -> None:
+        if capped != self.view.capped:
+            self.view = replace(self.view, capped=capped)
+
     def set_auto(self, key: str, choice: AutoChoice | None) -> None:
         """The automatic choice for the `auto` application of policy table `key`."""
         auto = {k: v for k, v in self.view.auto.items() if k != key}
@@ -156,31 +181,30 @@ class Steering:
     ) -> Move | None:
         """Where an existing flow should be now, if not where it is."""
         view = self.view
-        if current == BLOCKED or not movable:
+        if not movable:
             return None
         pol = view.policy_for(name, exe_name)
         if pol.action is Action.BLOCK:
-            return Move(BLOCKED, "policy")
+            return None if current == BLOCKED else Move(BLOCKED, "policy")
+        if current in PARKED:  # parked by a cap (or blocked by an old policy)
+            return self._unpark(pol, current)
+        pin = self.flow_pins.get(key) or view.pinned(name, exe_name)
+        if pin is not None and view.usable(pol, pin):
+            return None if pin == current else Move(pin, "pin")
+        if not view.usable(pol, current):
+            return self._leave(pol, current)
+        auto = view.auto_choice(pol)
+        if auto is not None:
+            return (
+                None
+                if auto.interface == current
+                else Move(auto.interface, auto.reason, auto.detail)
+            )
         settled = {
             i
             for i, since in view.up_since.items()
-            if i not in self.returned or now - since >= self.hold_down
+            if (i not in self.returned or now - since >= self.hold_down) and view.open_to(pol, i)
         }
-        pin = self.flow_pins.get(key) or view.pinned(name, exe_name)
-        if pin is not None and view.live(pin):
-            return None if pin == current else Move(pin, "pin")
-        auto = view.auto_choice(pol)
-        if auto is not None and auto.interface != current:
-            if not view.live(current):
-                return Move(auto.interface, self.down_reason.get(current, "link down"))
-            return Move(auto.interface, auto.reason, auto.detail)
-        if auto is not None:
-            return None
-        if not view.live(current):
-            for interface in pol.interfaces:
-                if view.live(interface):
-                    return Move(interface, self.down_reason.get(current, "link down"))
-            return None
         for interface in pol.interfaces:
             if interface == current:
                 return None
@@ -188,6 +212,31 @@ class Steering:
                 return Move(interface, "return" if interface in self.returned else "policy")
         # The current interface is not in the app's list (policy changed): obey it.
         for interface in pol.interfaces:
-            if view.live(interface):
+            if view.usable(pol, interface):
                 return Move(interface, "policy")
         return None
+
+    def _leave(self, pol: AppPolicy, current: str) -> Move | None:
+        """A flow whose interface died or was closed by a cap: the next usable one, or park."""
+        view = self.view
+        reason = "cap" if view.live(current) else self.down_reason.get(current, "link down")
+        auto = view.auto_choice(pol)
+        if auto is not None:
+            return Move(auto.interface, reason)
+        for interface in pol.interfaces:
+            if view.usable(pol, interface):
+                return Move(interface, reason)
+        parked = view.over_cap(pol)
+        return Move(parked, "cap") if parked is not None else None
+
+    def _unpark(self, pol: AppPolicy, current: str) -> Move | None:
+        """A parked flow goes back as soon as an interface of its list is usable again."""
+        view = self.view
+        auto = view.auto_choice(pol)
+        target = auto.interface if auto is not None else None
+        if target is None:
+            target = next((i for i in pol.interfaces if view.usable(pol, i)), None)
+        if target is not None:
+            return Move(target, "cap" if current == HELD else "policy")
+        parked = view.over_cap(pol)
+        return Move(parked, "cap") if parked is not None and parked != current else None

@@ -90,3 +90,44 @@ def test_loss_moves_the_auto_app_alone_and_it_returns_when_the_path_heals(lab: L
     assert sha256(out) == sha256(blob)
     result = cbr_result(cbr)
     print(f"moved after {moved_after:.1f} s, returned after {returned_after:.1f} s, {result}")
+
+
+CAP_POLICY = """
+[interfaces.if1]
+cap_mb = 100
+[default]
+interfaces = ["if0", "if1"]
+[apps.cbr-recv]
+interfaces = ["if1", "if0"]
+cap_mb = 3
+"""
+
+
+def down_bytes(lab: Lab) -> dict[str, int]:
+    return {ifname: lab.nat_counters(ifname)["down"] for ifname in ("if0", "if1")}
+
+
+def test_a_per_app_cap_moves_the_app_when_reached(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    policy = write_policy(lab, CAP_POLICY)
+    _anchor, client = start_overlay(lab, client_args=("--policy", str(policy)))
+    before = down_bytes(lab)
+    # A paced stream of 1 MB/s for 6 s (the CH sends it: no burst to overshoot the cap).
+    cbr, _ready = start_cbr(lab, pps=1000, count=6000, size=1000)
+    result = cbr_result(cbr)
+    after = down_bytes(lab)
+    if1, if0 = after["if1"] - before["if1"], after["if0"] - before["if0"]
+    st = client.status()
+    why = (if0, if1, result, st["handovers"], st["usage"])
+    used = {(u["app"], u["interface"]): u["mb"] for u in st["usage"]["apps"]}
+    print(f"capped at 3 MB: if1's NAT forwarded {if1} bytes down, if0's {if0}; usage {used}")
+    # At most 3 MB (10^6 bytes) over metered if1, then the rest over if0. Caps are
+    # checked twice a second and close an interface when the next half second
+    # would exceed them (at this rate 0.5 MB before); the NAT counts the tunnel's
+    # headers (about 6 % of 1000-byte datagrams) on top.
+    assert 2_400_000 <= if1 <= 3_200_000 * 1.07, why
+    assert if0 >= 2_000_000, why
+    assert result["received"] == 6000 and result["lost"] == 0, why  # make-before-break
+    moves = [(h["from"], h["to"], h["reason"]) for h in st["handovers"] if h["app"] == "cbr-recv"]
+    assert moves == [("if1", "if0", "cap")], why
+    assert 2.4 <= used[("cbr-recv", "if1")] <= 3.2, why

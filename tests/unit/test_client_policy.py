@@ -116,6 +116,8 @@ def test_to_json() -> None:
         "movable": True,
         "auto": False,
         "criteria": {"max_loss": None, "max_rtt_ms": None, "max_jitter_ms": None},
+        "cap_mb": None,
+        "over_cap": "block",
     }
     assert out["interfaces"] == {}
     apps = out["apps"]

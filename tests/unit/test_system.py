@@ -288,6 +288,48 @@ def test_a_flapping_path_causes_no_ping_pong(tmp_path: Path) -> None:
     assert len(moves_of(lab, "rtp")) <= 1, moves_of(lab, "rtp")
 
 
+CAP_POLICY = """
+[interfaces.if1]
+cap_mb = 1
+[default]
+interfaces = ["if0", "if1"]
+[apps.video]
+interfaces = ["if1", "if0"]
+[apps.sync]
+interfaces = ["if1"]
+cap_mb = 0.02
+"""
+
+
+def test_caps_move_an_app_when_reached_and_block_one_with_nowhere_to_go(tmp_path: Path) -> None:
+    policy = parse_policy(CAP_POLICY, "policy.toml", fallback_interfaces=["if0", "if1"])
+    lab = SystemLab(tmp_path, policy=policy)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    video = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 8000)
+    sync = FiveTuple(PROTO_UDP, pack_address(vipa), 40001, pack_address(CH), 9000)
+    lab.owners.update({video: "video", sync: "sync"})
+    frame = b"v" * 1000
+    sync_packet = udp(vipa, CH, 40001, 9000, b"s" * 1000)
+    # sync: 1 kB every 20 ms on metered if1 until its own 20 kB cap closes if1 to it.
+    lab.stream([sync_packet], 1.0)
+    assert lab.paft.entries[sync].tunnel == "!blocked"  # no other interface in its list
+    blocked = lab.forwarder.counters.blocked
+    lab.send_up(sync_packet)
+    assert lab.forwarder.counters.blocked == blocked + 1
+    # video: 10 kB every 20 ms on if1 until if1's own 1 MB cap closes it to everyone.
+    lab.stream([udp(vipa, CH, 40000, 8000, frame)] * 10, 3.0)
+    assert lab.paft.entries[video].tunnel == "if0"
+    used = lab.host.usage.interfaces["if1"]
+    # Closed when the next half second (250 kB at this rate) would exceed the cap.
+    assert 1_000_000 - 300_000 <= used <= 1_000_000
+    moves = [(h.app, h.source, h.target, h.reason) for h in lab.host.book.history]
+    assert ("video", "if1", "if0", "cap") in moves and ("sync", "if1", "!blocked", "cap") in moves
+    status = host_status(lab.host, lab.now, lab.now)["usage"]
+    assert 0.7 <= status["interfaces_mb"]["if1"] <= 1.0
+
+
 def test_an_idle_blackhole_is_declared_after_dead_after_probes(tmp_path: Path) -> None:
     lab = SystemLab(tmp_path, probe_interval=0.5, dead_after=4)
     lab.start()
