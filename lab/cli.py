@@ -1,6 +1,7 @@
 """`upmt-lab`: the namespace testbed, and the demo that shows the overlay at work."""
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_l
 from upmt.cli import datapath_line, run_cli
 
 PROG = "upmt-lab"
+_LAB_NAT = re.compile(r"^upmt[0-9a-f]{6}-nat0$")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,11 +117,57 @@ def demo(size_mb: int, keep_logs: bool) -> None:
     click.echo("done")
 
 
+def _share(text: str) -> float:
+    """ "10%" or "0.1" as a share; ValueError otherwise."""
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(text)
+    return value
+
+
+@cli.command()
+@click.argument("iface", type=click.Choice(["if0", "if1"]))
+@click.option("--loss", default=None, help="Share of packets dropped each way: 10% or 0.1.")
+@click.option("--rate", default=None, help='Bandwidth each way, as tc writes it: "5mbit".')
+@click.option("--clear", is_flag=True, help="Remove every impairment of IFACE.")
+@click.option("--lab", "prefix", default=None, help="The lab's namespace prefix (upmtXXXXXX-).")
+def impair(iface: str, loss: str | None, rate: str | None, clear: bool, prefix: str | None) -> None:
+    """Degrade the access network of IFACE in a running lab (its NAT drops and shapes).
+
+    The lab is the only one running, or the one named by --lab. Each call
+    replaces what the last set; --clear removes it.
+    """
+    if clear == (loss is not None or rate is not None):
+        raise click.UsageError("give --loss and/or --rate, or --clear")
+    try:
+        share = _share(loss) if loss is not None else 0.0
+    except ValueError:
+        hint = f"{loss!r}: a share such as 10% or 0.1"
+        raise click.BadParameter(hint, param_hint="--loss") from None
+    if rate is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?[kmg]?bit", rate):
+        raise click.BadParameter(f"{rate!r}: a rate such as 5mbit or 500kbit", param_hint="--rate")
+    lab = Lab(Path(tempfile.gettempdir()), prefix=_running_lab(prefix))
+    lab.impair(iface, loss=share, rate=rate)
+    click.echo(json.dumps({"lab": lab.prefix, "iface": iface, "loss": share, "rate": rate}))
+
+
+def _running_lab(prefix: str | None) -> str:
+    from lab.netns import run
+
+    names = {line.split()[0] for line in run(["ip", "netns", "list"]).stdout.splitlines() if line}
+    labs = sorted(n[: -len("nat0")] for n in names if _LAB_NAT.match(n))
+    if prefix is not None:
+        if prefix not in labs:
+            raise SetupError(f"no running lab with prefix {prefix!r} (running: {labs or 'none'})")
+        return prefix
+    if len(labs) != 1:
+        raise SetupError(f"{len(labs)} labs running ({labs}): name one with --lab")
+    return labs[0]
+
+
 @cli.command()
 def clean() -> None:
     """Delete namespaces that a killed lab left behind (names upmtXXXXXX-*)."""
-    import re
-
     from lab.netns import kill_namespace_processes, run
 
     pattern = re.compile(r"^upmt[0-9a-f]{6}-[a-z0-9]+$")

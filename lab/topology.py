@@ -298,19 +298,28 @@ class Lab:
         else:
             self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
 
-    def impair(self, ifname: str, loss: float = 0.0) -> None:
-        """Drop a share `loss` (0..1) of what the NAT in front of `ifname` forwards, each way.
+    def impair(self, ifname: str, loss: float = 0.0, rate: str | None = None) -> None:
+        """Degrade the access network of `ifname` in its NAT, each way; no arguments clear it.
 
-        Random per packet (nftables `numgen random`); 0 clears it.
+        `loss`: a share (0..1) of the packets dropped at random (nftables
+        `numgen random`). `rate`: a bandwidth limit as `tc` writes it ("5mbit"),
+        by a token bucket (`tbf`) on both of the NAT's interfaces.
         """
         if not 0.0 <= loss <= 1.0:
             raise ValueError(f"loss {loss} is not a share between 0 and 1")
+        nat = NAT_OF[ifname]
         chain = ["inet", "labnat", "impair"]
-        self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
+        self.exec(nat, "nft", "flush", "chain", *chain)
         per_mille = round(loss * 1000)
         if per_mille:
             rule = ["numgen", "random", "mod", "1000", "<", str(per_mille), "drop"]
-            self.exec(NAT_OF[ifname], "nft", "add", "rule", *chain, *rule)
+            self.exec(nat, "nft", "add", "rule", *chain, *(rule if per_mille < 1000 else ["drop"]))
+        for dev in ("lan", "wan"):
+            if rate is None:
+                self.exec(nat, "tc", "qdisc", "del", "dev", dev, "root", check=False)
+            else:
+                bucket = ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
+                self.exec(nat, "tc", "qdisc", "replace", "dev", dev, "root", *bucket)
 
     def app_command(self, name: str) -> str:
         """A python interpreter that the kernel will call `name` (its comm).

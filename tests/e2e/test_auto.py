@@ -6,12 +6,15 @@ moves an `auto` application, alone, to the dearer if1, and back when if0 is
 clean again and has stayed clean for the hold-down.
 """
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 
 from lab.scenario import start_overlay, wait_until
-from lab.topology import Lab
+from lab.topology import AN_ADDR, Lab
 from tests.e2e.helpers import (
     cbr_result,
     finished,
@@ -131,3 +134,38 @@ def test_a_per_app_cap_moves_the_app_when_reached(lab: Lab) -> None:
     moves = [(h["from"], h["to"], h["reason"]) for h in st["handovers"] if h["app"] == "cbr-recv"]
     assert moves == [("if1", "if0", "cap")], why
     assert 2.4 <= used[("cbr-recv", "if1")] <= 3.2, why
+
+
+def test_upmt_lab_impair_drops_and_shapes_an_access_network(lab: Lab) -> None:
+    def impair(*args: str) -> dict[str, object]:
+        done = subprocess.run(
+            [sys.executable, "-m", "lab", "impair", "if0", "--lab", lab.prefix, *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        answer = json.loads(done.stdout)
+        assert isinstance(answer, dict)
+        return answer
+
+    def pings_answered() -> int:
+        ping = ["ping", "-n", "-q", "-c", "10", "-i", "0.05", "-W", "1", "-I", "if0", AN_ADDR]
+        out = lab.exec("mh", *ping, check=False).stdout
+        return int(out.split(" received")[0].rsplit(" ", 1)[1])
+
+    assert pings_answered() == 10
+    expected = {"lab": lab.prefix, "iface": "if0", "loss": 1.0, "rate": None}
+    assert impair("--loss", "100%") == expected
+    assert pings_answered() == 0
+    impair("--rate", "2mbit")
+    assert pings_answered() == 10
+    shaped = lab.exec("nat0", "tc", "qdisc", "show", "dev", "wan").stdout
+    assert "tbf" in shaped and "2Mbit" in shaped, shaped
+    impair("--clear")
+    assert "tbf" not in lab.exec("nat0", "tc", "qdisc", "show", "dev", "wan").stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "lab", "impair", "if0", "--lab", lab.prefix, "--loss", "150%"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
