@@ -242,10 +242,13 @@ class AnchorForwarder:
             return None
         self.last_heard[addr] = now
         ack = ProbeAck(probe.tunnel_id, probe.seq, probe.timestamp_ns, probe.flags, addr)
-        answer = self._seal(encode_frame(ack), addr)
-        if answer is not None:
-            c.probes_answered += 1
-        return answer
+        return self._seal(encode_frame(ack), addr)
+
+    def answered(self, sent: bool) -> None:
+        if sent:
+            self._counters.probes_answered += 1
+        else:
+            self._counters.send_dropped += 1
 
     def _seal(self, frame: bytes, addr: Addr) -> bytes | None:
         """`frame` as it goes out to `addr`: sealed with encryption on, None without a key."""

@@ -7,7 +7,9 @@ packet. Whichever copy arrives first goes to the TUN; the other is dropped
 by `DuplicateFilter`, one sliding window per flow (RFC 6479's, as for
 replayed frames: `tunnel.crypto.ReplayWindow`), so the application never
 sees a duplicate. A copy more than the window behind the newest is dropped
-too: it is late enough to be useless to a real-time application.
+too: it is late enough to be useless to a real-time application. A sender
+that starts a flow's sequence again must take a new flow id (its window
+would take the new numbers for old ones).
 """
 
 from __future__ import annotations

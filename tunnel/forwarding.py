@@ -126,6 +126,10 @@ class Forwarder(Protocol):
         """A frame that is not an inner packet; returns a datagram to answer with, if any."""
         ...
 
+    def answered(self, sent: bool) -> None:
+        """Whether the answer `control` returned went out."""
+        ...
+
     def admit(self, channel: str, addr: Addr, count: int) -> bool:
         """Whether the `count` inner packets of a receive from `addr` are merged at all.
 

@@ -25,9 +25,11 @@ seconds (a keepalive). While the tunnel carries traffic (`set_active`) it is
 probed every ``active_interval`` seconds, but never faster than its
 retransmission timeout (RFC 6298: SRTT + 4 RTTVAR) lets an ack come back,
 and it is DEAD once its misses in a row also span `BUSY_SILENCE` seconds:
-a path that carries traffic and goes silent is declared DEAD within about a
-second, while a lossy one (15 % each way) is not taken for dead (eight
-misses in a row), and idle links get no more probes than before.
+on a path of up to about 100 ms RTT, one that carries traffic and goes
+silent is declared DEAD within about a second, while a lossy one (15 % each
+way) is not taken for dead (eight misses in a row at 0.1 s); on slower
+paths the interval grows with the RTO and `dead_after` misses at it
+decide. Idle links get no more probes than before.
 
 The daemon owns the clocks: ``now`` (seconds, the event loop's clock) drives
 scheduling, ``now_ns`` (a monotonic nanosecond clock) goes into the probe and

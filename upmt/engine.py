@@ -46,6 +46,7 @@ from tunnel.forwarding import (
     Release,
     TunIO,
 )
+from tunnel.offload import Segments
 from upmt.pump import Pump
 
 _IP_VERSIONS: Final = (4, 6)
@@ -199,7 +200,7 @@ class Engine:
             for frame in other:
                 answer = forwarder.control(name, frame, addr, now)
                 if answer is not None:
-                    c.send_dropped += sock.send(answer, addr, None)
+                    forwarder.answered(not sock.send(answer, addr, None))
             if not packets or not forwarder.admit(name, addr, len(packets)):
                 continue
             if len(packets) > 1:
@@ -221,10 +222,10 @@ class Engine:
         for (channel, addr, sealer), items in releases:
             sock = channels.get(channel)
             for item in items:
-                if sock is None:
-                    c.send_dropped += 1
-                else:
+                if sock is not None:
                     c.send_dropped += sock.send(item, addr, sealer)
+                else:  # detached while the flow was held
+                    c.send_dropped += item.count if isinstance(item, Segments) else 1
 
     def tick(self) -> None:
         released = self.forwarder.expire(self.clock())

@@ -282,6 +282,9 @@ class ClientForwarder:
         self.on_control(channel, frame)
         return None
 
+    def answered(self, sent: bool) -> None:
+        pass  # the client answers nothing in the data path
+
     def admit(self, channel: str, addr: Addr, count: int) -> bool:
         return True  # a connected socket: only the anchor's datagrams arrive
 
@@ -303,6 +306,9 @@ class ClientForwarder:
             tunnel.bytes_down += size
         entry = self.paft.entries.get(key)
         if entry is not None:
+            if entry.tunnel[0] == "!":  # blocked or parked by a cap: the app gets nothing
+                c.blocked += count
+                return False
             entry.packets_down += count
             entry.bytes_down += size
             entry.last_seen = now

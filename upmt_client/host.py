@@ -474,6 +474,7 @@ class MobileHost:
 
     def set_policy(self, policy: Policy, now: float) -> None:
         self.steering.set_policy(policy)
+        self.usage.reopen()  # closed again at once where the new caps are reached
         self._reevaluate_at = now
 
     def _housekeeping(self, now: float) -> None:

@@ -17,6 +17,12 @@ choice (`upmt_client.decision`, made by the core on every re-evaluation)
 puts it, while that interface is live; before the first choice, and when
 its interface dies, it follows the order of its list like any other.
 
+A daily cap (`upmt_client.usage`) closes an interface to some or all
+applications: their flows leave it ("cap") for the next usable interface of
+their list or, with none (and for flows that are not movable), are parked on
+`BLOCKED` or `HELD` as the policy's ``over_cap`` says, until an interface
+opens again.
+
 `SteeringView` is an immutable snapshot: the data-path thread reads the
 current one for new flows while the control plane builds the next.
 """
@@ -103,7 +109,7 @@ class SteeringView:
                 return Decision(interface, pol.key, pol.movable)
         parked = self.over_cap(pol)
         if parked is not None:
-            return Decision(parked, pol.key, True)
+            return Decision(parked, pol.key, pol.movable)
         # Nothing live: a flow that may not move waits for its first choice.
         return Decision(None if pol.movable else pol.interfaces[0], pol.key, pol.movable)
 
@@ -181,9 +187,9 @@ class Steering:
     ) -> Move | None:
         """Where an existing flow should be now, if not where it is."""
         view = self.view
-        if not movable:
-            return None
         pol = view.policy_for(name, exe_name)
+        if not movable:
+            return self._immovable(pol, current)
         if pol.action is Action.BLOCK:
             return None if current == BLOCKED else Move(BLOCKED, "policy")
         if current in PARKED:  # parked by a cap (or blocked by an old policy)
@@ -214,6 +220,17 @@ class Steering:
         for interface in pol.interfaces:
             if view.usable(pol, interface):
                 return Move(interface, "policy")
+        return None
+
+    def _immovable(self, pol: AppPolicy, current: str) -> Move | None:
+        """A flow that never changes interface is only parked by a cap, and comes back."""
+        view = self.view
+        if current in PARKED:
+            if pol.action is Action.TUNNEL and view.usable(pol, pol.interfaces[0]):
+                return Move(pol.interfaces[0], "cap" if current == HELD else "policy")
+            return None
+        if view.live(current) and not view.open_to(pol, current):
+            return Move(BLOCKED if pol.over_cap == "block" else HELD, "cap")
         return None
 
     def _leave(self, pol: AppPolicy, current: str) -> Move | None:

@@ -72,6 +72,10 @@ class Usage:
             _add(self.apps, (app, interface), moved)
         self._seen = seen  # flows gone are forgotten
 
+    def reopen(self) -> None:
+        """Forget which caps closed interfaces today (a new policy may have changed them)."""
+        self._closed = set()
+
     def count(
         self,
         pairs: Iterable[tuple[FiveTuple, FlowEntry[str]]],

@@ -118,3 +118,20 @@ def test_a_cap_closes_ahead_of_the_next_look_and_stays_closed_until_midnight() -
     assert usage.capped(POLICY) == {("video", "wwan0")}  # ... but it stays closed today
     usage.update([(key(1), flow, "vlc", "video")], "next day")
     assert usage.capped(POLICY) == frozenset()
+
+
+def test_a_cap_parks_the_flows_of_an_immovable_app_and_they_come_back() -> None:
+    pinned = parse_policy(
+        '[interfaces.wwan0]\ncap_mb = 1\n[apps.rsync]\ninterfaces = ["wwan0"]\nmovable = false\n',
+        "policy.toml",
+        fallback_interfaces=["wlan0", "wwan0"],
+    )
+    s = Steering(pinned, hold_down=10.0)
+    s.set_up("wwan0", 0.0)
+    s.set_capped(frozenset({("*", "wwan0")}))
+    move = s.target(key(1), "wwan0", "rsync", None, False, 1.0)
+    assert move is not None and (move.target, move.reason) == (BLOCKED, "cap")
+    assert s.view.decide("rsync", None).movable is False  # parked, still not movable
+    s.set_capped(frozenset())
+    back = s.target(key(1), BLOCKED, "rsync", None, False, 2.0)
+    assert back is not None and back.target == "wwan0"

@@ -318,6 +318,9 @@ def test_caps_move_an_app_when_reached_and_block_one_with_nowhere_to_go(tmp_path
     blocked = lab.forwarder.counters.blocked
     lab.send_up(sync_packet)
     assert lab.forwarder.counters.blocked == blocked + 1
+    lab.send_down(udp(CH, vipa, 9000, 40001, b"late answer"))  # the anchor still sends it
+    assert lab.tun.take() == []  # the client drops it: a parked app gets nothing
+    assert lab.forwarder.counters.blocked == blocked + 2
     # video: 10 kB every 20 ms on if1 until if1's own 1 MB cap closes it to everyone.
     lab.stream([udp(vipa, CH, 40000, 8000, frame)] * 10, 3.0)
     assert lab.paft.entries[video].tunnel == "if0"
