@@ -22,14 +22,14 @@ sliding windows are kept as `tunnel.quality` computes them.
 
 Probing adapts to traffic. An idle tunnel is probed every ``interval``
 seconds (a keepalive). While the tunnel carries traffic (`set_active`) it is
-probed every ``active_interval`` seconds, but never faster than its
-retransmission timeout (RFC 6298: SRTT + 4 RTTVAR) lets an ack come back,
-and it is DEAD once its misses in a row also span `BUSY_SILENCE` seconds:
-on a path of up to about 100 ms RTT, one that carries traffic and goes
-silent is declared DEAD within about a second, while a lossy one (15 % each
-way) is not taken for dead (eight misses in a row at 0.1 s); on slower
-paths the interval grows with the RTO and `dead_after` misses at it
-decide. Idle links get no more probes than before.
+probed every ``active_interval`` seconds, and it is DEAD once no ack came
+for `BUSY_SILENCE` seconds and for its retransmission timeout (RFC 6298:
+SRTT + 4 RTTVAR), with at least as many misses in a row as span
+`BUSY_SILENCE`: a path that carries traffic and goes silent is declared
+DEAD within about a second, a lossy one (15 % each way) is not taken for
+dead (seven misses in a row at 0.1 s), nor a slow one whose acks are on
+their way (a late ack resets the misses). Idle links get no more probes
+than before.
 
 The daemon owns the clocks: ``now`` (seconds, the event loop's clock) drives
 scheduling, ``now_ns`` (a monotonic nanosecond clock) goes into the probe and
@@ -60,7 +60,7 @@ _TIMESTAMP_MOD: Final = 1 << 64
 _TUNNEL_ID_MAX: Final = 0xFFFF_FFFF
 
 # A busy tunnel is DEAD after this much silence (and at least `dead_after` misses).
-BUSY_SILENCE: Final = 0.8
+BUSY_SILENCE: Final = 0.7
 
 # RFC 6298 §2.3.
 _ALPHA: Final = 1 / 8
@@ -172,6 +172,7 @@ class ProbeScheduler:
         self._min_rtt: float | None = None
         self._observed: tuple[str, int] | None = None
         self.active_interval: Final = active_interval
+        self._first_sent_at: float | None = None
         self._active = False
         self._jitter = Jitter()
         self._acks_for_jitter = 0
@@ -186,16 +187,25 @@ class ProbeScheduler:
         """The probe interval now: the keepalive's, or the faster one of a busy tunnel."""
         if not self._active or self.active_interval is None:
             return self.interval
-        rto = self.interval
-        if self._srtt is not None and self._rttvar is not None:
-            rto = self._srtt + 4 * self._rttvar
-        return max(self.active_interval, min(self.interval, rto))
+        return self.active_interval
 
-    def _misses_for_dead(self) -> int:
+    def _silent_for_dead(self, now: float) -> bool:
+        """Whether the misses in a row make the tunnel DEAD now.
+
+        Idle: `dead_after` of them. Busy: enough of them to span `BUSY_SILENCE`,
+        and no ack for `BUSY_SILENCE` nor for the path's own RTO (SRTT + 4
+        RTTVAR), so that a slow path whose acks are still on their way is not
+        taken for dead.
+        """
         interval = self.current_interval
         if interval >= self.interval:
-            return self.dead_after
-        return max(self.dead_after, math.ceil(BUSY_SILENCE / interval - 1e-9))
+            return self._misses >= self.dead_after
+        if self._misses < max(self.dead_after, math.ceil(BUSY_SILENCE / interval - 1e-9)):
+            return False
+        if self._last_heard is None:  # no ack yet: give the path the keepalive's time
+            return now - (self._first_sent_at or now) >= self.dead_after * self.interval
+        rto = 0.0 if self._srtt is None or self._rttvar is None else self._srtt + 4 * self._rttvar
+        return now - self._last_heard >= max(BUSY_SILENCE, rto)
 
     def quality(self, now: float, goodput: float = 0.0) -> PathQuality:
         """RTT, jitter, loss per window and `goodput` (given by the caller) at `now`."""
@@ -220,12 +230,16 @@ class ProbeScheduler:
         """Create the next probe and remember it as outstanding.
 
         If the previous probe is still unanswered it becomes a miss here: the
-        probe interval is the deadline for its ack.
+        probe interval is the deadline for its ack. Probes keep to their grid:
+        a wake-up a little late does not push every later probe back.
         """
+        due = self.next_probe_at()
+        on_time = due is not None and due <= now < due + self.current_interval
+        slot = due if on_time and due is not None else now
         if self._last_seq is not None and not self._last_acked:
             self._loss.missed(self._last_seq)
             self._misses += 1
-            if self._misses >= self._misses_for_dead() and self._state is not TunnelState.DEAD:
+            if self._silent_for_dead(now) and self._state is not TunnelState.DEAD:
                 self._fire(LivenessEvent.SILENT)
         seq = self._next_seq
         self._next_seq = (seq + 1) % _SEQ_MOD
@@ -238,7 +252,9 @@ class ProbeScheduler:
             self._outstanding.popitem(last=False)
         self._last_seq = seq
         self._last_acked = False
-        self._last_sent_at = now
+        self._last_sent_at = slot
+        if self._first_sent_at is None:
+            self._first_sent_at = now
         self._loss.sent(seq, now)
         self._probes_sent += 1
         return Probe(self.tunnel_id, seq, timestamp_ns, 0)

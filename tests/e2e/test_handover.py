@@ -149,10 +149,12 @@ def test_break_before_make_download_completes_over_the_other_interface(
     ]
     assert moves, st["handovers"]
     if failure == "blackhole":
-        # A path that carries traffic is probed fast: declared dead within a second.
+        # A path that carries traffic is probed fast: declared dead in about 0.7-1 s
+        # (0.7 s of silence, probes every 0.1 s, acks queued behind the download);
+        # the bound leaves room for a loaded machine.
         detected = moves[0]["at_unix"] - in_effect
         print(f"blackhole declared {detected:.2f} s after the drop rule was in place")
-        assert detected <= 1.0, (moves[0], in_effect)
+        assert detected <= 1.25, (moves[0], in_effect)
     assert_offload_used(anchor, client)
 
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit.test_tunnel_state import FakeClock, answer, send
+from tunnel.frames import Probe
 from tunnel.quality import Goodput, Jitter, LossWindows
 from tunnel.state import ProbeScheduler
 
@@ -135,7 +136,7 @@ def test_a_busy_tunnel_is_probed_fast_and_an_idle_one_at_the_keepalive_rate() ->
     answer(sched, probe, clock)
     assert sched.current_interval == 0.5
     sched.set_active(True)
-    assert sched.current_interval == pytest.approx(0.1)  # RTO 3 ms: the floor
+    assert sched.current_interval == pytest.approx(0.1)
     sched.set_active(False)
     assert sched.current_interval == 0.5
 
@@ -156,13 +157,38 @@ def test_a_busy_tunnel_that_goes_silent_is_dead_within_a_second() -> None:
     assert clock.now - silent_since <= 1.0
 
 
-def test_probing_never_outruns_the_round_trip() -> None:
+def test_a_slow_busy_path_is_not_taken_for_dead_and_a_bloated_one_dies_in_time() -> None:
+    clock = FakeClock()
+    sched = ProbeScheduler(1, interval=0.5, dead_after=4, active_interval=0.1)
+    sched.set_active(True)
+    # A 0.9 s path (a satellite hop and a queue): every ack comes nine probes later.
+    outstanding: list[tuple[float, Probe]] = []
+    for _ in range(100):
+        due = sched.next_probe_at()
+        clock.now = max(clock.now, due if due is not None else clock.now)
+        outstanding.append((clock.now + 0.9, send(sched, clock)))
+        while outstanding and outstanding[0][0] <= clock.now + 0.1:
+            at, probe = outstanding.pop(0)
+            clock.now = max(clock.now, at)
+            answer(sched, probe, clock)
+        assert not sched.dead
+    with pytest.raises(ValueError):
+        ProbeScheduler(1, interval=0.5, dead_after=4, active_interval=0.6)
+
+
+def test_late_wake_ups_do_not_push_the_probes_back() -> None:
     clock = FakeClock()
     sched = ProbeScheduler(1, interval=0.5, dead_after=4, active_interval=0.1)
     sched.set_active(True)
     probe = send(sched, clock)
-    clock.advance(0.2)  # a 200 ms path: RTO = 0.2 + 4 * 0.1
-    answer(sched, probe, clock)
-    assert sched.current_interval == 0.5  # capped by the keepalive interval
-    with pytest.raises(ValueError):
-        ProbeScheduler(1, interval=0.5, dead_after=4, active_interval=0.6)
+    start = clock.now
+    clock.advance(0.001)
+    answer(sched, probe, clock)  # the last answer: silence from here
+    for _ in range(9):
+        due = sched.next_probe_at()
+        assert due is not None
+        clock.now = due + 0.015  # every wake-up 15 ms late
+        send(sched, clock)
+    assert sched.dead  # 8 misses in 0.8 s of silence
+    # The tenth probe is due on the grid, not 9 x 15 ms later.
+    assert sched.next_probe_at() == pytest.approx(start + 1.0)
