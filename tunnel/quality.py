@@ -133,6 +133,3 @@ class PathQuality:
     jitter: float | None  # seconds; None before two acks
     loss: dict[str, float | None]  # per window ("5s", "30s", "120s")
     goodput: float  # bits per second, both ways
-
-    def loss_over(self, window: str = "30s") -> float | None:
-        return self.loss.get(window)

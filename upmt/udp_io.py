@@ -58,13 +58,14 @@ class _UdpIO:
 
 
 class PlainUdpIO(_UdpIO):
-    __slots__ = ("gro_refused",)
+    __slots__ = ()
+    gro_state = "off"
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, gso=False)
         # Off, explicitly: a socket handed over by exec keeps the option, and a
         # receive of one datagram would take a GRO batch for one.
-        self.gro_refused = set_udp_gro(sock, False)
+        set_udp_gro(sock, False)
 
     def receive(self) -> tuple[Sequence[bytes | memoryview], Addr]:
         data, addr = self.sock.recvfrom(MAX_DATAGRAM)
@@ -72,13 +73,18 @@ class PlainUdpIO(_UdpIO):
 
 
 class OffloadUdpIO(_UdpIO):
-    __slots__ = ("_buffer", "_receive", "gro_refused")
+    __slots__ = ("_buffer", "_gro_refused", "_receive")
 
     def __init__(self, sock: socket.socket, *, views: bool = False) -> None:
         super().__init__(sock, gso=True)
-        self.gro_refused = set_udp_gro(sock, True)  # None: on
+        self._gro_refused = set_udp_gro(sock, True)  # None: on
         self._buffer = bytearray(GRO_BUFFER)
         self._receive = recv_views if views else recv_batch
+
+    @property
+    def gro_state(self) -> str:
+        """For status: "on", or "off (why the kernel refused)"."""
+        return "on" if self._gro_refused is None else f"off ({self._gro_refused})"
 
     def receive(self) -> tuple[Sequence[bytes | memoryview], Addr]:
         return self._receive(self.sock, self._buffer)

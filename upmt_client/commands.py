@@ -14,12 +14,13 @@ from ground.errors import ConfigError
 from paft.flow import FiveTuple
 from signalling.handshake import encode_key
 from tunnel.addr import format_hostport
+from upmt_client.decision import LOSS_WINDOW
 from upmt_client.flows import HandoverRecord
 from upmt_client.host import MobileHost
 from upmt_client.policy import matches
 from upmt_client.tunnels import TunnelPhase
 
-__all__ = ["flows_json", "handover", "host_status", "tunnels_json"]
+__all__ = ["flows_json", "handover", "host_status", "milliseconds", "tunnels_json"]
 
 log = logging.getLogger("upmt.client")
 JSON = dict[str, Any]
@@ -94,7 +95,7 @@ def flows_json(host: MobileHost, flow_now: float) -> list[JSON]:
     return [host.book.flow_json(k, e, tid_of.get(e.tunnel), flow_now) for k, e in pairs]
 
 
-def _ms(seconds: float | None) -> float | None:
+def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
@@ -120,13 +121,13 @@ def tunnels_json(host: MobileHost, now: float, flow_now: float) -> list[JSON]:
                 "key_age_s": None if keys is None else round(flow_now - keys.sealer.created, 1),
                 "frames_sealed": 0 if keys is None else keys.sealer.sent(),
                 "down_reason": t.down_reason or None,
-                "rtt_ms": _ms(quality.rtt if quality else None),
-                "rttvar_ms": _ms(quality.rttvar if quality else None),
-                "jitter_ms": _ms(quality.jitter if quality else None),
-                "loss": _rounded(loss.get("30s")),
+                "rtt_ms": milliseconds(quality.rtt if quality else None),
+                "rttvar_ms": milliseconds(quality.rttvar if quality else None),
+                "jitter_ms": milliseconds(quality.jitter if quality else None),
+                "loss": _rounded(loss.get(LOSS_WINDOW)),
                 "loss_windows": {w: _rounded(v) for w, v in loss.items()},
                 "goodput_kbit_s": round(t.goodput.bits_per_second / 1000, 1),
-                "probe_interval_ms": _ms(sched.current_interval if sched else None),
+                "probe_interval_ms": milliseconds(sched.current_interval if sched else None),
                 "observed": t.observed,
                 "local": t.local_text,
                 "probes_sent": stats.probes_sent if stats else 0,

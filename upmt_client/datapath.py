@@ -108,7 +108,7 @@ class ClientDataPath:
     def offload_json(self) -> dict[str, dict[str, str]]:
         """Per tunnel: UDP GRO and GSO "on", or "off (why)"."""
         return {
-            name: {"udp_gro": _gro_state(io), "udp_gso": io.gso_state}
+            name: {"udp_gro": io.gro_state, "udp_gso": io.gso_state}
             for name, io in list(self.sockets.items())
         }
 
@@ -133,9 +133,3 @@ class ClientDataPath:
             except queue.Empty:
                 return
             self.engine.release(self.forwarder.resolve(key, choice, now))
-
-
-def _gro_state(io: PlainUdpIO | OffloadUdpIO) -> str:
-    if isinstance(io, PlainUdpIO):
-        return "off"
-    return f"off ({io.gro_refused})" if io.gro_refused else "on"

@@ -35,6 +35,7 @@ from upmt_client.policy import AppPolicy, Criteria
 
 __all__ = [
     "DWELL",
+    "LOSS_WINDOW",
     "MARGIN_MS",
     "AppDecision",
     "Candidate",

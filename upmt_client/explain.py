@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from upmt_client.decision import breaks, score
+from upmt_client.commands import milliseconds
+from upmt_client.decision import LOSS_WINDOW, breaks, score
 from upmt_client.host import MobileHost
 
 __all__ = ["explain_json"]
 
 JSON = dict[str, Any]
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def explain_json(host: MobileHost, app: str, now: float) -> JSON:
@@ -38,9 +35,9 @@ def explain_json(host: MobileHost, app: str, now: float) -> JSON:
         if candidate is not None:
             q = candidate.quality
             row.update(
-                rtt_ms=_ms(q.rtt),
-                jitter_ms=_ms(q.jitter),
-                loss=q.loss.get("30s"),
+                rtt_ms=milliseconds(q.rtt),
+                jitter_ms=milliseconds(q.jitter),
+                loss=q.loss.get(LOSS_WINDOW),
                 score=round(score(q), 1),
                 breaks=breaks(pol.criteria, q),
             )
