@@ -28,7 +28,10 @@ SRTT + 4 RTTVAR), with at least as many misses in a row as span
 `BUSY_SILENCE`: a path that carries traffic and goes silent is declared
 DEAD within about a second, a lossy one (15 % each way) is not taken for
 dead (seven misses in a row at 0.1 s), nor a slow one whose acks are on
-their way (a late ack resets the misses). Idle links get no more probes
+their way (a late ack resets the misses). The fast verdict needs another
+tunnel to the anchor that still answers (`set_active`'s `elsewhere`): when
+all fall silent at once it is the anchor (a restart in place), and the
+keepalive's ``dead_after * interval`` applies. Idle links get no more probes
 than before.
 
 The daemon owns the clocks: ``now`` (seconds, the event loop's clock) drives
@@ -174,13 +177,21 @@ class ProbeScheduler:
         self.active_interval: Final = active_interval
         self._first_sent_at: float | None = None
         self._active = False
+        self._elsewhere = True
         self._jitter = Jitter()
         self._acks_for_jitter = 0
         self._loss = LossWindows(loss_windows)
 
-    def set_active(self, active: bool) -> None:
-        """Whether the tunnel carries traffic now (the data path's counters moved)."""
+    def set_active(self, active: bool, *, elsewhere: bool = True) -> None:
+        """Whether the tunnel carries traffic now (the data path's counters moved).
+
+        `elsewhere`: whether another tunnel to the same anchor still answers.
+        Only then is a busy tunnel's silence its own path's: when every tunnel
+        goes quiet at once it is the anchor (a restart in place), and the
+        keepalive's patience applies.
+        """
         self._active = active
+        self._elsewhere = elsewhere
 
     @property
     def current_interval(self) -> float:
@@ -200,6 +211,10 @@ class ProbeScheduler:
         interval = self.current_interval
         if interval >= self.interval:
             return self._misses >= self.dead_after
+        heard = self._last_heard if self._last_heard is not None else self._first_sent_at
+        if not self._elsewhere:
+            silence = now - (heard if heard is not None else now)
+            return self._misses >= self.dead_after and silence >= self.dead_after * self.interval
         if self._misses < max(self.dead_after, math.ceil(BUSY_SILENCE / interval - 1e-9)):
             return False
         if self._last_heard is None:  # no ack yet: give the path the keepalive's time

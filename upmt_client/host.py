@@ -66,7 +66,13 @@ from upmt_client.policy import Policy
 from upmt_client.reevaluation import plan_moves, to_reexamine
 from upmt_client.steering import PARKED, Steering
 from upmt_client.transactions import ClientTransactions
-from upmt_client.tunnels import MAX_BACKOFF, REOPEN_DELAY, ClientTunnel, TunnelPhase, tunnel_channel
+from upmt_client.tunnels import (
+    MAX_BACKOFF,
+    REOPEN_DELAY,
+    ClientTunnel,
+    TunnelPhase,
+    tunnel_channel,
+)
 from upmt_client.usage import Usage
 
 __all__ = ["MobileHost"]
@@ -260,7 +266,7 @@ class MobileHost:
         scheduler = tunnel.scheduler
         if scheduler is None or not tunnel.open:
             return
-        tunnel.note_traffic(self.traffic.get(tunnel.name), now)
+        tunnel.note_traffic(self.traffic.get(tunnel.name), now, self.tunnels.values())
         due = scheduler.next_probe_at()
         if due is not None and now < due:
             return

@@ -17,6 +17,7 @@ asked for again after 1 s.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -25,7 +26,7 @@ from signalling.handshake import SessionKeys, tunnel_keys
 from tunnel.addr import format_hostport
 from tunnel.crypto import KeyExhausted, Opener, Sealer, TunnelKeys
 from tunnel.quality import Goodput
-from tunnel.state import ProbeScheduler
+from tunnel.state import BUSY_SILENCE, ProbeScheduler
 from upmt_client.forwarder import TunnelTraffic
 
 __all__ = ["MAX_BACKOFF", "ClientTunnel", "TunnelPhase", "tunnel_channel"]
@@ -42,6 +43,15 @@ class TunnelPhase(Enum):
 
 
 BUSY_FOR = 1.0  # a tunnel that moved packets this recently is probed fast
+
+
+def answered_elsewhere(tunnels: Iterable[ClientTunnel], tunnel: ClientTunnel, now: float) -> bool:
+    """Whether another tunnel heard from the anchor within `BUSY_SILENCE`."""
+    for other in tunnels:
+        heard = other.scheduler.last_heard if other.scheduler is not None else None
+        if other is not tunnel and heard is not None and now - heard < BUSY_SILENCE:
+            return True
+    return False
 
 
 def tunnel_channel(interface: str) -> str:
@@ -77,13 +87,20 @@ class ClientTunnel:
     busy_until: float = float("-inf")
     goodput: Goodput = field(default_factory=Goodput)
 
-    def note_traffic(self, traffic: TunnelTraffic | None, now: float) -> None:
-        """A tunnel whose packet count moved is busy for `BUSY_FOR` s: probed fast."""
+    def note_traffic(
+        self, traffic: TunnelTraffic | None, now: float, tunnels: Iterable[ClientTunnel] = ()
+    ) -> None:
+        """A tunnel whose packet count moved is busy for `BUSY_FOR` s: probed fast.
+
+        Its silence is judged fast only while another of `tunnels` still hears
+        the anchor (`answered_elsewhere`).
+        """
         if traffic is not None and traffic.packets != self.traffic_seen:
             self.traffic_seen = traffic.packets
             self.busy_until = now + BUSY_FOR
         if self.scheduler is not None:
-            self.scheduler.set_active(now < self.busy_until)
+            elsewhere = answered_elsewhere(tunnels, self, now)
+            self.scheduler.set_active(now < self.busy_until, elsewhere=elsewhere)
 
     @property
     def slot(self) -> int:

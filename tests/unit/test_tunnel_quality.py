@@ -192,3 +192,19 @@ def test_late_wake_ups_do_not_push_the_probes_back() -> None:
     assert sched.dead  # 8 misses in 0.8 s of silence
     # The tenth probe is due on the grid, not 9 x 15 ms later.
     assert sched.next_probe_at() == pytest.approx(start + 1.0)
+
+
+def test_when_every_tunnel_goes_quiet_a_busy_one_gets_the_keepalives_patience() -> None:
+    clock = FakeClock()
+    sched = ProbeScheduler(1, interval=0.5, dead_after=4, active_interval=0.1)
+    sched.set_active(True, elsewhere=False)  # no other tunnel hears the anchor either
+    probe = send(sched, clock)
+    start = clock.now
+    clock.advance(0.001)
+    answer(sched, probe, clock)
+    while not sched.dead:
+        due = sched.next_probe_at()
+        assert due is not None
+        clock.now = due
+        send(sched, clock)
+    assert 2.0 <= clock.now - start <= 2.2  # the anchor restarting, not this path failing
