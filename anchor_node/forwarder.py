@@ -21,12 +21,21 @@ control plane with its key, which decides. Everything else is dropped and
 counted; plaintext frames are never accepted. Towards a tunnel, every
 datagram is sealed under the tunnel's current key.
 
+A flow the terminal made redundant (a HandoverRequest with
+``redundantWith``: the entry's `twin`) goes down on both its tunnels, each
+packet as a DUP frame (`tunnel.dedup`) handed to the engine through
+`pending`; arriving on either of them, it stays where it is. DUP frames from
+a terminal come out of `open` as their inner frames, the first copy of each
+only (one duplicate filter per terminal), and are then checked like any
+other packet.
+
 The control plane writes `tunnel_vipa` and `default_tunnel` (the terminal
 table's dicts, shared) and reads `last_heard`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -37,8 +46,9 @@ from ground.constants import Addr
 from ground.errors import MalformedError
 from paft.aging import TCP_FIN, TCP_RST, tcp_flags
 from paft.flow import PROTO_TCP, flow_of_packet_untrusted
-from paft.table import Paft
+from paft.table import FlowEntry, Paft
 from tunnel.crypto import ENCRYPTED, OVERHEAD, KeyExhausted
+from tunnel.dedup import DUP, DuplicateFilter, dup_datagrams, unwrap_dups
 from tunnel.forwarding import (
     DROP_INNER,
     DROP_SOCKET,
@@ -58,6 +68,10 @@ __all__ = ["CHANNEL", "AnchorCounters", "AnchorForwarder", "Origin"]
 Origin = tuple[Addr, Receiver | None]
 CLOSING: Final = TCP_FIN | TCP_RST
 CHANNEL: Final = "tunnels"  # the anchor's one tunnel socket
+# Duplicate filters: one per terminal, of this many redundant flows each; the
+# terminals heard least recently lose theirs beyond `MAX_DEDUP_TERMINALS`.
+DEDUP_FLOWS_PER_TERMINAL: Final = 256
+MAX_DEDUP_TERMINALS: Final = 65536
 
 
 @dataclass(slots=True)
@@ -76,6 +90,7 @@ class AnchorCounters(EngineCounters):
     auth_failed: int = 0  # ENCRYPTED for a known index that did not open (or a replay)
     wrong_endpoint: int = 0  # authentic, but not from its tunnel's address
     no_key: int = 0  # downstream packets for a tunnel with no key (yet)
+    duplicates: int = 0  # second copies of a redundant flow's packets (dropped)
 
 
 # The engine's drop reasons, under the anchor's counter names.
@@ -113,10 +128,16 @@ class AnchorForwarder:
         self.senders = sessions.senders if sessions is not None else {}
         self._counters = AnchorCounters()
         self._batch_rx: Receiver | None = None  # the key of the receive being read
+        self._pending: list[Release] = []
+        self._dedup: OrderedDict[bytes, DuplicateFilter] = OrderedDict()
 
     @property
     def counters(self) -> AnchorCounters:
         return self._counters
+
+    @property
+    def pending(self) -> list[Release]:
+        return self._pending
 
     def drop(self, reason: str, count: int) -> None:
         count_drop(self._counters, _DROPS, reason, count)
@@ -148,6 +169,9 @@ class AnchorForwarder:
             entry.bytes_down += size
             entry.last_seen = now
             addr = entry.tunnel
+            if entry.twin is not None:
+                self._copies(entry, item)
+                return None
         if self.sessions is None:
             return CHANNEL, addr, None
         sealer = self.senders.get(addr)
@@ -155,6 +179,23 @@ class AnchorForwarder:
             c.no_key += count
             return None
         return CHANNEL, addr, sealer
+
+    def _copies(self, entry: FlowEntry[Addr], item: Outbound) -> None:
+        """A redundant flow's item as DUP frames on both its tunnels (those with a key)."""
+        frames: list[Outbound] = list(dup_datagrams(entry.dup_id, entry.dup_seq, item))
+        entry.dup_seq = (entry.dup_seq + len(frames)) & 0xFFFFFFFF
+        sent = False
+        for addr in (entry.tunnel, entry.twin):
+            if addr is None:
+                continue
+            if self.sessions is None:
+                self._pending.append(((CHANNEL, addr, None), frames))
+                sent = True
+            elif (sealer := self.senders.get(addr)) is not None:
+                self._pending.append(((CHANNEL, addr, sealer), frames))
+                sent = True
+        if not sent:
+            self._counters.no_key += len(frames)
 
     # -- from a tunnel ---------------------------------------------------------
     def admit(self, channel: str, addr: Addr, count: int) -> bool:
@@ -188,7 +229,7 @@ class AnchorForwarder:
                 return False
             with self.lock:
                 entry = self.paft.learn(key, addr, now)
-        elif entry.tunnel != addr:
+        elif entry.tunnel != addr and entry.twin != addr:
             entry.tunnel = addr
         if key.proto == PROTO_TCP and tcp_flags(packet) & CLOSING:
             entry.closed_at = now
@@ -212,15 +253,46 @@ class AnchorForwarder:
         it is remembered for the receive's control frames.
         """
         self._batch_rx = None
+        frames: Sequence[bytes]
         if self.sessions is None:
-            return datagrams  # type: ignore[return-value]  # in clear: copies, bytes
-        if len(datagrams) == 1:
+            frames = datagrams  # type: ignore[assignment]  # in clear: copies, bytes
+        elif len(datagrams) == 1:
             opened = self._open(datagrams[0], addr)
             if opened is None:
                 return []
             self._batch_rx = opened[1]
-            return [opened[0]]
-        return self._open_batch(datagrams, addr)
+            frames = [opened[0]]
+        else:
+            frames = self._open_batch(datagrams, addr)
+        for frame in frames:
+            if frame and frame[0] == DUP:
+                return self._unwrap(frames, addr)
+        return frames
+
+    def _unwrap(self, frames: Sequence[bytes], addr: Addr) -> list[bytes]:
+        """DUP frames as their inner frames, the first copy of each: a known terminal's only."""
+        c = self._counters
+        vipa = self.tunnel_vipa.get(addr)
+        if vipa is None:
+            c.unknown_tunnel += sum(1 for f in frames if f and f[0] == DUP)
+            return [f for f in frames if not f or f[0] != DUP]
+        dedup = self._dedup.get(vipa)
+        if dedup is None:
+            dedup = self._dedup[vipa] = DuplicateFilter(DEDUP_FLOWS_PER_TERMINAL)
+            if len(self._dedup) > MAX_DEDUP_TERMINALS:
+                self._dedup.popitem(last=False)
+        else:
+            self._dedup.move_to_end(vipa)
+
+        def first_copy(flow_id: int, seq: int) -> bool:
+            if dedup.accept(flow_id, seq):
+                return True
+            c.duplicates += 1
+            return False
+
+        opened, malformed = unwrap_dups(frames, first_copy)
+        c.malformed_frames += malformed
+        return opened
 
     def control(self, channel: str, frame: bytes, addr: Addr, now: float) -> bytes | None:
         """A PROBE from a known tunnel is answered (the answer returned); the rest goes on."""

@@ -6,7 +6,9 @@ the anchor observes (after the terminal's NATs) — with encryption, of a
 frame that authenticated under one of the terminal's tunnel slots, which
 binds that slot to the address. HandoverRequests move flows of the
 requesting terminal only, at most `max_moves` per request, through the
-PAFT's per-VIPA index.
+PAFT's per-VIPA index. A move with ``redundantWith`` (another tunnel of the
+same terminal) makes the flows redundant: their downstream goes on both
+tunnels (`anchor_node.forwarder`); a move without it ends that.
 
 Every method takes `now`; nothing here touches a socket, and the signatures'
 time window is checked against the injected wall clock.
@@ -201,19 +203,23 @@ class TunnelBroker:
             return self._reject(
                 request, 400, f"{len(body.flows)} moves in one request (at most {self.max_moves})"
             )
-        plan: list[tuple[FlowSelector, Addr]] = []
+        plan: list[tuple[FlowSelector, Addr, Addr | None]] = []
         try:
             for move in body.flows:
                 target = _target_tunnel(terminal, move.tunnel_id, tunnel)
+                twin = None
+                if move.redundant_with is not None:
+                    twin = _target_tunnel(terminal, move.redundant_with, tunnel)
                 match = move.match
                 if isinstance(match, IptablesMatch):
                     match = parse_iptables_match(match.rule)
-                plan.append((_selector(terminal, match), target))
+                plan.append((_selector(terminal, match), target, None if twin == target else twin))
         except MalformedError as exc:
             return self._reject(request, 400, str(exc))
+        paft = self.table.paft
         moved: set[FiveTuple] = set()
-        for selector, target in plan:
-            moved.update(self.table.paft.move(selector, target))
+        for selector, target, twin in plan:
+            moved.update(paft.move(selector, target, twin=twin))
         self.counters.handovers += 1
         self.counters.flows_moved += len(moved)
         return self._json_ok(request, encode_body(HandoverResponse(moved=len(moved))))

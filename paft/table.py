@@ -20,7 +20,7 @@ import heapq
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from ground.errors import MalformedError
 from paft.flow import FiveTuple, proto_name, proto_number
@@ -28,6 +28,13 @@ from paft.flow import FiveTuple, proto_name, proto_number
 __all__ = ["FlowEntry", "FlowSelector", "Paft", "PaftStats"]
 
 T = TypeVar("T")
+
+
+class _Keep:
+    """`Paft.move`'s default for `twin`: leave each flow's twin as it is."""
+
+
+_KEEP: Final = _Keep()
 
 
 @dataclass(slots=True)
@@ -47,6 +54,11 @@ class FlowEntry(Generic[T]):
     movable: bool = True
     # TCP: when a FIN or RST was seen; the flow then ages out quickly.
     closed_at: float | None = None
+    # A redundant flow (tunnel.dedup) travels on `tunnel` and `twin` at once, as
+    # DUP frames of this sender's flow id `dup_id` numbered from `dup_seq`.
+    twin: T | None = None
+    dup_id: int = 0
+    dup_seq: int = 0
 
 
 def _prefix_match(address: bytes | None, prefix: int | None) -> tuple[int, int, int]:
@@ -224,6 +236,7 @@ class Paft(Generic[T]):
     """
 
     __slots__ = (
+        "_dup_ids",
         "_evict_batch",
         "_evicted",
         "_expired",
@@ -254,6 +267,7 @@ class Paft(Generic[T]):
         self._expired = 0
         self._evicted = 0
         self._removed = 0
+        self._dup_ids = 0  # the last `dup_id` handed out
 
     def lookup(self, key: FiveTuple) -> FlowEntry[T] | None:
         return self.entries.get(key)
@@ -342,6 +356,7 @@ class Paft(Generic[T]):
         tunnel: T,
         *,
         only: Callable[[FiveTuple, FlowEntry[T]], bool] | None = None,
+        twin: T | _Keep | None = _KEEP,
     ) -> list[FiveTuple]:
         """Put every flow matching `selector` (and `only`, if given) on `tunnel`.
 
@@ -349,6 +364,9 @@ class Paft(Generic[T]):
         `tunnel` are not reported. `movable` is not consulted here: handover
         passes `only=lambda k, e: e.movable`, an explicit request may not. A
         selector naming one source host walks only that source's flows.
+        With `twin`, the flows' second tunnel is set too (None: none), and a
+        flow whose twin changed is reported as well; one that becomes
+        redundant gets a new `dup_id`.
         """
         moved: list[FiveTuple] = []
         entries = self.entries
@@ -356,17 +374,31 @@ class Paft(Generic[T]):
             keys: Iterable[FiveTuple] = self.by_src.get(selector.src, ())
         else:
             keys = entries
+        keep = isinstance(twin, _Keep)
         for key in keys:
             entry = entries[key]
             if (
-                entry.tunnel != tunnel
+                (entry.tunnel != tunnel or (not keep and entry.twin != twin))
                 and selector.matches(key, entry)
                 and (only is None or only(key, entry))
             ):
                 entry.tunnel = tunnel
+                if not isinstance(twin, _Keep):
+                    self.set_twin(entry, twin)
                 moved.append(key)
         self._moved += len(moved)
         return moved
+
+    def set_twin(self, entry: FlowEntry[T], twin: T | None) -> None:
+        """Make `entry` redundant on `twin` as well (None: on its tunnel alone again).
+
+        A flow that becomes redundant gets a new `dup_id`, so that the
+        receiver's window for it starts afresh.
+        """
+        if twin is not None and entry.twin is None:
+            self._dup_ids = (self._dup_ids + 1) & 0xFFFFFFFF or 1
+            entry.dup_id, entry.dup_seq = self._dup_ids, 0
+        entry.twin = twin
 
     def remove(self, key: FiveTuple) -> FlowEntry[T] | None:
         entry = self.entries.get(key)

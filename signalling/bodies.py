@@ -126,6 +126,8 @@ Match: TypeAlias = StructuredMatch | IptablesMatch
 class FlowMove:
     match: Match
     tunnel_id: str | None = None  # None: the tunnel the request arrived on
+    # A redundant flow: its downstream goes on this tunnel as well (None: on one).
+    redundant_with: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,17 +207,21 @@ def encode_body(body: Body) -> bytes:
     elif isinstance(body, HandoverRequest):
         obj = {
             "mType": "HandoverRequest",
-            "flows": [
-                {
-                    "match": _encode_match(flow.match),
-                    "tunnelId": ANY_TUNNEL if flow.tunnel_id is None else flow.tunnel_id,
-                }
-                for flow in body.flows
-            ],
+            "flows": [_encode_move(flow) for flow in body.flows],
         }
     else:
         obj = {"mType": "HandoverResponse", "moved": body.moved}
     return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def _encode_move(flow: FlowMove) -> dict[str, object]:
+    move: dict[str, object] = {
+        "match": _encode_match(flow.match),
+        "tunnelId": ANY_TUNNEL if flow.tunnel_id is None else flow.tunnel_id,
+    }
+    if flow.redundant_with is not None:
+        move["redundantWith"] = flow.redundant_with
+    return move
 
 
 def _encode_match(match: Match) -> dict[str, object]:
@@ -318,11 +324,19 @@ def _decode_handover_request(obj: dict[str, Any]) -> Body:
 def _decode_flow(flow: object) -> FlowMove:
     if not isinstance(flow, dict):
         raise MalformedError("flow is not an object")
-    if unknown := set(flow) - {"match", "tunnelId"}:
+    if unknown := set(flow) - {"match", "tunnelId", "redundantWith"}:
         raise MalformedError(f"unknown flow keys {sorted(unknown)[:5]}")
     tunnel = flow.get("tunnelId")
     tunnel_id = None if tunnel is None or tunnel == ANY_TUNNEL else _tunnel_id(tunnel)
-    return FlowMove(match=_decode_match(flow.get("match")), tunnel_id=tunnel_id)
+    twin = flow.get("redundantWith")
+    redundant_with = None if twin is None else _tunnel_id(twin)
+    if redundant_with == ANY_TUNNEL:
+        raise MalformedError(f"redundantWith {ANY_TUNNEL!r} names no tunnel")
+    return FlowMove(
+        match=_decode_match(flow.get("match")),
+        tunnel_id=tunnel_id,
+        redundant_with=redundant_with,
+    )
 
 
 def _decode_match(match: object) -> Match:

@@ -110,10 +110,19 @@ class Forwarder(Protocol):
     @property
     def counters(self) -> EngineCounters: ...
 
+    @property
+    def pending(self) -> list[Release]:
+        """What `from_tun` sends otherwise than by one route (a redundant flow's copies).
+
+        The engine sends and empties it whenever `from_tun` answers None.
+        """
+        ...
+
     def from_tun(
         self, packet: bytes, item: Outbound, count: int, size: int, now: float
     ) -> Route | None:
-        """Where `item` (`count` inner packets of one flow) goes; None: held or dropped."""
+        """Where `item` (`count` inner packets of one flow) goes; None: see `pending`,
+        or held or dropped."""
         ...
 
     def open(

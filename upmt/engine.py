@@ -124,6 +124,7 @@ class Engine:
         read = self.tun.read
         forwarder = self.forwarder
         from_tun = forwarder.from_tun
+        pending = forwarder.pending
         channels = self.channels
         c = forwarder.counters
         now = self.clock()
@@ -144,6 +145,9 @@ class Engine:
                 c.gso_reads += 1
             route = from_tun(packet, item, count, size, now)
             if route is None:
+                if pending:  # a redundant flow's copies
+                    self.release(pending[:])
+                    pending.clear()
                 continue
             channel, addr, sealer = route
             sock = channels.get(channel)

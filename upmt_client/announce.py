@@ -63,14 +63,18 @@ class Announcer:
         *,
         index: int | None = None,
         on_done: Announced | None = None,
+        twin_id: str | None = None,
     ) -> None:
-        """Announce `keys` on `interface`'s tunnel (`build` signs a MESSAGE of a JSON body)."""
+        """Announce `keys` on `interface`'s tunnel (`build` signs a MESSAGE of a JSON body).
+
+        With `twin_id` the flows are redundant on that tunnel as well.
+        """
         if not self._transactions.is_open(tunnel_channel(interface)):
             if on_done is not None:
                 on_done("no tunnel", None, None, now)
             return
         try:
-            requests = handover_requests(keys, build)
+            requests = handover_requests(keys, build, twin_id=twin_id)
         except MessageTooLarge as exc:  # one move alone does not fit: cannot happen, but
             log.error("HandoverRequest on %s not sent: %s", interface, exc)
             if on_done is not None:

@@ -174,7 +174,7 @@ def flows(as_json: bool, control: Path) -> None:
             f["proto"],
             f"{f['vipa']}:{f['sport']}",
             f"{f['dst']}:{f['dport']}",
-            f["interface"],
+            f["interface"] + (f"+{f['twin']}" if f.get("twin") else ""),
             str(f["bytes"]),
         ]
         for f in answer["flows"]
@@ -343,7 +343,7 @@ def format_status(st: dict[str, Any]) -> str:
                 h["app"],
                 str(h["flows"]),
                 h["from"],
-                h["to"],
+                h["to"] + (f"+{h['twin']}" if h.get("twin") else ""),
                 h["reason"],
                 h["anchor"] or "-",
             ]

@@ -61,6 +61,7 @@ def handover(host: MobileHost, request: JSON, now: float, on_done: Callable[[JSO
             }
         )
 
+    host.book.told_twins([k for k, _e in selected], "")  # the next re-evaluation pairs them
     host.announcer.announce(
         target,
         [k for k, _e in selected],

@@ -44,7 +44,7 @@ class FlowDecider:
     def choice(self, app: AppInfo | None) -> FlowChoice:
         name, exe = (app.name, app.exe_name) if app is not None else (None, None)
         decision = self._steering.view.decide(name, exe)
-        return FlowChoice(decision.tunnel, name, decision.movable)
+        return FlowChoice(decision.tunnel, name, decision.movable, decision.twin)
 
     def decide(self, key: FiveTuple) -> FlowChoice | None:
         """Data-path thread: where a new flow goes, or None to hold it until classified."""

@@ -30,6 +30,7 @@ class HandoverRecord:
     anchor: str = ""  # the anchor's answer, filled in when it arrives
     anchor_ms: float | None = None
     detail: str = ""  # the figures behind an automatic move
+    twin: str = ""  # redundant flows: their second interface
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class HandoverRecord:
             "anchor": self.anchor,
             "anchor_ms": self.anchor_ms,
             "detail": self.detail,
+            "twin": self.twin or None,
         }
 
 
@@ -52,6 +54,8 @@ class FlowBook:
         self.by_id: dict[int, FiveTuple] = {}
         self.apps: dict[FiveTuple, AppInfo] = {}
         self.history: deque[HandoverRecord] = deque(maxlen=HISTORY)
+        # Redundant flows: the twin the anchor was last told of.
+        self.twins: dict[FiveTuple, str] = {}
         self._next = 1
 
     def id_of(self, key: FiveTuple) -> int:
@@ -70,6 +74,16 @@ class FlowBook:
             self.by_id.pop(self.ids.pop(key), None)
         for key in [k for k in self.apps if k not in alive]:
             del self.apps[key]
+        for key in [k for k in self.twins if k not in alive]:
+            del self.twins[key]
+
+    def told_twins(self, keys: Iterable[FiveTuple], twin: str) -> None:
+        """The anchor was told that `keys` are redundant on `twin` ("": on one tunnel)."""
+        for key in keys:
+            if twin:
+                self.twins[key] = twin
+            else:
+                self.twins.pop(key, None)
 
     def names(self, key: FiveTuple, entry: FlowEntry[str]) -> tuple[str | None, str | None]:
         """(process name, executable basename) of the flow's application, if known."""
@@ -98,6 +112,7 @@ class FlowBook:
             "exe": app.exe if app else None,
             "pid": app.pid if app else None,
             "interface": entry.tunnel,
+            "twin": entry.twin,
             "tunnel_id": tunnel_id,
             "movable": entry.movable,
             "bytes": entry.bytes_up + entry.bytes_down,

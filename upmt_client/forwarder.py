@@ -15,6 +15,13 @@ through `on_control`. With `encrypted` every datagram a tunnel sends is
 sealed under the tunnel's current key and every datagram it receives must
 open under one of its keys; nothing travels, in or out, without one.
 
+A redundant flow (`FlowChoice.twin`, policy ``redundant``) goes on two
+tunnels at once: each of its packets as a DUP frame (`tunnel.dedup`) on its
+tunnel and on its twin, handed to the engine through `pending`. The
+anchor's copies of its answers arrive the same way, and `open` lets the
+first copy of each through and drops the other, so the application never
+sees a duplicate.
+
 The control plane moves flows and holds `lock` while it walks the table,
 since learning a flow here takes it too.
 """
@@ -31,6 +38,7 @@ from ground.errors import MalformedError
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
 from tunnel.crypto import TunnelKeys
+from tunnel.dedup import DUP, DuplicateFilter, dup_datagrams, unwrap_dups
 from tunnel.forwarding import (
     DROP_INNER,
     DROP_SOCKET,
@@ -53,6 +61,7 @@ class FlowChoice(NamedTuple):
     tunnel: str | None  # None: nowhere to send it now (dropped, counted)
     app: str | None
     movable: bool
+    twin: str | None = None  # a redundant flow's second tunnel
 
 
 @dataclass(slots=True)
@@ -69,6 +78,7 @@ class ClientCounters(EngineCounters):
     control_frames: int = 0
     tunnel_unauthenticated: int = 0  # received datagrams that did not open under a key
     no_key: int = 0  # packets for a tunnel without keys (not sent)
+    duplicates: int = 0  # second copies of a redundant flow's packets (dropped)
 
 
 # The engine's drop reasons, under the client's counter names.
@@ -140,10 +150,16 @@ class ClientForwarder:
         self.tunnels: dict[str, TunnelTraffic] = {}
         self._counters = ClientCounters()
         self._held: dict[FiveTuple, _Held] = {}
+        self._pending: list[Release] = []
+        self._dedup = DuplicateFilter()
 
     @property
     def counters(self) -> ClientCounters:
         return self._counters
+
+    @property
+    def pending(self) -> list[Release]:
+        return self._pending
 
     @property
     def held_flows(self) -> int:
@@ -193,6 +209,9 @@ class ClientForwarder:
                 c.no_tunnel += count
                 return None
             entry = self._learn(key, choice, now)
+        if entry.twin is not None:
+            self._pending += self._copies(entry, [item], count, size, now)
+            return None
         return self._route(entry, count, size, now)
 
     def _route(self, entry: FlowEntry[str], count: int, size: int, now: float) -> Route | None:
@@ -217,11 +236,44 @@ class ClientForwarder:
         tunnel.bytes_up += size
         return name, None, None if keys is None else keys.sealer
 
+    def _copies(
+        self, entry: FlowEntry[str], items: list[Outbound], count: int, size: int, now: float
+    ) -> list[Release]:
+        """A redundant flow's items as DUP frames on its tunnel and its twin (each attached)."""
+        if entry.tunnel[0] == "!":  # parked: nothing goes (counted by `_route`)
+            self._route(entry, count, size, now)
+            return []
+        frames: list[Outbound] = []
+        seq = entry.dup_seq
+        for item in items:
+            wrapped = dup_datagrams(entry.dup_id, seq, item)
+            seq += len(wrapped)
+            frames += wrapped
+        entry.dup_seq = seq & 0xFFFFFFFF
+        out: list[Release] = []
+        for name in (entry.tunnel, entry.twin if entry.twin != entry.tunnel else None):
+            tunnel = None if name is None else self.tunnels.get(name)
+            if name is None or tunnel is None or (tunnel.keys is None and self.encrypted):
+                continue
+            tunnel.packets_up += count
+            tunnel.bytes_up += size
+            keys = tunnel.keys
+            out.append(((name, None, None if keys is None else keys.sealer), frames))
+        if not out:  # neither can send: `_route` counts why (the tunnel has no route)
+            self._route(entry, count, size, now)
+            return []
+        entry.packets_up += count
+        entry.bytes_up += size
+        entry.last_seen = now
+        return out
+
     def _learn(self, key: FiveTuple, choice: FlowChoice, now: float) -> FlowEntry[str]:
         assert choice.tunnel is not None
         with self.lock:
             entry = self.paft.learn(key, choice.tunnel, now, app=choice.app)
         entry.movable = choice.movable
+        if choice.twin is not None and choice.twin != choice.tunnel:
+            self.paft.set_twin(entry, choice.twin)
         return entry
 
     # -- held flows ------------------------------------------------------------
@@ -258,6 +310,8 @@ class ClientForwarder:
             self._counters.no_tunnel += held.packets
             return []
         entry = self._learn(key, choice, now)
+        if entry.twin is not None:
+            return self._copies(entry, held.items, held.packets, held.size, now)
         route = self._route(entry, held.packets, held.size, now)
         return [] if route is None else [(route, held.items)]
 
@@ -265,17 +319,33 @@ class ClientForwarder:
     def open(
         self, channel: str, datagrams: Sequence[bytes | memoryview], addr: Addr
     ) -> Sequence[bytes]:
-        """Decrypted under the tunnel's keys (counting failures), or as they came."""
+        """Decrypted under the tunnel's keys (counting failures), or as they came.
+
+        DUP frames come out as their inner frames, the first copy of each only.
+        """
+        frames: Sequence[bytes]
         if not self.encrypted:
-            return datagrams  # type: ignore[return-value]  # in clear: copies, bytes
-        tunnel = self.tunnels.get(channel)
-        keys = None if tunnel is None else tunnel.keys
-        if keys is None:
-            self._counters.tunnel_unauthenticated += len(datagrams)
-            return []
-        frames, failed = keys.open_many(datagrams)
-        self._counters.tunnel_unauthenticated += failed
+            frames = datagrams  # type: ignore[assignment]  # in clear: copies, bytes
+        else:
+            tunnel = self.tunnels.get(channel)
+            keys = None if tunnel is None else tunnel.keys
+            if keys is None:
+                self._counters.tunnel_unauthenticated += len(datagrams)
+                return []
+            frames, failed = keys.open_many(datagrams)
+            self._counters.tunnel_unauthenticated += failed
+        for frame in frames:
+            if frame and frame[0] == DUP:
+                opened, malformed = unwrap_dups(frames, self._first_copy)
+                self._counters.tunnel_malformed += malformed
+                return opened
         return frames
+
+    def _first_copy(self, flow_id: int, seq: int) -> bool:
+        if self._dedup.accept(flow_id, seq):
+            return True
+        self._counters.duplicates += 1
+        return False
 
     def control(self, channel: str, frame: bytes, addr: Addr, now: float) -> bytes | None:
         self._counters.control_frames += 1

@@ -24,8 +24,11 @@ __all__ = ["MAX_MOVES", "flow_moves", "handover_requests"]
 MAX_MOVES = 64
 
 
-def flow_moves(keys: list[FiveTuple]) -> tuple[FlowMove, ...]:
-    """One move per flow, matched by protocol, ports and destination (the source is ours)."""
+def flow_moves(keys: list[FiveTuple], twin_id: str | None = None) -> tuple[FlowMove, ...]:
+    """One move per flow, matched by protocol, ports and destination (the source is ours).
+
+    With `twin_id` the flows are redundant on that tunnel too.
+    """
     return tuple(
         FlowMove(
             match=StructuredMatch(
@@ -36,20 +39,25 @@ def flow_moves(keys: list[FiveTuple]) -> tuple[FlowMove, ...]:
                 dport=k.dport,
             ),
             tunnel_id=None,
+            redundant_with=twin_id,
         )
         for k in keys
     )
 
 
 def handover_requests(
-    keys: list[FiveTuple], build: Callable[[bytes], Request], max_moves: int = MAX_MOVES
+    keys: list[FiveTuple],
+    build: Callable[[bytes], Request],
+    max_moves: int = MAX_MOVES,
+    *,
+    twin_id: str | None = None,
 ) -> list[Request]:
     """The requests announcing `keys` (`build` makes a signed MESSAGE of a JSON body)."""
     pending = [keys[at : at + max_moves] for at in range(0, len(keys), max_moves)] or [[]]
     out: list[Request] = []
     while pending:
         chunk = pending.pop(0)
-        request = build(encode_body(HandoverRequest(flows=flow_moves(chunk))))
+        request = build(encode_body(HandoverRequest(flows=flow_moves(chunk, twin_id))))
         try:
             serialize(request)
         except MessageTooLarge:

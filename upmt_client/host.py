@@ -339,9 +339,12 @@ class MobileHost:
         tunnel.backoff = 1.0
         self._tunnel_up(tunnel, now)
         # Flows that stayed on this interface while it was away (not movable, or
-        # pinned) point to its old tunnel at the anchor: re-announce them here.
+        # pinned) point to its old tunnel at the anchor: re-announce them here;
+        # redundant flows on it are announced again at the next re-evaluation.
         with self.lock:
             waiting = [k for k, e in self.paft if e.tunnel == tunnel.name]
+            twins = [k for k, e in self.paft if e.twin == tunnel.name]
+        self.book.told_twins(waiting + twins, "")
         if waiting:
             self.announcer.announce(tunnel.name, waiting, self._builder(tunnel), now)
         log.info(
@@ -457,24 +460,30 @@ class MobileHost:
         self.steering.set_capped(self.usage.count(pairs, self.book, self.policy, today))
         self.auto.run(self.tunnels, now)
         with self.lock:
-            groups = plan_moves(pairs, self.book, self.steering, now)
-        for (app, source, target, reason, detail), keys in groups.items():
+            groups = plan_moves(self.paft, self.book, self.steering, now)
+        for (app, source, target, reason, detail, twin), keys in groups.items():
             record = HandoverRecord(
-                self.wall(), app, len(keys), source, target, reason, detail=detail
+                self.wall(), app, len(keys), source, target, reason, detail=detail, twin=twin
             )
             log.info(
-                "handover: %s, %d flows, %s -> %s (%s%s)",
+                "handover: %s, %d flows, %s -> %s%s (%s%s)",
                 app,
                 len(keys),
                 source,
                 target,
+                f" + {twin}" if twin else "",
                 reason,
                 f": {detail}" if detail else "",
             )
             index = self.book.record(record)
             tunnel = self.tunnels.get(target)
             if target not in PARKED and tunnel is not None:
-                self.announcer.announce(target, keys, self._builder(tunnel), now, index=index)
+                twin_tunnel = self.tunnels.get(twin)
+                twin_id = None if twin_tunnel is None else twin_tunnel.tunnel_id
+                self.book.told_twins(keys, twin if twin_id else "")
+                self.announcer.announce(
+                    target, keys, self._builder(tunnel), now, index=index, twin_id=twin_id
+                )
         for key in to_reexamine(pairs, self.book, self._reexamined):
             self._events.append(Reexamine(key))
 

@@ -35,6 +35,7 @@ The file format (TOML)::
     max_loss = 0.02                  # criteria a tunnel must meet
     max_rtt_ms = 150
     max_jitter_ms = 30
+    redundant = true                 # every packet on two tunnels, both ways
     cap_mb = 500                     # a daily cap on metered interfaces
     over_cap = "block"               # or "hold": when no interface is left
 
@@ -60,6 +61,11 @@ Its keys:
   30 s), ``max_rtt_ms`` and ``max_jitter_ms`` say which tunnels are
   acceptable; among those the cheapest wins, and without any the best
   quality does.
+- ``redundant``: every packet of the application on two tunnels at once,
+  both ways (default false): the one its flows would take anyway and the
+  next usable interface of its list; the receivers drop the second copy
+  (`tunnel.dedup`). A sudden blackhole of either path then costs nothing;
+  every byte crosses both interfaces (and counts against both their caps).
 - ``cap_mb``: at most this many MB (10^6 bytes) a day over the metered
   interfaces, all of them together (`upmt_client.usage`). A cap reached
   closes those interfaces to the application until midnight: its flows go
@@ -67,7 +73,7 @@ Its keys:
   (``over_cap = "block"``, the default) or parked without traffic until an
   interface opens again (``over_cap = "hold"``).
 
-``auto``, the criteria, ``cap_mb`` and ``over_cap`` are allowed in
+``auto``, the criteria, ``redundant``, ``cap_mb`` and ``over_cap`` are allowed in
 ``[default]`` too, with the same meaning for every application without a
 table of its own.
 
@@ -113,7 +119,9 @@ DEFAULT_KEY = "default"
 _GLOB_CHARS = frozenset("*?[")
 # Bare TOML keys need no quoting; anything else is shown as a quoted key.
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_CHOICE_KEYS = frozenset({"auto", "max_loss", "max_rtt_ms", "max_jitter_ms", "cap_mb", "over_cap"})
+_CHOICE_KEYS = frozenset(
+    {"auto", "max_loss", "max_rtt_ms", "max_jitter_ms", "redundant", "cap_mb", "over_cap"}
+)
 _DEFAULT_KEYS = frozenset({"interfaces", "movable"}) | _CHOICE_KEYS
 _APP_KEYS = frozenset({"interfaces", "movable", "action"}) | _CHOICE_KEYS
 _INTERFACE_KEYS = frozenset({"cost", "cap_mb"})
@@ -171,6 +179,7 @@ class AppPolicy:
     criteria: Criteria = Criteria()
     cap_mb: float | None = None  # MB a day over metered interfaces
     over_cap: str = "block"  # with every interface closed by a cap: "block" or "hold"
+    redundant: bool = False  # every packet on two tunnels
 
     def to_json(self) -> dict[str, object]:
         """The fields as JSON values."""
@@ -183,6 +192,7 @@ class AppPolicy:
             "criteria": self.criteria.to_json(),
             "cap_mb": self.cap_mb,
             "over_cap": self.over_cap,
+            "redundant": self.redundant,
         }
 
 
@@ -359,6 +369,8 @@ class _Parser:
         found: dict[str, Any] = {}
         if "auto" in table:
             found["auto"] = self.boolean([*path, "auto"], table["auto"])
+        if "redundant" in table:
+            found["redundant"] = self.boolean([*path, "redundant"], table["redundant"])
         if "cap_mb" in table:
             found["cap_mb"] = self.cap([*path, "cap_mb"], table["cap_mb"])
         if "over_cap" in table:

@@ -23,6 +23,11 @@ their list or, with none (and for flows that are not movable), are parked on
 `BLOCKED` or `HELD` as the policy's ``over_cap`` says, until an interface
 opens again.
 
+A ``redundant`` application's flows also travel on a second interface, their
+`twin`: the next usable interface of the list after the one they are on.
+When either dies the pair is formed again from what is left (one interface
+alone, if that is all).
+
 `SteeringView` is an immutable snapshot: the data-path thread reads the
 current one for new flows while the control plane builds the next.
 """
@@ -42,6 +47,7 @@ class Decision:
     tunnel: str | None  # None: no live tunnel for this flow now
     policy_key: str
     movable: bool
+    twin: str | None = None  # a redundant flow's second interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +99,20 @@ class SteeringView:
                 return interface
         return None
 
+    def twin(self, pol: AppPolicy, interface: str | None) -> str | None:
+        """A redundant application's second interface beside `interface`, if one is usable."""
+        if not pol.redundant or interface is None or interface in PARKED:
+            return None
+        return next((i for i in pol.interfaces if i != interface and self.usable(pol, i)), None)
+
     def decide(self, name: str | None, exe_name: str | None) -> Decision:
-        """Where a new flow of this application goes."""
+        """Where a new flow of this application goes (and its twin, if redundant)."""
         pol = self.policy_for(name, exe_name)
+        decision = self._place(pol, name, exe_name)
+        twin = self.twin(pol, decision.tunnel)
+        return decision if twin is None else replace(decision, twin=twin)
+
+    def _place(self, pol: AppPolicy, name: str | None, exe_name: str | None) -> Decision:
         if pol.action is Action.BLOCK:
             return Decision(BLOCKED, pol.key, False)
         pin = self.pinned(name, exe_name)

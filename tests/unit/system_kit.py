@@ -215,7 +215,7 @@ class SystemLab:
         """Where a new flow goes, as the classifier thread answers with its owner known."""
         app = self.owners.get(key)
         decision = self.host.steering.view.decide(app, app)
-        return FlowChoice(decision.tunnel, app, decision.movable)
+        return FlowChoice(decision.tunnel, app, decision.movable, decision.twin)
 
     def run_until(self, t: float) -> None:
         """Fire the core's timers up to virtual time `t`."""

@@ -118,6 +118,7 @@ def test_to_json() -> None:
         "criteria": {"max_loss": None, "max_rtt_ms": None, "max_jitter_ms": None},
         "cap_mb": None,
         "over_cap": "block",
+        "redundant": False,
     }
     assert out["interfaces"] == {}
     apps = out["apps"]
@@ -440,3 +441,11 @@ def test_fuzz_schema_shaped(apps: dict[str, dict[str, object]]) -> None:
         for k, t in apps.items()
     )
     check_total(text)
+
+
+def test_redundant_is_a_boolean() -> None:
+    policy = parse('[apps.voip]\ninterfaces = ["if0", "if1"]\nredundant = true\n')
+    assert policy.for_app("voip", None).redundant
+    assert not policy.for_app("other", None).redundant
+    with pytest.raises(ConfigError, match="redundant"):
+        parse('[apps.voip]\nredundant = "yes"\n')

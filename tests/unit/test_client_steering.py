@@ -75,3 +75,25 @@ def test_blocked_by_a_new_policy_and_blocked_flows_stay_blocked() -> None:
     s = steering()
     assert s.target("k", "if0", "telnet", None, True, 1.0) == Move(BLOCKED, "policy")
     assert s.target("k", BLOCKED, "telnet", None, True, 1.0) is None
+
+
+REDUNDANT = """
+[default]
+interfaces = ["if0", "if1", "if2"]
+[apps.voip]
+interfaces = ["if1", "if0", "if2"]
+redundant = true
+"""
+
+
+def test_a_redundant_app_gets_the_next_usable_interface_as_its_twin() -> None:
+    s = Steering(parse_policy(REDUNDANT, "p.toml", fallback_interfaces=["if0"]), 10.0)
+    for name in ("if0", "if1", "if2"):
+        s.set_up(name, 0.0)
+    decision = s.view.decide("voip", None)
+    assert (decision.tunnel, decision.twin) == ("if1", "if0")
+    assert s.view.decide("curl", None).twin is None  # not redundant
+    s.set_down("if0", "probe loss")
+    assert s.view.decide("voip", None).twin == "if2"
+    s.set_down("if2", "link down")
+    assert s.view.decide("voip", None).twin is None  # one interface left: alone on it

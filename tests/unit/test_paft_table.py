@@ -476,3 +476,21 @@ def test_selector_json_rejects(obj: object) -> None:
 def test_selector_json_random_raises_only_malformed(obj: object) -> None:
     with contextlib.suppress(MalformedError):
         FlowSelector.from_json_untrusted(obj)
+
+
+def test_move_with_a_twin_makes_flows_redundant_and_single_again() -> None:
+    table: Paft[str] = Paft()
+    voice = udp("100.64.0.2", 1, "192.0.2.1", 5004)
+    table.learn(voice, "wlan0", 0.0)
+    everything = FlowSelector()
+    assert table.move(everything, "wlan0", twin="wwan0") == [voice]  # the twin changed
+    entry = table.entries[voice]
+    first_id = entry.dup_id
+    assert entry.twin == "wwan0" and first_id != 0
+    assert table.move(everything, "wlan0", twin="wwan0") == []  # nothing changed
+    assert table.move(everything, "eth0") == [voice]  # no twin given: kept
+    assert entry.twin == "wwan0"
+    assert table.move(everything, "eth0", twin=None) == [voice]
+    assert entry.twin is None
+    table.move(everything, "eth0", twin="wwan0")
+    assert entry.dup_id != first_id  # a new spell, a new id: the receiver starts afresh

@@ -276,3 +276,21 @@ def test_iptables_form_of_structured_match(match: StructuredMatch) -> None:
     ]
     rule = " ".join(f"{opt} {value}" for opt, value in options if value is not None)
     assert parse_iptables_match(rule) == match
+
+
+def test_a_redundant_move_names_its_second_tunnel() -> None:
+    body = HandoverRequest((FlowMove(StructuredMatch(dport=5004), None, "203.0.113.11:40000"),))
+    data = encode_body(body)
+    assert json.loads(data)["flows"][0]["redundantWith"] == "203.0.113.11:40000"
+    assert decode_body_untrusted(data) == body
+    # Without it the key is absent, as older peers send it.
+    assert (
+        "redundantWith"
+        not in json.loads(encode_body(HandoverRequest((FlowMove(StructuredMatch()),))))["flows"][0]
+    )
+    for twin in ("any", 7, "", None.__class__.__name__ * 40):
+        bad = json.dumps(
+            {"mType": "HandoverRequest", "flows": [{"match": {}, "redundantWith": twin}]}
+        )
+        with pytest.raises(MalformedError):
+            decode_body_untrusted(bad.encode())

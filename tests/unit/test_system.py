@@ -288,6 +288,72 @@ def test_a_flapping_path_causes_no_ping_pong(tmp_path: Path) -> None:
     assert len(moves_of(lab, "rtp")) <= 1, moves_of(lab, "rtp")
 
 
+REDUNDANT_POLICY = """
+[default]
+interfaces = ["if0", "if1"]
+[apps.rtp]
+interfaces = ["if0", "if1"]
+redundant = true
+"""
+
+
+def test_a_redundant_app_travels_on_both_paths_and_a_blackhole_costs_it_nothing(
+    tmp_path: Path,
+) -> None:
+    policy = parse_policy(REDUNDANT_POLICY, "policy.toml", fallback_interfaces=["if0", "if1"])
+    lab = SystemLab(tmp_path, policy=policy, probe_interval=0.5, dead_after=4)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    rtp = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 5004)
+    bulk = FiveTuple(PROTO_UDP, pack_address(vipa), 40001, pack_address(CH), 9000)
+    lab.owners.update({rtp: "rtp", bulk: "curl"})
+    anchor_paft = lab.anchor.registrar.paft
+    sent_up: list[bytes] = []
+    sent_down: list[bytes] = []
+
+    def exchange(seconds: float) -> None:
+        end = lab.now + seconds
+        while lab.now < end:
+            n = len(sent_up)
+            up, down = (
+                udp(vipa, CH, 40000, 5004, b"u%d" % n),
+                udp(CH, vipa, 5004, 40000, b"d%d" % n),
+            )
+            sent_up.append(up)
+            sent_down.append(down)
+            lab.send_up(up)
+            lab.send_up(udp(vipa, CH, 40001, 9000, b"bulk"))
+            lab.send_down(down)
+            lab.run_for(0.02)
+
+    nat0, nat1 = lab.nats["if0"].translated, lab.nats["if1"].translated
+    exchange(2)
+    entry = lab.paft.entries[rtp]
+    assert (entry.tunnel, entry.twin) == ("if0", "if1")
+    assert lab.paft.entries[bulk].twin is None  # only the redundant app is duplicated
+    at_anchor = anchor_paft.entries[rtp]
+    assert (at_anchor.tunnel, at_anchor.twin) == (tunnel_addr(lab, "if0"), tunnel_addr(lab, "if1"))
+    # Both NATs carried the stream both ways: well beyond the probes' share.
+    assert lab.nats["if0"].translated - nat0 > 150 and lab.nats["if1"].translated - nat1 > 150
+    (record,) = [h for h in lab.host.book.history if h.app == "rtp"]
+    assert (record.reason, record.target, record.twin) == ("redundant", "if0", "if1")
+
+    lab.nats["if0"].blackhole = True
+    exchange(3)
+    assert lab.host.tunnels["if0"].down_reason == "probe loss"
+    assert (entry.tunnel, entry.twin) == ("if1", None)
+    exchange(1)
+    # Every packet arrived once, in order, both ways: the blackhole cost nothing.
+    rtp_up = [p for p in lab.anchor.tun.take() if p[20:22] == (40000).to_bytes(2, "big")]
+    assert len(rtp_up) == len(sent_up) and rtp_up == sent_up
+    received = lab.tun.take()
+    assert len(received) == len(sent_down) and received == sent_down
+    assert lab.forwarder.counters.duplicates > 0 and lab.anchor.forwarder.counters.duplicates > 0
+    assert at_anchor.twin is None  # told: single again, on if1
+    assert at_anchor.tunnel == tunnel_addr(lab, "if1")
+
+
 CAP_POLICY = """
 [interfaces.if1]
 cap_mb = 1

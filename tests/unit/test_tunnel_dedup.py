@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 
 from ground.errors import MalformedError
 from paft.packets import build_ipv4, build_udp
-from tunnel.dedup import WINDOW_BITS, DuplicateFilter, decode_dup_untrusted, encode_dup
+from tunnel.dedup import (
+    WINDOW_BITS,
+    DuplicateFilter,
+    decode_dup_untrusted,
+    dup_datagrams,
+    encode_dup,
+    unwrap_dups,
+)
+from tunnel.offload import Segments
 
 PACKET = build_ipv4(
     "100.64.0.2", "192.0.2.1", 17, build_udp(5004, 5004, b"rtp", "100.64.0.2", "192.0.2.1")
@@ -70,3 +78,29 @@ def test_against_a_naive_set(seqs: list[int], rng: random.Random) -> None:
         assert dedup.accept("f", seq) == naive, (seq, top)
         if naive:
             seen.add(seq)
+
+
+def test_a_partial_checksum_frame_travels_inside_as_well() -> None:
+    partial = bytes([0x04]) + PACKET
+    assert decode_dup_untrusted(encode_dup(1, 2, partial)) == (1, 2, partial)
+    with pytest.raises(MalformedError):
+        decode_dup_untrusted(encode_dup(1, 2, b"\x04"))  # a type byte with no packet
+
+
+def test_dup_datagrams_number_each_datagram_of_a_read() -> None:
+    assert dup_datagrams(9, 4, PACKET) == [encode_dup(9, 4, PACKET)]
+    # A UDP_SEGMENT run: datagrams of `size` bytes back to back, the last shorter.
+    second = PACKET[:-1]
+    run = Segments([PACKET[:10], memoryview(PACKET)[10:], second], len(PACKET), 2, 0)
+    assert dup_datagrams(9, 2**32 - 1, run) == [
+        encode_dup(9, 2**32 - 1, PACKET),
+        encode_dup(9, 0, second),
+    ]
+
+
+def test_unwrap_passes_other_frames_and_first_copies_only() -> None:
+    dedup = DuplicateFilter()
+    probe = b"\x02" + bytes(18)
+    frames = [encode_dup(1, 1, PACKET), probe, encode_dup(1, 1, PACKET), b"\x06junk", PACKET]
+    out, malformed = unwrap_dups(frames, lambda f, s: dedup.accept(f, s))
+    assert out == [PACKET, probe, PACKET] and malformed == 1 and dedup.duplicates == 1
