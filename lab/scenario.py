@@ -79,8 +79,12 @@ def start_cbr(
     size: int = 200,
     sport: int = 4000,
     idle: float = 5.0,
+    talk: bool = False,
 ) -> tuple[Daemon, Path]:
-    """A UDP receiver app (process name `name`) that asks the CH for a CBR stream."""
+    """A UDP receiver app (process name `name`) that asks the CH for a CBR stream.
+
+    With `talk` it sends the same stream upstream too (a call: `lab.apps.cbr`).
+    """
     ready = lab.workdir / f"{name}.ready"
     daemon = lab.start(
         "mh",
@@ -105,6 +109,7 @@ def start_cbr(
             str(idle),
             "--ready-file",
             str(ready),
+            *(["--talk"] if talk else []),
         ],
     )
     return daemon, ready

@@ -169,3 +169,46 @@ def test_upmt_lab_impair_drops_and_shapes_an_access_network(lab: Lab) -> None:
         text=True,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+
+
+REDUNDANT_POLICY = """
+[default]
+interfaces = ["if0", "if1"]
+[apps.cbr-recv]
+interfaces = ["if0", "if1"]
+redundant = true
+"""
+
+
+def test_a_redundant_call_crosses_both_nats_and_a_blackhole_costs_it_nothing(lab: Lab) -> None:
+    lab.start_servers(file_size=MB)
+    policy = write_policy(lab, REDUNDANT_POLICY)
+    _anchor, client = start_overlay(lab, client_args=("--policy", str(policy)))
+    # A call: 50 packets/s of 160 bytes each way, for 15 s.
+    cbr, ready = start_cbr(lab, pps=50, count=750, size=160, talk=True)
+    wait_file(ready)
+    time.sleep(1)
+    before = {ifname: lab.nat_counters(ifname) for ifname in ("if0", "if1")}
+    time.sleep(4)
+    after = {ifname: lab.nat_counters(ifname) for ifname in ("if0", "if1")}
+    carried = {
+        (ifname, way): after[ifname][way] - before[ifname][way]
+        for ifname in ("if0", "if1")
+        for way in ("up", "down")
+    }
+    # Four seconds of the call, each way, on each network: 200 packets of 160 bytes.
+    assert all(n >= 200 * 160 for n in carried.values()), carried
+    flows = [f for f in client.status()["flows"] if f["app"] == "cbr-recv"]
+    assert [(f["interface"], f["twin"]) for f in flows] == [("if0", "if1")], flows
+
+    lab.blackhole("if0")
+    result = cbr_result(cbr)
+    print(f"redundant call, if0 blackholed mid-call: {result}")
+    up = result["up"]
+    assert result["lost"] <= 3 and up["lost"] <= 3, result  # < 0.5 % of 750
+    assert result["duplicates"] == 0 and up["duplicates"] == 0, result
+    st = client.status()
+    assert tunnel_of(st, "if0")["state"] == "dead"
+    records = [(h["to"], h["twin"], h["reason"]) for h in st["handovers"] if h["app"] == "cbr-recv"]
+    assert records[0] == ("if0", "if1", "redundant"), records
+    assert records[-1][:2] == ("if1", None), records  # alone on what is left
