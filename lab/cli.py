@@ -129,16 +129,26 @@ def _share(text: str) -> float:
 @click.argument("iface", type=click.Choice(["if0", "if1"]))
 @click.option("--loss", default=None, help="Share of packets dropped each way: 10% or 0.1.")
 @click.option("--rate", default=None, help='Bandwidth each way, as tc writes it: "5mbit".')
+@click.option("--delay", default=None, help="Added delay each way: 80ms (or 0.08s).")
+@click.option("--jitter", default=None, help="Each packet's delay varies by up to this: 20ms.")
 @click.option("--clear", is_flag=True, help="Remove every impairment of IFACE.")
 @click.option("--lab", "prefix", default=None, help="The lab's namespace prefix (upmtXXXXXX-).")
-def impair(iface: str, loss: str | None, rate: str | None, clear: bool, prefix: str | None) -> None:
-    """Degrade the access network of IFACE in a running lab (its NAT drops and shapes).
+def impair(
+    iface: str,
+    loss: str | None,
+    rate: str | None,
+    delay: str | None,
+    jitter: str | None,
+    clear: bool,
+    prefix: str | None,
+) -> None:
+    """Degrade the access network of IFACE in a running lab (its NAT drops, delays, shapes).
 
     The lab is the only one running, or the one named by --lab. Each call
     replaces what the last set; --clear removes it.
     """
-    if clear == (loss is not None or rate is not None):
-        raise click.UsageError("give --loss and/or --rate, or --clear")
+    if clear == any(v is not None for v in (loss, rate, delay, jitter)):
+        raise click.UsageError("give --loss, --rate, --delay and/or --jitter, or --clear")
     try:
         share = _share(loss) if loss is not None else 0.0
     except ValueError:
@@ -146,9 +156,24 @@ def impair(iface: str, loss: str | None, rate: str | None, clear: bool, prefix: 
         raise click.BadParameter(hint, param_hint="--loss") from None
     if rate is not None and not re.fullmatch(r"[0-9]+(\.[0-9]+)?[kmg]?bit", rate):
         raise click.BadParameter(f"{rate!r}: a rate such as 5mbit or 500kbit", param_hint="--rate")
+    delay_ms = _milliseconds(delay, "--delay")
+    jitter_ms = _milliseconds(jitter, "--jitter")
     lab = Lab(Path(tempfile.gettempdir()), prefix=_running_lab(prefix))
-    lab.impair(iface, loss=share, rate=rate)
-    click.echo(json.dumps({"lab": lab.prefix, "iface": iface, "loss": share, "rate": rate}))
+    lab.impair(iface, loss=share, rate=rate, delay_ms=delay_ms, jitter_ms=jitter_ms)
+    answer = {"lab": lab.prefix, "iface": iface, "loss": share, "rate": rate}
+    click.echo(json.dumps(answer | {"delay_ms": delay_ms, "jitter_ms": jitter_ms}))
+
+
+def _milliseconds(text: str | None, option: str) -> float:
+    """ "80ms", "0.08s" or "80" (ms) as milliseconds; a usage error otherwise."""
+    if text is None:
+        return 0.0
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(ms|s)?", text)
+    if found is None or float(found[1]) > 10_000 * (1 if found[2] != "s" else 0.001):
+        raise click.BadParameter(
+            f"{text!r}: a duration such as 80ms (at most 10 s)", param_hint=option
+        )
+    return float(found[1]) * (1000 if found[2] == "s" else 1)
 
 
 def _running_lab(prefix: str | None) -> str:

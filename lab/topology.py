@@ -15,18 +15,30 @@ towards the internet and count bytes per direction in named nftables
 counters, which tests read to tell which access network carried a flow.
 """
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lab.netns import kill_namespace_processes, ns_exists, ns_popen, ns_run, run, stop_process
+from lab.netns import (
+    kill_namespace_processes,
+    ns_exists,
+    ns_pids,
+    ns_popen,
+    ns_run,
+    run,
+    stop_process,
+)
 from upmt.control import control_request
 
 AN_ADDR = "198.51.100.2"
@@ -48,8 +60,18 @@ ANCHOR_LAN_ADDR = "10.99.0.1"  # the anchor's eth1
 LAN_HOST_ADDR = "10.99.0.2"  # host `lan`
 
 
+DELAY_DEV = "dly"  # the delay line's TUN in a NAT namespace (`lab.apps.delay`)
+DELAY_TABLE = "77"  # the routing table (and rule preferences) that send packets into it
+
+
 def nat_ruleset(conntrack_note: str = "") -> str:
-    """The home-router NAT of an access network: masquerade and per-direction counters."""
+    """The home-router NAT of an access network: masquerade and per-direction counters.
+
+    With a delay line (`Lab.impair`), what crosses the NAT goes through the
+    TUN `DELAY_DEV` first: chain `relay` keeps that first pass out of
+    conntrack (so the NAT applies once, on the way out to `wan`), and the
+    blackhole, loss and counters apply once, not on the way back from it.
+    """
     return f"""\
 table inet labnat
 delete table inet labnat
@@ -60,12 +82,15 @@ table inet labnat {{ {conntrack_note}
     }}
     chain impair {{
     }}
+    chain relay {{
+        type filter hook prerouting priority raw; policy accept;
+    }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        jump blackhole
-        jump impair
-        iifname "lan" oifname "wan" counter name up
-        iifname "wan" oifname "lan" counter name down
+        iifname != "{DELAY_DEV}" jump blackhole
+        iifname != "{DELAY_DEV}" jump impair
+        oifname "wan" counter name up
+        oifname "lan" counter name down
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -298,16 +323,29 @@ class Lab:
         else:
             self.exec(NAT_OF[ifname], "nft", "flush", "chain", *chain)
 
-    def impair(self, ifname: str, loss: float = 0.0, rate: str | None = None) -> None:
+    def impair(
+        self,
+        ifname: str,
+        loss: float = 0.0,
+        rate: str | None = None,
+        delay_ms: float = 0.0,
+        jitter_ms: float = 0.0,
+    ) -> None:
         """Degrade the access network of `ifname` in its NAT, each way; no arguments clear it.
 
         `loss`: a share (0..1) of the packets dropped at random (nftables
         `numgen random`). `rate`: a bandwidth limit as `tc` writes it ("5mbit"),
-        by a token bucket (`tbf`) on both of the NAT's interfaces.
+        by a token bucket (`tbf`) on both of the NAT's interfaces. `delay_ms`
+        and `jitter_ms`: every packet held that long, give or take up to the
+        jitter (uniform), by the lab's delay line (`lab.apps.delay`), since
+        these kernels have no netem.
         """
         if not 0.0 <= loss <= 1.0:
             raise ValueError(f"loss {loss} is not a share between 0 and 1")
+        if delay_ms < 0 or jitter_ms < 0:
+            raise ValueError("delay and jitter are durations >= 0")
         nat = NAT_OF[ifname]
+        self._delay_line(ifname, delay_ms, jitter_ms)
         chain = ["inet", "labnat", "impair"]
         self.exec(nat, "nft", "flush", "chain", *chain)
         per_mille = round(loss * 1000)
@@ -320,6 +358,43 @@ class Lab:
             else:
                 bucket = ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"]
                 self.exec(nat, "tc", "qdisc", "replace", "dev", dev, "root", *bucket)
+
+    def _delay_line(self, ifname: str, delay_ms: float, jitter_ms: float) -> None:
+        """Start (or stop, with both 0) the delay line of `ifname`'s NAT."""
+        nat = NAT_OF[ifname]
+        ns = self.ns(nat)
+        for pid in ns_pids(ns):
+            with contextlib.suppress(OSError):
+                if b"lab.apps.delay" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+        self.exec(nat, "nft", "flush", "chain", "inet", "labnat", "relay")
+        for pref in (DELAY_TABLE, str(int(DELAY_TABLE) + 1)):
+            self.exec(nat, "ip", "rule", "del", "pref", pref, check=False)
+        _wait(lambda: not self._has_link(nat, DELAY_DEV), 5, "the old delay line gone")
+        if not delay_ms and not jitter_ms:
+            return
+        argv = [self.python(), "-m", "lab.apps.delay", "--dev", DELAY_DEV]
+        argv += ["--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms)]
+        log = self.workdir / f"delay-{nat}.log"
+        self._servers.append(ns_popen(ns, argv, log, env=self._env()))
+        _wait(lambda: self._has_link(nat, DELAY_DEV, up=True), 10, f"the delay line's TUN ({log})")
+        self.sysctl(nat, f"net.ipv4.conf.{DELAY_DEV}.rp_filter", "0")
+        self.ip(nat, "route", "replace", "default", "dev", DELAY_DEV, "table", DELAY_TABLE)
+        self.ip(nat, "rule", "add", "pref", DELAY_TABLE, "iif", "lan", "lookup", DELAY_TABLE)
+        pref = str(int(DELAY_TABLE) + 1)
+        self.ip(nat, "rule", "add", "pref", pref, "iif", "wan", "lookup", DELAY_TABLE)
+        mh = ACCESS[ifname][0]
+        for rule in (
+            ["iifname", "lan", "notrack"],
+            ["iifname", DELAY_DEV, "ip", "daddr", mh, "notrack"],
+        ):
+            self.exec(nat, "nft", "add", "rule", "inet", "labnat", "relay", *rule)
+
+    def _has_link(self, role: str, dev: str, *, up: bool = False) -> bool:
+        shown = run(
+            ["ip", "-n", self.ns(role), "link", "show", dev, *(["up"] if up else [])], check=False
+        )
+        return shown.returncode == 0 and bool(shown.stdout.strip())
 
     def app_command(self, name: str) -> str:
         """A python interpreter that the kernel will call `name` (its comm).
@@ -508,3 +583,11 @@ def have_lab_privileges() -> str | None:
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing"
     return None
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)

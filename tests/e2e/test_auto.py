@@ -153,8 +153,14 @@ def test_upmt_lab_impair_drops_and_shapes_an_access_network(lab: Lab) -> None:
         out = lab.exec("mh", *ping, check=False).stdout
         return int(out.split(" received")[0].rsplit(" ", 1)[1])
 
+    def ping_rtt_ms() -> float:
+        ping = ["ping", "-n", "-q", "-c", "5", "-i", "0.05", "-W", "1", "-I", "if0", AN_ADDR]
+        out = lab.exec("mh", *ping).stdout  # rtt min/avg/max/mdev = a/b/c/d ms
+        return float(out.rsplit("=", 1)[1].split("/")[1])
+
     assert pings_answered() == 10
     expected = {"lab": lab.prefix, "iface": "if0", "loss": 1.0, "rate": None}
+    expected |= {"delay_ms": 0.0, "jitter_ms": 0.0}
     assert impair("--loss", "100%") == expected
     assert pings_answered() == 0
     impair("--rate", "2mbit")
@@ -163,6 +169,10 @@ def test_upmt_lab_impair_drops_and_shapes_an_access_network(lab: Lab) -> None:
     assert "tbf" in shaped and "2Mbit" in shaped, shaped
     impair("--clear")
     assert "tbf" not in lab.exec("nat0", "tc", "qdisc", "show", "dev", "wan").stdout
+    assert impair("--delay", "40ms")["delay_ms"] == 40.0
+    assert 80 <= ping_rtt_ms() <= 200  # 40 ms each way, through the NAT
+    impair("--clear")
+    assert ping_rtt_ms() < 20
     bad = subprocess.run(
         [sys.executable, "-m", "lab", "impair", "if0", "--lab", lab.prefix, "--loss", "150%"],
         capture_output=True,
@@ -212,3 +222,23 @@ def test_a_redundant_call_crosses_both_nats_and_a_blackhole_costs_it_nothing(lab
     records = [(h["to"], h["twin"], h["reason"]) for h in st["handovers"] if h["app"] == "cbr-recv"]
     assert records[0] == ("if0", "if1", "redundant"), records
     assert records[-1][:2] == ("if1", None), records  # alone on what is left
+
+
+def test_delay_and_jitter_of_the_lab_are_measured_by_the_tunnel(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=2 * MB)
+    _anchor, client = start_overlay(lab)
+    lab.impair("if0", delay_ms=60, jitter_ms=10)
+    wait_until(
+        lambda: (tunnel_of(client.status(), "if0")["rtt_ms"] or 0) >= 100,
+        30,
+        "if0's RTT to show 2 x 60 ms",
+        (client,),
+    )
+    st = client.status()
+    if0, if1 = tunnel_of(st, "if0"), tunnel_of(st, "if1")
+    print(f"60 ms +- 10 ms each way on if0: {if0['rtt_ms']} ms, jitter {if0['jitter_ms']} ms")
+    assert if0["rtt_ms"] <= 160 and if0["jitter_ms"] > 0, if0
+    assert if1["rtt_ms"] < 50, if1  # the other path is not touched
+    curl, out = start_download(lab, blob, max_time=120)  # TCP through the delay line
+    assert finished(curl, timeout=120) == 0
+    assert sha256(out) == sha256(blob)
