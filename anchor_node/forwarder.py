@@ -170,7 +170,7 @@ class AnchorForwarder:
             entry.last_seen = now
             addr = entry.tunnel
             if entry.twin is not None:
-                self._copies(entry, item)
+                self._copies(entry, key.src, item)
                 return None
         if self.sessions is None:
             return CHANNEL, addr, None
@@ -180,12 +180,18 @@ class AnchorForwarder:
             return None
         return CHANNEL, addr, sealer
 
-    def _copies(self, entry: FlowEntry[Addr], item: Outbound) -> None:
-        """A redundant flow's item as DUP frames on both its tunnels (those with a key)."""
+    def _copies(self, entry: FlowEntry[Addr], vipa: bytes, item: Outbound) -> None:
+        """A redundant flow's item as DUP frames on both its tunnels (those with a key).
+
+        The twin must still be a tunnel of the flow's terminal (`vipa`).
+        """
         frames: list[Outbound] = list(dup_datagrams(entry.dup_id, entry.dup_seq, item))
         entry.dup_seq = (entry.dup_seq + len(frames)) & 0xFFFFFFFF
         sent = False
-        for addr in (entry.tunnel, entry.twin):
+        twin = entry.twin
+        if twin is not None and self.tunnel_vipa.get(twin) != vipa:
+            twin = None  # no longer the terminal's (dropped, its address reused)
+        for addr in (entry.tunnel, twin):
             if addr is None:
                 continue
             if self.sessions is None:

@@ -132,3 +132,5 @@ class TerminalTable:
             entry = self.paft.entries.get(key)
             if entry is not None and entry.tunnel == addr:
                 self.paft.remove(key)
+            elif entry is not None and entry.twin == addr:  # redundant on it: single now
+                self.paft.set_twin(entry, None)

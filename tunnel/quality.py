@@ -12,7 +12,10 @@ decisions:
 * **Loss**: per probe, acknowledged or missed (a late ack turns a miss back
   into a received probe), over sliding windows (5 s, 30 s and 2 min by
   default): the share of the probes sent in the window whose fate is known
-  that were missed. Probes still waiting for their ack are not counted.
+  that were missed. Probes still waiting for their ack are not counted, nor
+  misses younger than the caller's `pending` time (the scheduler's RTO): on
+  a path whose RTT exceeds the probe interval every probe is a miss when the
+  next one leaves, until its late ack comes.
 * **Goodput**: bits per second that the data path moved over the tunnel,
   both ways, from its cumulative byte counter, over the last sampling period.
 """
@@ -88,21 +91,24 @@ class LossWindows:
         if probe is not None and probe.state == _OUTSTANDING:
             probe.state = _MISSED
 
-    def loss(self, window: float, now: float) -> float | None:
-        """The share of probes lost among those sent in the last `window` s; None: none known."""
-        since = now - window
+    def loss(self, window: float, now: float, pending: float = 0.0) -> float | None:
+        """The share of probes lost among those sent in the last `window` s; None: none known.
+
+        A miss sent less than `pending` seconds ago may still be answered: unknown yet.
+        """
+        since, recent = now - window, now - pending
         known = lost = 0
         for probe in reversed(self._probes):
             if probe.sent_at < since:
                 break
-            if probe.state != _OUTSTANDING:
+            if probe.state == _RECEIVED or (probe.state == _MISSED and probe.sent_at <= recent):
                 known += 1
                 lost += probe.state == _MISSED
         return lost / known if known else None
 
-    def all(self, now: float) -> dict[str, float | None]:
+    def all(self, now: float, pending: float = 0.0) -> dict[str, float | None]:
         """Every window's loss, keyed "5s", "30s", "120s"."""
-        return {f"{w:g}s": self.loss(w, now) for w in self.windows}
+        return {f"{w:g}s": self.loss(w, now, pending) for w in self.windows}
 
 
 class Goodput:

@@ -219,16 +219,22 @@ class ProbeScheduler:
             return False
         if self._last_heard is None:  # no ack yet: give the path the keepalive's time
             return now - (self._first_sent_at or now) >= self.dead_after * self.interval
-        rto = 0.0 if self._srtt is None or self._rttvar is None else self._srtt + 4 * self._rttvar
-        return now - self._last_heard >= max(BUSY_SILENCE, rto)
+        return now - self._last_heard >= max(BUSY_SILENCE, self._rto())
+
+    def _rto(self) -> float:
+        """SRTT + 4 RTTVAR (RFC 6298 without its 1 s floor), 0 before the first ack."""
+        return 0.0 if self._srtt is None or self._rttvar is None else self._srtt + 4 * self._rttvar
 
     def quality(self, now: float, goodput: float = 0.0) -> PathQuality:
-        """RTT, jitter, loss per window and `goodput` (given by the caller) at `now`."""
+        """RTT, jitter, loss per window and `goodput` (given by the caller) at `now`.
+
+        A probe missed less than an RTO ago is not counted as lost yet.
+        """
         return PathQuality(
             rtt=self._srtt,
             rttvar=self._rttvar,
             jitter=self._jitter.value if self._acks_for_jitter >= 2 else None,
-            loss=self._loss.all(now),
+            loss=self._loss.all(now, self._rto()),
             goodput=goodput,
         )
 

@@ -394,6 +394,8 @@ def format_explain(ex: dict[str, Any]) -> str:
     columns = ["INTERFACE", "TUNNEL", "RTT_MS", "JITTER_MS", "LOSS", "COST", "SCORE", "MEETS"]
     out += [table(rows, columns), ""]
     out.append(f"chosen: {ex['chosen'] or '(none live)'} ({ex['reason']}: {ex['detail']})")
+    if ex.get("twin"):
+        out.append(f"redundant: every packet on {ex['twin']} as well")
     return "\n".join(out)
 
 

@@ -4,7 +4,8 @@ For the application's policy table: each of its interfaces with the
 tunnel's figures, the criteria it meets or breaks, whether a daily cap
 closed it, its cost and score, and
 the standing decision (the automatic choice of an `auto` application, or
-where steering sends its new flows).
+where steering sends its new flows, and the second interface of a
+redundant one's).
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def explain_json(host: MobileHost, app: str, now: float) -> JSON:
         reason, detail = "order", "no automatic choice yet: the first live interface"
     else:
         reason, detail = "order", "not auto: the first live interface of the list"
+    decision = view.decide(app, app)
     return {
         "app": app,
         "policy": pol.to_json(),
         "candidates": rows,
-        "chosen": view.decide(app, app).tunnel,
+        "chosen": decision.tunnel,
+        "twin": decision.twin,  # redundant: the second interface of its packets
         "reason": reason,
         "detail": detail,
     }

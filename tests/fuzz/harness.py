@@ -141,6 +141,10 @@ def _anchor_seeds() -> list[bytes]:
         bytes((kinds["sealed"],)) + bloated_signal("an"),
         bytes((kinds["sealed"],)) + b"\x02" + bytes(18),  # a PROBE
         bytes((kinds["stranger"],)) + b"\x05" + bytes(40),
+        # DUP frames of a redundant flow: a packet inside, then junk inside.
+        bytes((kinds["sealed"],)) + b"\x06" + bytes(8) + b"\x45" + bytes(27),
+        bytes((kinds["sealed"],)) + b"\x06" + bytes(8) + b"\x04\x45" + bytes(27),
+        bytes((kinds["sealed"],)) + b"\x06" + bytes(8) + b"\x01INVITE",
     ]
     moves = b",".join(b'{"match":{"proto":"udp","dport":%d}}' % p for p in range(600))
     handover = b'{"mType":"HandoverRequest","flows":[%s]}' % moves

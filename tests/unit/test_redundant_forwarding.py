@@ -99,3 +99,13 @@ def dup(frame: Outbound) -> tuple[int, int, bytes]:
 
 def _selector() -> FlowSelector:
     return FlowSelector(src=pack_address(VIPA))
+
+
+def test_a_twin_that_is_no_longer_the_terminals_gets_no_copy() -> None:
+    a = anchor()
+    a.open(CHANNEL, [up(0)], WIFI)
+    a.from_tunnel(CHANNEL, WIFI, up(0), 1.0, 1, len(up(0)))
+    a.paft.move(_selector(), WIFI, twin=LTE)
+    a.tunnel_vipa[LTE] = pack_address("100.64.0.77")  # LTE's address now another terminal's
+    assert a.from_tun(down(1), down(1), 1, len(down(1)), 1.0) is None
+    assert [route[1] for route, _frames in a.pending] == [WIFI]

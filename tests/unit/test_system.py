@@ -338,6 +338,8 @@ def test_a_redundant_app_travels_on_both_paths_and_a_blackhole_costs_it_nothing(
     assert lab.nats["if0"].translated - nat0 > 150 and lab.nats["if1"].translated - nat1 > 150
     (record,) = [h for h in lab.host.book.history if h.app == "rtp"]
     assert (record.reason, record.target, record.twin) == ("redundant", "if0", "if1")
+    why = explain_json(lab.host, "rtp", lab.now)
+    assert (why["chosen"], why["twin"]) == ("if0", "if1")
 
     lab.nats["if0"].blackhole = True
     exchange(3)

@@ -208,3 +208,18 @@ def test_when_every_tunnel_goes_quiet_a_busy_one_gets_the_keepalives_patience() 
         clock.now = due
         send(sched, clock)
     assert 2.0 <= clock.now - start <= 2.2  # the anchor restarting, not this path failing
+
+
+def test_a_miss_younger_than_the_pending_time_is_not_known_yet() -> None:
+    # RTT 0.3 s, a probe every 0.1 s: the last probes are misses until their acks come.
+    windows = LossWindows((5.0,))
+    for seq in range(10):
+        windows.sent(seq, seq * 0.1)
+        if seq:
+            windows.missed(seq - 1)
+    for seq in range(6):
+        windows.received(seq)  # acks of the probes sent up to 0.3 s before now
+    now = 0.95
+    assert windows.loss(5.0, now) == pytest.approx(3 / 9)  # 6, 7, 8 look lost
+    assert windows.loss(5.0, now, pending=0.4) == 0.0  # sent within an RTO: not yet
+    assert windows.all(now, pending=0.4) == {"5s": 0.0}
