@@ -68,10 +68,11 @@ __all__ = ["CHANNEL", "AnchorCounters", "AnchorForwarder", "Origin"]
 Origin = tuple[Addr, Receiver | None]
 CLOSING: Final = TCP_FIN | TCP_RST
 CHANNEL: Final = "tunnels"  # the anchor's one tunnel socket
-# Duplicate filters: one per terminal, of this many redundant flows each; the
-# terminals heard least recently lose theirs beyond `MAX_DEDUP_TERMINALS`.
-DEDUP_FLOWS_PER_TERMINAL: Final = 256
-MAX_DEDUP_TERMINALS: Final = 65536
+# Duplicate filters: one per terminal, of this many redundant flows each (a
+# window is under 1 KB); the terminals that sent DUP frames least recently lose
+# theirs beyond `MAX_DEDUP_TERMINALS` (at worst, a copy in flight then passes).
+DEDUP_FLOWS_PER_TERMINAL: Final = 64
+MAX_DEDUP_TERMINALS: Final = 4096
 
 
 @dataclass(slots=True)
