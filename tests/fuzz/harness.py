@@ -80,6 +80,7 @@ def _gro(data: bytes) -> None:
 
 _anchor_path: AnchorUnderFuzz | None = None
 _KINDS = ("sip", "tunnel", "stranger", "sealed")
+_MAX_BODY = 65_000
 # Seeds the mutations start from: what a terminal sends, so that the fuzzer gets
 # past the parsers into the registrar (short compact headers make answers grow).
 _SEED_SIP = (
@@ -102,7 +103,8 @@ def _anchor(data: bytes) -> None:
         body = _SEED_SIP + body * (1 + data[0] % 64) + b"\r\n"
         if kind == "sealed":
             body = b"\x01" + body
-    check_answers(kind, _anchor_path.feed(kind, body))
+    # No datagram is larger (and a sealed one carries 29 bytes more).
+    check_answers(kind, _anchor_path.feed(kind, body[:_MAX_BODY]))
 
 
 def _guarded(parse: Callable[[bytes], object]) -> Callable[[bytes], None]:
