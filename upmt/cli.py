@@ -158,18 +158,86 @@ def datapath_line(dp: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, erase the screen (what watch(1) does)
+
+
 def add_status_command(
     group: click.Group, default: Path, describe: Callable[[dict[str, Any]], str], doc: str
 ) -> None:
-    """`status [--json]`: the daemon's status as text (`describe`) or JSON."""
+    """`status [--json] [--watch]`: the daemon's status as text (`describe`) or JSON."""
 
     @group.command(help=doc)
     @json_option
+    @click.option("--watch", is_flag=True, help="Refresh in place, as watch(1) does, until Ctrl-C.")
+    @click.option(
+        "--interval",
+        type=click.FloatRange(min=0.1),
+        default=2.0,
+        show_default=True,
+        help="Seconds between refreshes with --watch.",
+    )
+    @click.option(
+        "--count",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With --watch: refreshes, then exit.",
+    )
     @control_option(default)
-    def status(as_json: bool, control: Path) -> None:
-        answer = query(control, {"cmd": "status"})
-        answer.pop("ok", None)
-        if as_json:
-            print_json(answer)
+    def status(
+        as_json: bool, watch: bool, interval: float, count: int | None, control: Path
+    ) -> None:
+        def fetch() -> str:
+            answer = query(control, {"cmd": "status"})
+            answer.pop("ok", None)
+            if as_json:
+                return json.dumps(answer, sort_keys=True, separators=(",", ":"))
+            return describe(answer)
+
+        if not watch:
+            if as_json:
+                print_json(json.loads(fetch()))
+            else:
+                click.echo(fetch())
             return
-        click.echo(describe(answer))
+        prog = click.get_current_context().find_root().info_name or "status"
+        title = None if as_json else f"{prog} status"
+        watch_output(fetch, interval, count, title, clear=sys.stdout.isatty() and not as_json)
+
+
+def watch_output(
+    fetch: Callable[[], str],
+    interval: float,
+    count: int | None,
+    title: str | None,
+    *,
+    clear: bool,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Show `fetch()` every `interval` seconds, `count` times or until Ctrl-C.
+
+    On a terminal (`clear`) each refresh replaces the last, under a header
+    line as watch(1) writes it; otherwise refreshes follow each other (with
+    JSON, one object per line). A daemon that does not answer shows its
+    error in place, and the next refresh tries again.
+    """
+    shown = 0
+    try:
+        while True:
+            try:
+                text = fetch()
+            except (UpmtError, OSError) as exc:
+                text = f"error: {exc}"
+            if clear:
+                click.echo(CLEAR_SCREEN, nl=False, color=True)  # kept when captured
+            if title is not None:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                click.echo(f"Every {interval:g}s: {title}    {stamp}\n")
+            click.echo(text)
+            shown += 1
+            if count is not None and shown >= count:
+                return
+            if not clear and title is not None:
+                click.echo("")
+            sleep(interval)
+    except KeyboardInterrupt:
+        return

@@ -239,6 +239,11 @@ def test_delay_and_jitter_of_the_lab_are_measured_by_the_tunnel(lab: Lab) -> Non
     print(f"60 ms +- 10 ms each way on if0: {if0['rtt_ms']} ms, jitter {if0['jitter_ms']} ms")
     assert if0["rtt_ms"] <= 160 and if0["jitter_ms"] > 0, if0
     assert if1["rtt_ms"] < 50, if1  # the other path is not touched
+    watch = ["status", "--watch", "--interval", "0.2", "--count", "2"]
+    out = lab.exec(
+        "mh", lab.python(), "-m", "upmt_client", *watch, "--control", str(client.control)
+    ).stdout
+    assert out.count("Every 0.2s: upmt-client status") == 2 and out.count("if0") >= 2, out
     curl, out = start_download(lab, blob, max_time=120)  # TCP through the delay line
     assert finished(curl, timeout=120) == 0
     assert sha256(out) == sha256(blob)
