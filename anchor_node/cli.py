@@ -13,6 +13,7 @@ from upmt.cli import (
     encryption_option,
     flow_rows,
     log_level_option,
+    metrics_option,
     offload_option,
     restart_and_wait,
     run_cli,
@@ -141,6 +142,7 @@ def cli() -> None:
     default=False,
     help="Let terminals reach each other's VIPAs (off by default).",
 )
+@metrics_option
 @log_level_option
 def run(key_path: Path | None, log_level: str, **options: Any) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""

@@ -8,6 +8,7 @@ from anchor_node.leases import parse_pool
 from ground.errors import ConfigError
 from ground.names import is_ifname
 from paft.aging import Aging
+from tunnel.addr import parse_listen
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class AnchorConfig:
     max_leases_per_prefix: int = 1024
     allow_prefixes: tuple[ipaddress.IPv4Network, ...] = ()
     client_to_client: bool = False
+    metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
 
     @property
     def key_file(self) -> Path:
@@ -67,6 +69,7 @@ class AnchorConfig:
         max_leases_per_prefix: int = 1024,
         allow_prefixes: tuple[str, ...] = (),
         client_to_client: bool = False,
+        metrics: str | None = None,
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -106,6 +109,7 @@ class AnchorConfig:
             max_leases_per_prefix=max_leases_per_prefix,
             allow_prefixes=tuple(allowed),
             client_to_client=client_to_client,
+            metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
         )
 
 

@@ -22,6 +22,7 @@ from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath, Origin
 from anchor_node.inplace import restart as restart_in_place
 from anchor_node.inplace import take_inherited
+from anchor_node.metrics import anchor_families
 from anchor_node.startup import (
     Sockets,
     install_nat,
@@ -42,6 +43,7 @@ from tunnel.crypto import KeyExhausted
 from tunnel.frames import FrameType, Signal, encode_frame
 from upmt.control import JSON, serve_control
 from upmt.control_queue import ControlQueue
+from upmt.metrics import start_metrics
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
 from upmt.tun import TunDevice
@@ -87,6 +89,7 @@ class AnchorNode:
             self.nat = install_nat(cfg, stack)
             self._start_datapath(stack, tun, sockets.tunnel)
             trio_sip = self._open_sip_channels(sockets)
+            start_metrics(stack, cfg.metrics, "upmt_anchor", self.status, anchor_families)
             self._log_up()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)

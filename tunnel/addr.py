@@ -15,7 +15,7 @@ from typing import Final
 
 from ground.errors import ConfigError
 
-__all__ = ["format_hostport", "parse_hostport"]
+__all__ = ["format_hostport", "parse_hostport", "parse_listen"]
 
 # RFC 1123 §2.1 host names: dot-separated labels of letters, digits and
 # hyphens, no label starting or ending with a hyphen, at most 253 characters.
@@ -95,3 +95,15 @@ def format_hostport(addr: tuple[str, int] | tuple[str, int, int, int]) -> str:
     """
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_listen(text: str, option: str) -> tuple[str, int]:
+    """`ADDR:PORT` to listen on (an IP address, IPv6 in brackets; a port is needed)."""
+    try:
+        host, port = parse_hostport(text, 0)
+        ipaddress.ip_address(host)
+    except (ConfigError, ValueError):
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{option} {text!r}: give ADDR:PORT, such as 127.0.0.1:9101")
+    return host, port

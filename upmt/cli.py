@@ -69,6 +69,12 @@ tunnel_port_option = click.option(
     "--tunnel-port", type=click.IntRange(1, 65535), default=1800, show_default=True
 )
 log_level_option = click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True)
+metrics_option = click.option(
+    "--metrics",
+    default=None,
+    metavar="ADDR:PORT",
+    help="Serve Prometheus metrics over HTTP there, such as 127.0.0.1:9101 (off by default).",
+)
 
 encryption_option = click.option(
     "--encryption",

@@ -12,6 +12,7 @@ from upmt.cli import (
     flow_rows,
     json_option,
     log_level_option,
+    metrics_option,
     offload_option,
     print_json,
     query,
@@ -140,6 +141,7 @@ def cli() -> None:
     show_default=True,
     help="Seconds between key exchanges with the anchor (new tunnel keys each time).",
 )
+@metrics_option
 @log_level_option
 def run(terminal_id: str | None, log_level: str, **options: Any) -> None:
     """Run the client until SIGTERM or Ctrl-C."""

@@ -113,6 +113,7 @@ def tunnels_json(host: MobileHost, now: float, flow_now: float) -> list[JSON]:
         quality = sched.quality(now, t.goodput.bits_per_second) if sched is not None else None
         loss = quality.loss if quality is not None else {}
         keys = t.keys
+        traffic = host.traffic.get(name)
         out.append(
             {
                 "tunnel_id": t.tunnel_id,
@@ -128,6 +129,8 @@ def tunnels_json(host: MobileHost, now: float, flow_now: float) -> list[JSON]:
                 "loss": _rounded(loss.get(LOSS_WINDOW)),
                 "loss_windows": {w: _rounded(v) for w, v in loss.items()},
                 "goodput_kbit_s": round(t.goodput.bits_per_second / 1000, 1),
+                "bytes_up": 0 if traffic is None else traffic.bytes_up,
+                "bytes_down": 0 if traffic is None else traffic.bytes_down,
                 "probe_interval_ms": milliseconds(sched.current_interval if sched else None),
                 "observed": t.observed,
                 "local": t.local_text,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ground.errors import ConfigError
 from ground.names import is_ifname
-from tunnel.addr import parse_hostport
+from tunnel.addr import parse_hostport, parse_listen
 from upmt_client.trust import parse_anchor_key
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -37,6 +37,7 @@ class ClientConfig:
     state_dir: Path = Path("/var/lib/upmt/client")
     anchor_key: bytes | None = None  # --anchor-key: the anchor's pinned public key
     rekey_interval: float = 120.0
+    metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
 
     @classmethod
     def build(
@@ -63,6 +64,7 @@ class ClientConfig:
         anchor_key: str | None = None,
         rekey_interval: float = 120.0,
         busy_probe_interval: float = 0.1,
+        metrics: str | None = None,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -100,6 +102,7 @@ class ClientConfig:
             anchor_key=parse_anchor_key(anchor_key) if anchor_key is not None else None,
             rekey_interval=rekey_interval,
             busy_probe_interval=busy_probe_interval,
+            metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
         )
 
 

@@ -38,6 +38,7 @@ from tunnel.addr import format_hostport
 from tunnel.crypto import OVERHEAD
 from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.control_queue import ControlQueue
+from upmt.metrics import start_metrics
 from upmt.offload import offload_refusals, offload_status, probe_udp_offload
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client import commands
@@ -61,6 +62,7 @@ from upmt_client.host_sockets import HostSockets
 from upmt_client.inplace import export_state, import_state, take_inherited, tunnel_socket
 from upmt_client.inplace import restart as restart_in_place
 from upmt_client.interfaces import check_interfaces, default_route_interfaces, usable
+from upmt_client.metrics import client_families
 from upmt_client.netmon import NetlinkMonitor, link_updates
 from upmt_client.policy import Policy, builtin_policy, load_policy
 from upmt_client.routing import TABLE, PolicyRouting
@@ -126,6 +128,7 @@ class ClientDaemon:
                 control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
+            start_metrics(stack, cfg.metrics, "upmt_client", self.status, client_families)
             async with trio.open_nursery() as nursery:
                 handed = {
                     k.split(":", 1)[1]: tunnel_socket(fd)

@@ -240,10 +240,10 @@ def test_delay_and_jitter_of_the_lab_are_measured_by_the_tunnel(lab: Lab) -> Non
     assert if0["rtt_ms"] <= 160 and if0["jitter_ms"] > 0, if0
     assert if1["rtt_ms"] < 50, if1  # the other path is not touched
     watch = ["status", "--watch", "--interval", "0.2", "--count", "2"]
-    out = lab.exec(
+    shown = lab.exec(
         "mh", lab.python(), "-m", "upmt_client", *watch, "--control", str(client.control)
     ).stdout
-    assert out.count("Every 0.2s: upmt-client status") == 2 and out.count("if0") >= 2, out
+    assert shown.count("Every 0.2s: upmt-client status") == 2 and shown.count("if0") >= 2, shown
     curl, out = start_download(lab, blob, max_time=120)  # TCP through the delay line
     assert finished(curl, timeout=120) == 0
     assert sha256(out) == sha256(blob)
