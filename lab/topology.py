@@ -61,7 +61,8 @@ LAN_HOST_ADDR = "10.99.0.2"  # host `lan`
 
 
 DELAY_DEV = "dly"  # the delay line's TUN in a NAT namespace (`lab.apps.delay`)
-DELAY_TABLE = "77"  # the routing table (and rule preferences) that send packets into it
+DELAY_TABLE = "77"  # the routing table (and rule preference) that sends packets into it
+DELAY_MARK = "0x77"  # the fwmark that routes a packet into it
 
 
 def nat_ruleset(conntrack_note: str = "") -> str:
@@ -360,16 +361,22 @@ class Lab:
                 self.exec(nat, "tc", "qdisc", "replace", "dev", dev, "root", *bucket)
 
     def _delay_line(self, ifname: str, delay_ms: float, jitter_ms: float) -> None:
-        """Start (or stop, with both 0) the delay line of `ifname`'s NAT."""
+        """Start (or stop, with both 0) the delay line of `ifname`'s NAT.
+
+        Chain `relay` marks what crosses the NAT (fwmark `DELAY_MARK`, which
+        routes it into the line) and keeps the upstream's first pass out of
+        conntrack, in one nftables transaction: no packet is ever routed into
+        the line while tracked on the way (the NAT would apply twice), nor
+        untracked on its way out by `wan` (not NATed at all).
+        """
         nat = NAT_OF[ifname]
         ns = self.ns(nat)
+        self.exec(nat, "nft", "flush", "chain", "inet", "labnat", "relay")
+        self.exec(nat, "ip", "rule", "del", "pref", DELAY_TABLE, check=False)
         for pid in ns_pids(ns):
             with contextlib.suppress(OSError):
                 if b"lab.apps.delay" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGTERM)
-        self.exec(nat, "nft", "flush", "chain", "inet", "labnat", "relay")
-        for pref in (DELAY_TABLE, str(int(DELAY_TABLE) + 1)):
-            self.exec(nat, "ip", "rule", "del", "pref", pref, check=False)
         _wait(lambda: not self._has_link(nat, DELAY_DEV), 5, "the old delay line gone")
         if not delay_ms and not jitter_ms:
             return
@@ -380,15 +387,18 @@ class Lab:
         _wait(lambda: self._has_link(nat, DELAY_DEV, up=True), 10, f"the delay line's TUN ({log})")
         self.sysctl(nat, f"net.ipv4.conf.{DELAY_DEV}.rp_filter", "0")
         self.ip(nat, "route", "replace", "default", "dev", DELAY_DEV, "table", DELAY_TABLE)
-        self.ip(nat, "rule", "add", "pref", DELAY_TABLE, "iif", "lan", "lookup", DELAY_TABLE)
-        pref = str(int(DELAY_TABLE) + 1)
-        self.ip(nat, "rule", "add", "pref", pref, "iif", "wan", "lookup", DELAY_TABLE)
+        self.ip(
+            nat, "rule", "add", "pref", DELAY_TABLE, "fwmark", DELAY_MARK, "lookup", DELAY_TABLE
+        )
+        chain = "add rule inet labnat relay"
         mh = ACCESS[ifname][0]
-        for rule in (
-            ["iifname", "lan", "notrack"],
-            ["iifname", DELAY_DEV, "ip", "daddr", mh, "notrack"],
-        ):
-            self.exec(nat, "nft", "add", "rule", "inet", "labnat", "relay", *rule)
+        self.exec(
+            nat,
+            "nft",
+            f'{chain} iifname "lan" meta mark set {DELAY_MARK} notrack; '
+            f'{chain} iifname "wan" meta mark set {DELAY_MARK}; '
+            f'{chain} iifname "{DELAY_DEV}" ip daddr {mh} notrack',
+        )
 
     def _has_link(self, role: str, dev: str, *, up: bool = False) -> bool:
         shown = run(

@@ -24,6 +24,8 @@ from upmt.cli import (
     tunnel_port_option,
 )
 from upmt.cli import control_option as shared_control_option
+from upmt.config_file import config_file_options
+from upmt.config_file import print_config as show_config
 
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
@@ -143,7 +145,14 @@ def cli() -> None:
 )
 @metrics_option
 @log_level_option
-def run(terminal_id: str | None, log_level: str, **options: Any) -> None:
+@config_file_options(Path("/etc/upmt/upmt-client.toml"))
+def run(
+    terminal_id: str | None,
+    log_level: str,
+    config_file: Path | None,
+    print_config: bool,
+    **options: Any,
+) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
     import socket
 
@@ -151,6 +160,9 @@ def run(terminal_id: str | None, log_level: str, **options: Any) -> None:
     from upmt_client.daemon import run_client
     from upmt_client.policy import load_policy
 
+    if print_config:
+        show_config(click.get_current_context())
+        return
     config = ClientConfig.build(
         terminal_id=terminal_id or socket.gethostname().split(".")[0], **options
     )

@@ -62,14 +62,15 @@ class Usage:
             total = entry.bytes_up + entry.bytes_down
             seen[key] = total
             moved = total - self._seen.get(key, 0)
-            interface = entry.tunnel
-            if moved <= 0 or interface.startswith("!"):
+            if moved <= 0 or entry.tunnel.startswith("!"):
                 continue
-            _add(self.interfaces, interface, moved)
-            _add(self._last_interfaces, interface, moved)
-            _add(self.tables, (table, interface), moved)
-            _add(self._last_tables, (table, interface), moved)
-            _add(self.apps, (app, interface), moved)
+            # A redundant flow's bytes cross its twin's interface as well.
+            for interface in (entry.tunnel, entry.twin) if entry.twin else (entry.tunnel,):
+                _add(self.interfaces, interface, moved)
+                _add(self._last_interfaces, interface, moved)
+                _add(self.tables, (table, interface), moved)
+                _add(self._last_tables, (table, interface), moved)
+                _add(self.apps, (app, interface), moved)
         self._seen = seen  # flows gone are forgotten
 
     def reopen(self) -> None:

@@ -227,6 +227,9 @@ def test_a_redundant_call_crosses_both_nats_and_a_blackhole_costs_it_nothing(lab
 def test_delay_and_jitter_of_the_lab_are_measured_by_the_tunnel(lab: Lab) -> None:
     blob = lab.start_servers(file_size=2 * MB)
     _anchor, client = start_overlay(lab)
+    cbr, ready = start_cbr(lab, pps=50, count=1000, size=160, talk=True)  # a busy tunnel
+    wait_file(ready)
+    before = tunnel_of(client.status(), "if0")["observed"]
     lab.impair("if0", delay_ms=60, jitter_ms=10)
     wait_until(
         lambda: (tunnel_of(client.status(), "if0")["rtt_ms"] or 0) >= 100,
@@ -239,6 +242,13 @@ def test_delay_and_jitter_of_the_lab_are_measured_by_the_tunnel(lab: Lab) -> Non
     print(f"60 ms +- 10 ms each way on if0: {if0['rtt_ms']} ms, jitter {if0['jitter_ms']} ms")
     assert if0["rtt_ms"] <= 160 and if0["jitter_ms"] > 0, if0
     assert if1["rtt_ms"] < 50, if1  # the other path is not touched
+    # Switching the line on kept the tunnel and its NAT mapping (no rebinding).
+    assert if0["state"] == "up" and if0["observed"] == before, (if0, before)
+    assert not st["handovers"], st["handovers"]
+    lab.impair("if0")  # and off again
+    assert tunnel_of(client.status(), "if0")["observed"] == before
+    cbr.stop()
+    lab.impair("if0", delay_ms=60, jitter_ms=10)
     watch = ["status", "--watch", "--interval", "0.2", "--count", "2"]
     shown = lab.exec(
         "mh", lab.python(), "-m", "upmt_client", *watch, "--control", str(client.control)

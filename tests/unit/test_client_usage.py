@@ -135,3 +135,11 @@ def test_a_cap_parks_the_flows_of_an_immovable_app_and_they_come_back() -> None:
     s.set_capped(frozenset())
     back = s.target(key(1), BLOCKED, "rsync", None, False, 2.0)
     assert back is not None and back.target == "wwan0"
+
+
+def test_a_redundant_flow_counts_on_both_its_interfaces() -> None:
+    usage = Usage()
+    pair = entry("wlan0", up=3 * MB)
+    pair.twin = "wwan0"
+    usage.update([(key(1), pair, "voip", "default")], "2026-12-01")
+    assert usage.interfaces == {"wlan0": 3 * MB, "wwan0": 3 * MB}
