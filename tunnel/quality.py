@@ -13,9 +13,9 @@ decisions:
   into a received probe), over sliding windows (5 s, 30 s and 2 min by
   default): the share of the probes sent in the window whose fate is known
   that were missed. Probes still waiting for their ack are not counted, nor
-  misses younger than the caller's `pending` time (the scheduler's RTO): on
-  a path whose RTT exceeds the probe interval every probe is a miss when the
-  next one leaves, until its late ack comes.
+  misses younger than the caller's `pending` time (the scheduler's: 0.7 s or
+  the RTO, the longer): on a path whose RTT exceeds the probe interval every
+  probe is a miss when the next one leaves, until its late ack comes.
 * **Goodput**: bits per second that the data path moved over the tunnel,
   both ways, from its cumulative byte counter, over the last sampling period.
 """

@@ -228,13 +228,15 @@ class ProbeScheduler:
     def quality(self, now: float, goodput: float = 0.0) -> PathQuality:
         """RTT, jitter, loss per window and `goodput` (given by the caller) at `now`.
 
-        A probe missed less than an RTO ago is not counted as lost yet.
+        A probe missed less than `BUSY_SILENCE` or an RTO ago (the longer) is
+        not counted as lost yet: its ack may be late, as on a path whose delay
+        just grew beyond what the RTO knows.
         """
         return PathQuality(
             rtt=self._srtt,
             rttvar=self._rttvar,
             jitter=self._jitter.value if self._acks_for_jitter >= 2 else None,
-            loss=self._loss.all(now, self._rto()),
+            loss=self._loss.all(now, max(BUSY_SILENCE, self._rto())),
             goodput=goodput,
         )
 

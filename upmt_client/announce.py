@@ -82,6 +82,30 @@ class Announcer:
             return
         self._next(_Announcement(interface, requests, now, index, on_done), now)
 
+    def announce_move(
+        self,
+        interface: str,
+        keys: list[FiveTuple],
+        build: Callable[[bytes], Request],
+        now: float,
+        index: int,
+        twin: str,
+        twin_id: str | None,
+    ) -> None:
+        """A re-evaluation's move, with the flows' twin (redundant) or none ("").
+
+        `FlowBook.twins` remembers what the anchor was told; when the
+        announcement of a twin gets no answer, it is forgotten, so that the
+        next re-evaluation tells the anchor again.
+        """
+        self._book.told_twins(keys, twin if twin_id else "")
+
+        def unanswered(answer: str, _ms: float | None, _moved: int | None, _at: float) -> None:
+            if twin_id and answer == "no answer":
+                self._book.told_twins(keys, "")
+
+        self.announce(interface, keys, build, now, index=index, on_done=unanswered, twin_id=twin_id)
+
     def _next(self, job: _Announcement, now: float) -> None:
         if not job.requests:
             self._finish(job, now)

@@ -6,6 +6,7 @@ Short flow ids for the CLI (`handover --flow ID`), each flow's application
 classifier thread fills (single dict assignments).
 """
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -17,6 +18,7 @@ from paft.table import FlowEntry
 from upmt_client.procscan import AppInfo
 
 HISTORY = 100
+log = logging.getLogger("upmt.client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,23 @@ class FlowBook:
     def record(self, record: HandoverRecord) -> int:
         self.history.append(record)
         return len(self.history) - 1
+
+    def record_move(self, group: tuple[str, str, str, str, str, str], flows: int, at: float) -> int:
+        """Log and keep the handover of one re-evaluation group; its index in the history."""
+        app, source, target, reason, detail, twin = group
+        log.info(
+            "handover: %s, %d flows, %s -> %s%s (%s%s)",
+            app,
+            flows,
+            source,
+            target,
+            f" + {twin}" if twin else "",
+            reason,
+            f": {detail}" if detail else "",
+        )
+        return self.record(
+            HandoverRecord(at, app, flows, source, target, reason, detail=detail, twin=twin)
+        )
 
     def flow_json(
         self, key: FiveTuple, entry: FlowEntry[str], tunnel_id: str | None, now: float

@@ -50,7 +50,7 @@ from upmt_client.announce import Announcer
 from upmt_client.association import Associated, Association, Registration, register_channel
 from upmt_client.auto import AutoSteering
 from upmt_client.config import ClientConfig
-from upmt_client.flows import FlowBook, HandoverRecord
+from upmt_client.flows import FlowBook
 from upmt_client.forwarder import TunnelTraffic
 from upmt_client.host_events import (
     AnchorKeyLearned,
@@ -461,31 +461,22 @@ class MobileHost:
         self.auto.run(self.tunnels, now)
         with self.lock:
             groups = plan_moves(self.paft, self.book, self.steering, now)
-        for (app, source, target, reason, detail, twin), keys in groups.items():
-            record = HandoverRecord(
-                self.wall(), app, len(keys), source, target, reason, detail=detail, twin=twin
-            )
-            log.info(
-                "handover: %s, %d flows, %s -> %s%s (%s%s)",
-                app,
-                len(keys),
-                source,
-                target,
-                f" + {twin}" if twin else "",
-                reason,
-                f": {detail}" if detail else "",
-            )
-            index = self.book.record(record)
-            tunnel = self.tunnels.get(target)
-            if target not in PARKED and tunnel is not None:
-                twin_tunnel = self.tunnels.get(twin)
-                twin_id = None if twin_tunnel is None else twin_tunnel.tunnel_id
-                self.book.told_twins(keys, twin if twin_id else "")
-                self.announcer.announce(
-                    target, keys, self._builder(tunnel), now, index=index, twin_id=twin_id
-                )
+        for group, keys in groups.items():
+            index = self.book.record_move(group, len(keys), self.wall())
+            self._announce_move(group[2], group[5], keys, index, now)
         for key in to_reexamine(pairs, self.book, self._reexamined):
             self._events.append(Reexamine(key))
+
+    def _announce_move(
+        self, target: str, twin: str, keys: list[FiveTuple], index: int, now: float
+    ) -> None:
+        """Tell the anchor (on `target`'s tunnel) where `keys` are now, and their twin."""
+        tunnel = self.tunnels.get(target)
+        if target not in PARKED and tunnel is not None:
+            twin_tunnel = self.tunnels.get(twin)
+            twin_id = None if twin_tunnel is None else twin_tunnel.tunnel_id
+            build = self._builder(tunnel)
+            self.announcer.announce_move(target, keys, build, now, index, twin, twin_id)
 
     def set_policy(self, policy: Policy, now: float) -> None:
         self.steering.set_policy(policy)

@@ -11,7 +11,11 @@ from paft.flow import FiveTuple
 from signalling.bodies import HandoverRequest, decode_body_untrusted
 from signalling.message import MAX_MESSAGE_SIZE, MessageTooLarge, build_request, serialize
 from signalling.tunnelauth import sign
+from upmt_client.announce import Announcer
+from upmt_client.flows import FlowBook
 from upmt_client.handover import MAX_MOVES, handover_requests
+from upmt_client.transactions import ClientTransactions
+from upmt_client.tunnels import tunnel_channel
 
 VIPA = socket.inet_aton("100.64.0.2")
 
@@ -79,3 +83,17 @@ def test_a_single_move_that_cannot_fit_is_an_error_not_a_loop() -> None:
 
     with pytest.raises(MessageTooLarge):
         handover_requests([key(1)], hopeless)
+
+
+def test_a_twin_the_anchor_never_heard_of_is_told_again() -> None:
+    book, transactions = FlowBook(), ClientTransactions()
+    transactions.open(tunnel_channel("if0"))
+    announcer = Announcer(transactions, book, ("198.51.100.2", 1800))
+    flows = [key(1), key(2)]
+    announcer.announce_move("if0", flows, build, 0.0, 0, "if1", "203.0.113.11:40000")
+    body = decode_body_untrusted(transactions.datagrams_to_send()[0][1].split(b"\r\n\r\n", 1)[1])
+    assert isinstance(body, HandoverRequest)
+    assert {m.redundant_with for m in body.flows} == {"203.0.113.11:40000"}
+    assert book.twins == {flows[0]: "if1", flows[1]: "if1"}  # what the anchor is told
+    transactions.close(tunnel_channel("if0"), 1.0)  # the request dies unanswered
+    assert book.twins == {}  # so the next re-evaluation announces the pair again

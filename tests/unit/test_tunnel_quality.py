@@ -223,3 +223,25 @@ def test_a_miss_younger_than_the_pending_time_is_not_known_yet() -> None:
     assert windows.loss(5.0, now) == pytest.approx(3 / 9)  # 6, 7, 8 look lost
     assert windows.loss(5.0, now, pending=0.4) == 0.0  # sent within an RTO: not yet
     assert windows.all(now, pending=0.4) == {"5s": 0.0}
+
+
+def test_a_path_that_just_got_slower_is_not_lossy() -> None:
+    """RTT 1 ms, then 300 ms, probes every 0.1 s: the misses are late acks, not loss."""
+    clock = FakeClock()
+    sched = ProbeScheduler(1, interval=0.1, dead_after=50)
+    for _ in range(20):
+        probe = send(sched, clock)
+        clock.advance(0.001)
+        answer(sched, probe, clock)
+        clock.advance(0.099)
+    in_flight = []
+    for _ in range(5):  # the delay grows: each probe's ack is 0.3 s away
+        in_flight.append(send(sched, clock))
+        clock.advance(0.1)
+    assert sched.quality(clock.now).loss["5s"] == 0.0  # misses under 0.7 s: not known yet
+    clock.advance(1.0)
+    # Older than 0.7 s now: 4 misses of 24 known (the last probe is still outstanding).
+    assert sched.quality(clock.now).loss["5s"] == pytest.approx(4 / 24)
+    for probe in in_flight:  # late acks turn them back
+        answer(sched, probe, clock)
+    assert sched.quality(clock.now).loss["5s"] == 0.0
