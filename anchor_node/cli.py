@@ -23,7 +23,6 @@ from upmt.cli import (
     tunnel_port_option,
 )
 from upmt.config_file import config_file_options
-from upmt.config_file import print_config as show_config
 
 PROG = "anchor-node"
 DEFAULT_CONTROL = Path("/run/upmt/anchor-node.sock")
@@ -150,17 +149,12 @@ def cli() -> None:
 def run(
     key_path: Path | None,
     log_level: str,
-    config_file: Path | None,
-    print_config: bool,
     **options: Any,
 ) -> None:
     """Run the anchor node until SIGTERM or Ctrl-C."""
     from anchor_node.config import AnchorConfig
     from anchor_node.daemon import run_anchor
 
-    if print_config:
-        show_config(click.get_current_context())
-        return
     config = AnchorConfig.build(key=key_path, **options)
     setup_logging(log_level)
     run_anchor(config)

@@ -13,6 +13,7 @@ defaults) as TOML and exits: a file it prints reads back to the same.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,14 +23,17 @@ import click
 
 from ground.errors import ConfigError
 
-__all__ = ["config_file_options", "print_config", "to_toml"]
+__all__ = ["config_file_options", "show_config", "to_toml"]
 
 # Parameters that are not configuration: the file itself and what reads it.
 _NOT_CONFIG = frozenset({"config_file", "print_config", "help"})
 
 
 def config_file_options(default: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """`--config FILE` and `--print-config` for a `run` command."""
+    """`--config FILE` and `--print-config` for a `run` command.
+
+    The command itself sees neither: with `--print-config` it does not run.
+    """
 
     def load(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
         path = value if value is not None else (default if default.exists() else None)
@@ -37,7 +41,14 @@ def config_file_options(default: Path) -> Callable[[Callable[..., Any]], Callabl
             ctx.default_map = {**(ctx.default_map or {}), **read_config(path, ctx.command)}
         return path
 
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def f(*args: Any, config_file: Path | None, print_config: bool, **kwargs: Any) -> Any:
+            if print_config:
+                show_config(click.get_current_context())
+                return None
+            return command(*args, **kwargs)
+
         f = click.option(
             "--print-config",
             is_flag=True,
@@ -117,7 +128,7 @@ def _text(value: object) -> object:
     return str(value) if isinstance(value, int | float) else value
 
 
-def print_config(ctx: click.Context) -> None:
+def show_config(ctx: click.Context) -> None:
     """The merged options of the running command, as TOML, on stdout."""
     params = {
         _key(p): ctx.params[p.name]

@@ -25,7 +25,6 @@ from upmt.cli import (
 )
 from upmt.cli import control_option as shared_control_option
 from upmt.config_file import config_file_options
-from upmt.config_file import print_config as show_config
 
 PROG = "upmt-client"
 DEFAULT_CONTROL = Path("/run/upmt/upmt-client.sock")
@@ -149,8 +148,6 @@ def cli() -> None:
 def run(
     terminal_id: str | None,
     log_level: str,
-    config_file: Path | None,
-    print_config: bool,
     **options: Any,
 ) -> None:
     """Run the client until SIGTERM or Ctrl-C."""
@@ -160,9 +157,6 @@ def run(
     from upmt_client.daemon import run_client
     from upmt_client.policy import load_policy
 
-    if print_config:
-        show_config(click.get_current_context())
-        return
     config = ClientConfig.build(
         terminal_id=terminal_id or socket.gethostname().split(".")[0], **options
     )
