@@ -23,8 +23,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -377,14 +375,18 @@ class Lab:
             with contextlib.suppress(OSError):
                 if b"lab.apps.delay" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGTERM)
-        _wait(lambda: not self._has_link(nat, DELAY_DEV), 5, "the old delay line gone")
+        from lab.scenario import wait_until  # (lab.scenario builds on this module)
+
+        wait_until(lambda: not self._has_link(nat, DELAY_DEV), 5, "the old delay line gone")
         if not delay_ms and not jitter_ms:
             return
         argv = [self.python(), "-m", "lab.apps.delay", "--dev", DELAY_DEV]
         argv += ["--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms)]
         log = self.workdir / f"delay-{nat}.log"
         self._servers.append(ns_popen(ns, argv, log, env=self._env()))
-        _wait(lambda: self._has_link(nat, DELAY_DEV, up=True), 10, f"the delay line's TUN ({log})")
+        wait_until(
+            lambda: self._has_link(nat, DELAY_DEV, up=True), 10, f"the delay line's TUN ({log})"
+        )
         self.sysctl(nat, f"net.ipv4.conf.{DELAY_DEV}.rp_filter", "0")
         self.ip(nat, "route", "replace", "default", "dev", DELAY_DEV, "table", DELAY_TABLE)
         self.ip(
@@ -593,11 +595,3 @@ def have_lab_privileges() -> str | None:
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing"
     return None
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)

@@ -192,22 +192,26 @@ def add_status_command(
     def status(
         as_json: bool, watch: bool, interval: float, count: int | None, control: Path
     ) -> None:
-        def fetch() -> str:
+        def fetch() -> dict[str, Any]:
             answer = query(control, {"cmd": "status"})
             answer.pop("ok", None)
-            if as_json:
-                return json.dumps(answer, sort_keys=True, separators=(",", ":"))
-            return describe(answer)
+            return answer
 
         if not watch:
             if as_json:
-                print_json(json.loads(fetch()))
+                print_json(fetch())
             else:
-                click.echo(fetch())
+                click.echo(describe(fetch()))
             return
+
+        def shown() -> str:
+            if as_json:
+                return json.dumps(fetch(), sort_keys=True, separators=(",", ":"))
+            return describe(fetch())
+
         prog = click.get_current_context().find_root().info_name or "status"
         title = None if as_json else f"{prog} status"
-        watch_output(fetch, interval, count, title, clear=sys.stdout.isatty() and not as_json)
+        watch_output(shown, interval, count, title, clear=sys.stdout.isatty() and not as_json)
 
 
 def watch_output(

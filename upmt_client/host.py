@@ -460,7 +460,7 @@ class MobileHost:
         self.steering.set_capped(self.usage.count(pairs, self.book, self.policy, today))
         self.auto.run(self.tunnels, now)
         with self.lock:
-            groups = plan_moves(self.paft, self.book, self.steering, now)
+            groups = plan_moves(pairs, self.paft, self.book, self.steering, now)
         for group, keys in groups.items():
             index = self.book.record_move(group, len(keys), self.wall())
             self._announce_move(group[2], group[5], keys, index, now)

@@ -25,11 +25,16 @@ Group = tuple[str, str, str, str, str, str]
 
 
 def plan_moves(
-    paft: Paft[str], book: FlowBook, steering: Steering, now: float
+    pairs: list[tuple[FiveTuple, FlowEntry[str]]],
+    paft: Paft[str],
+    book: FlowBook,
+    steering: Steering,
+    now: float,
 ) -> dict[Group, list[FiveTuple]]:
+    """The moves of `pairs` (a snapshot of `paft`, which sets their twins)."""
     groups: dict[Group, list[FiveTuple]] = {}
     view = steering.view
-    for key, entry in paft:
+    for key, entry in pairs:
         name, exe = book.names(key, entry)
         if entry.app is None and name is not None:
             entry.app = name
