@@ -1,5 +1,6 @@
 """`anchor-node`: run the anchor node, or ask a running one for its state."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +8,7 @@ import click
 
 from anchor_node.user_cli import user
 from upmt.cli import (
+    add_mib_command,
     add_status_command,
     control_option,
     datapath_line,
@@ -19,8 +21,10 @@ from upmt.cli import (
     run_cli,
     setup_logging,
     sip_port_option,
+    snmp_options,
     table,
     tunnel_port_option,
+    warn_secrets_on_command_line,
 )
 from upmt.config_file import config_file_options
 
@@ -144,6 +148,7 @@ def cli() -> None:
     help="Let terminals reach each other's VIPAs (off by default).",
 )
 @metrics_option
+@snmp_options
 @log_level_option
 @config_file_options(Path("/etc/upmt/anchor-node.toml"))
 def run(
@@ -157,6 +162,7 @@ def run(
 
     config = AnchorConfig.build(key=key_path, **options)
     setup_logging(log_level)
+    warn_secrets_on_command_line(logging.getLogger("upmt"))
     run_anchor(config)
 
 
@@ -217,6 +223,7 @@ add_status_command(
     format_status,
     "Terminals, tunnels, flows and drop counters of a running anchor node.",
 )
+add_mib_command(cli)
 cli.add_command(user)
 
 

@@ -9,6 +9,7 @@ from ground.errors import ConfigError
 from ground.names import is_ifname
 from paft.aging import Aging
 from tunnel.addr import parse_listen
+from upmt.snmp_config import SnmpSettings, parse_snmp
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class AnchorConfig:
     allow_prefixes: tuple[ipaddress.IPv4Network, ...] = ()
     client_to_client: bool = False
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
+    snmp: SnmpSettings | None = None  # --snmp and what goes with it
 
     @property
     def key_file(self) -> Path:
@@ -70,6 +72,10 @@ class AnchorConfig:
         allow_prefixes: tuple[str, ...] = (),
         client_to_client: bool = False,
         metrics: str | None = None,
+        snmp: str | None = None,
+        snmp_community: str | None = None,
+        snmp_v3_users: tuple[str, ...] = (),
+        snmp_trap: str | None = None,
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -110,6 +116,7 @@ class AnchorConfig:
             allow_prefixes=tuple(allowed),
             client_to_client=client_to_client,
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
+            snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
         )
 
 

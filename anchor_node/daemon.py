@@ -23,6 +23,7 @@ from anchor_node.datapath import AnchorDataPath, Origin
 from anchor_node.inplace import restart as restart_in_place
 from anchor_node.inplace import take_inherited
 from anchor_node.metrics import anchor_families
+from anchor_node.snmp import anchor_notifications, anchor_variables
 from anchor_node.startup import (
     Sockets,
     install_nat,
@@ -46,6 +47,7 @@ from upmt.control_queue import ControlQueue
 from upmt.metrics import start_metrics
 from upmt.ratelimit import RateLimiter
 from upmt.sipchannel import SipChannel
+from upmt.snmp_agent import SnmpAgent, start_snmp
 from upmt.tun import TunDevice
 
 log = logging.getLogger("upmt.anchor")
@@ -64,6 +66,7 @@ class AnchorNode:
         self.paft: Paft[Addr] = Paft(max_entries=1_000_000)
         self.lock = threading.Lock()
         self.started = time.monotonic()
+        self.snmp: SnmpAgent | None = None
         self._offload: dict[str, str] = {}
         self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0, "sip_no_key": 0}
         # Per source address, on the SIP port and for SIP inside tunnels.
@@ -90,8 +93,13 @@ class AnchorNode:
             self._start_datapath(stack, tun, sockets.tunnel)
             trio_sip = self._open_sip_channels(sockets)
             start_metrics(stack, cfg.metrics, "upmt_anchor", self.status, anchor_families)
+            self.snmp = start_snmp(
+                stack, cfg.snmp, self.status, anchor_variables, anchor_notifications
+            )
             self._log_up()
             async with trio.open_nursery() as nursery:
+                if self.snmp is not None:
+                    nursery.start_soon(self.snmp.keep)
                 nursery.start_soon(self._signals, nursery.cancel_scope)
                 nursery.start_soon(self._sip_receiver, trio_sip)
                 nursery.start_soon(self.sip.run)
@@ -317,6 +325,8 @@ class AnchorNode:
             control_queue_dropped=self.control_queue.dropped,
             registrar=self.registrar.statistics(),
         )
+        if self.snmp is not None:
+            counters.update(self.snmp.counters.snapshot())
         return {
             "ok": True,
             "listen": self.config.listen,

@@ -76,6 +76,67 @@ metrics_option = click.option(
     help="Serve Prometheus metrics over HTTP there, such as 127.0.0.1:9101 (off by default).",
 )
 
+
+def snmp_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`--snmp`, `--snmp-community`, `--snmp-v3-user`, `--snmp-trap` (see upmt.snmp_config)."""
+    for option in reversed(
+        [
+            click.option(
+                "--snmp",
+                default=None,
+                metavar="ADDR:PORT",
+                help="Answer SNMP (the UPMT-MIB, see 'mib') there, such as 127.0.0.1:161 "
+                "(off by default).",
+            ),
+            click.option(
+                "--snmp-community",
+                default=None,
+                metavar="NAME",
+                help="SNMPv2c read-only community (and the traps' community).",
+            ),
+            click.option(
+                "--snmp-v3-user",
+                "snmp_v3_users",
+                multiple=True,
+                metavar="NAME:AUTH:PRIV",
+                help="SNMPv3 user, authPriv with SHA and AES, passphrases of 8+ characters "
+                "(repeat; give it in the config file: ps shows command lines).",
+            ),
+            click.option(
+                "--snmp-trap",
+                default=None,
+                metavar="HOST:PORT",
+                help="Send SNMPv2c traps there on tunnel up and down and on handover.",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def warn_secrets_on_command_line(log: logging.Logger) -> None:
+    """SNMPv3 passphrases given as flags are readable by every local user (ps)."""
+    ctx = click.get_current_context()
+    if ctx.params.get("snmp_v3_users") and (
+        ctx.get_parameter_source("snmp_v3_users") is click.core.ParameterSource.COMMANDLINE
+    ):
+        log.warning(
+            "--snmp-v3-user on the command line: any local user can read it; "
+            "put snmp-v3-user in the config file"
+        )
+
+
+def add_mib_command(group: click.Group) -> None:
+    """`mib`: print the UPMT-MIB module the agent answers."""
+
+    @group.command()
+    def mib() -> None:
+        """Print the UPMT-MIB (SMIv2) that --snmp answers, for a manager's MIB directory."""
+        from upmt.snmp_mib import mib_text
+
+        click.echo(mib_text(), nl=False)
+
+
 encryption_option = click.option(
     "--encryption",
     type=click.Choice(["on", "off"]),

@@ -1,11 +1,13 @@
 """`upmt-client`: run the mobility client, steer applications, inspect it."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
 from upmt.cli import (
+    add_mib_command,
     add_status_command,
     datapath_line,
     encryption_option,
@@ -20,8 +22,10 @@ from upmt.cli import (
     run_cli,
     setup_logging,
     sip_port_option,
+    snmp_options,
     table,
     tunnel_port_option,
+    warn_secrets_on_command_line,
 )
 from upmt.cli import control_option as shared_control_option
 from upmt.config_file import config_file_options
@@ -143,6 +147,7 @@ def cli() -> None:
     help="Seconds between key exchanges with the anchor (new tunnel keys each time).",
 )
 @metrics_option
+@snmp_options
 @log_level_option
 @config_file_options(Path("/etc/upmt/upmt-client.toml"))
 def run(
@@ -163,6 +168,7 @@ def run(
     if config.policy is not None:  # a bad file stops us here
         load_policy(config.policy, fallback_interfaces=config.interfaces)
     setup_logging(log_level)
+    warn_secrets_on_command_line(logging.getLogger("upmt"))
     run_client(config)
 
 
@@ -371,6 +377,7 @@ add_status_command(
     format_status,
     "VIPA, anchor, tunnels, flows and recent handovers of the running client.",
 )
+add_mib_command(cli)
 
 
 def format_explain(ex: dict[str, Any]) -> str:

@@ -158,4 +158,5 @@ def host_status(host: MobileHost, now: float, flow_now: float) -> JSON:
         "usage": host.usage.to_json(),
         "flows": flows_json(host, flow_now),
         "handovers": [r.to_json() for r in host.book.history],
+        "handovers_total": host.book.recorded,
     }

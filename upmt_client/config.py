@@ -8,6 +8,7 @@ from pathlib import Path
 from ground.errors import ConfigError
 from ground.names import is_ifname
 from tunnel.addr import parse_hostport, parse_listen
+from upmt.snmp_config import SnmpSettings, parse_snmp
 from upmt_client.trust import parse_anchor_key
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -38,6 +39,7 @@ class ClientConfig:
     anchor_key: bytes | None = None  # --anchor-key: the anchor's pinned public key
     rekey_interval: float = 120.0
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
+    snmp: SnmpSettings | None = None  # --snmp and what goes with it
 
     @classmethod
     def build(
@@ -65,6 +67,10 @@ class ClientConfig:
         rekey_interval: float = 120.0,
         busy_probe_interval: float = 0.1,
         metrics: str | None = None,
+        snmp: str | None = None,
+        snmp_community: str | None = None,
+        snmp_v3_users: tuple[str, ...] = (),
+        snmp_trap: str | None = None,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -103,6 +109,7 @@ class ClientConfig:
             rekey_interval=rekey_interval,
             busy_probe_interval=busy_probe_interval,
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
+            snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
         )
 
 

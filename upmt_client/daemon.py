@@ -40,6 +40,7 @@ from upmt.control import JSON, bind_control_socket, serve_control
 from upmt.control_queue import ControlQueue
 from upmt.metrics import start_metrics
 from upmt.offload import offload_refusals, offload_status, probe_udp_offload
+from upmt.snmp_agent import SnmpAgent, start_snmp
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client import commands
 from upmt_client.classifier import Classifier
@@ -66,6 +67,7 @@ from upmt_client.metrics import client_families
 from upmt_client.netmon import NetlinkMonitor, link_updates
 from upmt_client.policy import Policy, builtin_policy, load_policy
 from upmt_client.routing import TABLE, PolicyRouting
+from upmt_client.snmp import client_notifications, client_variables
 from upmt_client.steering import BLOCKED
 from upmt_client.trust import AnchorTrust, load_terminal_key
 
@@ -83,6 +85,7 @@ class ClientDaemon:
         self.paft: Paft[str] = Paft(max_entries=200_000)
         self.lock = threading.Lock()
         self.started = time.monotonic()
+        self.snmp: SnmpAgent | None = None
         self.tun: TunDevice | None = None
         self.datapath: ClientDataPath | None = None
         self.control_queue: ControlQueue[str] | None = None
@@ -129,7 +132,12 @@ class ClientDaemon:
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
             start_metrics(stack, cfg.metrics, "upmt_client", self.status, client_families)
+            self.snmp = start_snmp(
+                stack, cfg.snmp, self.status, client_variables, client_notifications
+            )
             async with trio.open_nursery() as nursery:
+                if self.snmp is not None:
+                    nursery.start_soon(self.snmp.keep)
                 handed = {
                     k.split(":", 1)[1]: tunnel_socket(fd)
                     for k, fd in (inherited.fds.items() if inherited is not None else ())
@@ -374,6 +382,8 @@ class ClientDaemon:
             counters.update(self.datapath.counters.snapshot())
             counters["held_flows"] = self.datapath.held_flows
         counters["control_queue_dropped"] = self.control_queue.dropped if self.control_queue else 0
+        if self.snmp is not None:
+            counters.update(self.snmp.counters.snapshot())
         core = commands.host_status(host, trio.current_time(), time.monotonic())
         return {
             "ok": True,

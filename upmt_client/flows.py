@@ -56,6 +56,7 @@ class FlowBook:
         self.by_id: dict[int, FiveTuple] = {}
         self.apps: dict[FiveTuple, AppInfo] = {}
         self.history: deque[HandoverRecord] = deque(maxlen=HISTORY)
+        self.recorded = 0  # handovers ever recorded (the history keeps the last HISTORY)
         # Redundant flows: the twin the anchor was last told of.
         self.twins: dict[FiveTuple, str] = {}
         self._next = 1
@@ -96,6 +97,7 @@ class FlowBook:
 
     def record(self, record: HandoverRecord) -> int:
         self.history.append(record)
+        self.recorded += 1
         return len(self.history) - 1
 
     def record_move(self, group: tuple[str, str, str, str, str, str], flows: int, at: float) -> int:
