@@ -470,3 +470,15 @@ def test_an_address_in_use_is_one_line() -> None:
         assert settings is not None
         with pytest.raises(SetupError, match=rf"--snmp 127\.0\.0\.1:{port}: "):
             SnmpAgent(settings, dict, anchor_variables, anchor_notifications).start()
+
+
+def test_both_daemons_print_the_module() -> None:
+    from click.testing import CliRunner
+
+    from anchor_node.cli import cli as anchor_cli
+    from upmt_client.cli import cli as client_cli
+
+    for cli in (anchor_cli, client_cli):
+        out = CliRunner().invoke(cli, ["mib"])
+        assert out.exit_code == 0 and out.output == m.mib_text()
+    assert m.mib_text().startswith("UPMT-MIB DEFINITIONS ::= BEGIN")
