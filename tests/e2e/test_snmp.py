@@ -122,10 +122,10 @@ def test_walks_gets_and_traps_of_both_daemons(lab: Lab) -> None:
     assert cbr_result(cbr)["lost"] <= 5
 
     # Restarted in place, both agents answer again on the same port.
+    role_oid = f"{oid(m.NODE_ROLE)}.0"
     for role, daemon, module in (("mh", client, "upmt_client"), ("an", anchor, "anchor_node")):
         proc = lab.exec(
             role, lab.python(), "-m", module, "restart", "--control", str(daemon.control)
         )
         assert "restarted in place" in proc.stdout
-        role_oid = f"{oid(m.NODE_ROLE)}.0"
         wait_until(lambda r=role: role_oid in snmp(lab, r, "snmpget", role_oid), 10, "the agent")
