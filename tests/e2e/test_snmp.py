@@ -1,5 +1,6 @@
 """SNMP against the lab: Debian's snmpwalk, snmpget and snmptrapd with both daemons' agents."""
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -128,4 +129,5 @@ def test_walks_gets_and_traps_of_both_daemons(lab: Lab) -> None:
             role, lab.python(), "-m", module, "restart", "--control", str(daemon.control)
         )
         assert "restarted in place" in proc.stdout
-        wait_until(lambda r=role: role_oid in snmp(lab, r, "snmpget", role_oid), 10, "the agent")
+        answering = functools.partial(snmp, lab, role, "snmpget", role_oid)
+        wait_until(lambda: role_oid in answering(), 10, "the agent")  # noqa: B023
