@@ -32,6 +32,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -369,8 +370,12 @@ def ensure_wheelhouse(log: Log = _stderr) -> str:
 
 def build_image(tag: str = IMAGE, *, rebuild_base: bool = False, log: Log = _stderr) -> str:
     """Base, wheelhouse, then `podman build` without a network; the image's id."""
-    base = ensure_base(rebuild=rebuild_base, log=log)
-    inputs = ensure_wheelhouse(log=log)
+    # The base is made from Debian's mirror, the wheels come from the package
+    # index: at the same time, as neither waits for the other.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        wheels = pool.submit(ensure_wheelhouse, log=log)
+        base = ensure_base(rebuild=rebuild_base, log=log)
+        inputs = wheels.result()
     build = hashlib.sha256(base.encode() + b"\0" + inputs.encode())
     for path in (DOCKERFILE, DOCKER / "install-upmt", ROOT / ".dockerignore"):
         build.update(hashlib.sha256(path.read_bytes()).digest())
