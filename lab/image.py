@@ -247,7 +247,8 @@ class BaseRecipe:
             # A merged /usr set up directly, not by the usrmerge package (which needs perl).
             "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
             f"--include={','.join(self.packages)}",
-            # Removed afterwards: dpkg's path-exclude filter would slow extraction down threefold.
+            # Removed afterwards: dpkg's path-exclude options would put a filter
+            # between dpkg-deb and tar for every package, doubling the time.
             '--customize-hook=rm -rf "$1"/usr/share/doc/* "$1"/usr/share/man/* '
             '"$1"/usr/share/locale/*',
             self.codename,
@@ -369,14 +370,19 @@ def ensure_wheelhouse(log: Log = _stderr) -> str:
 
 
 def build_image(tag: str = IMAGE, *, rebuild_base: bool = False, log: Log = _stderr) -> str:
-    """Base, wheelhouse, then `podman build` without a network; the image's id."""
+    """Base, wheelhouse, then `podman build` without a network; the image's id.
+
+    The build is skipped when the image under `tag` was built from the same
+    base image, wheels, Dockerfile and build context rules (its label).
+    """
     # The base is made from Debian's mirror, the wheels come from the package
     # index: at the same time, as neither waits for the other.
     with ThreadPoolExecutor(max_workers=1) as pool:
         wheels = pool.submit(ensure_wheelhouse, log=log)
         base = ensure_base(rebuild=rebuild_base, log=log)
         inputs = wheels.result()
-    build = hashlib.sha256(base.encode() + b"\0" + inputs.encode())
+    # The base's id, not its tag: a base made again (--rebuild-base) has the same tag.
+    build = hashlib.sha256(f"{_image_id(base)}\0{inputs}".encode())
     for path in (DOCKERFILE, DOCKER / "install-upmt", ROOT / ".dockerignore"):
         build.update(hashlib.sha256(path.read_bytes()).digest())
     digest = build.hexdigest()
