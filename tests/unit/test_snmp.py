@@ -482,3 +482,37 @@ def test_both_daemons_print_the_module() -> None:
         out = CliRunner().invoke(cli, ["mib"])
         assert out.exit_code == 0 and out.output == m.mib_text()
     assert m.mib_text().startswith("UPMT-MIB DEFINITIONS ::= BEGIN")
+
+
+def test_v3_users_come_from_the_config_file_and_flags_are_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import click
+    from click.testing import CliRunner
+
+    from tests.unit.test_config_files import print_config
+    from upmt.cli import snmp_options, warn_secrets_on_command_line
+    from upmt.config_file import config_file_options
+
+    conf = tmp_path / "anchor-node.toml"
+    conf.write_text(
+        'snmp = "127.0.0.1:1161"\nsnmp-v3-user = ["ops:auth-passphrase:priv-passphrase"]\n'
+    )
+    merged = print_config("anchor_node", "--config", str(conf))
+    assert merged["snmp"] == "127.0.0.1:1161"
+    assert merged["snmp-v3-user"] == ["ops:auth-passphrase:priv-passphrase"]
+
+    @click.command()
+    @snmp_options
+    @config_file_options(tmp_path / "absent.toml")
+    def run(**_options: object) -> None:
+        warn_secrets_on_command_line(logging.getLogger("upmt"))
+
+    with caplog.at_level(logging.WARNING, logger="upmt"):
+        assert CliRunner().invoke(run, ["--config", str(conf)]).exit_code == 0
+        assert not caplog.records  # from the file: nothing to say
+        flag = ["--snmp-v3-user", "ops:auth-passphrase:priv-passphrase"]
+        assert CliRunner().invoke(run, flag).exit_code == 0
+    assert "any local user can read it" in caplog.text
