@@ -38,6 +38,7 @@ class ClientConfig:
     anchor_key: bytes | None = None  # --anchor-key: the anchor's pinned public key
     rekey_interval: float = 120.0
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
+    web: tuple[str, int] | None = None  # --web: the web GUI over HTTP there
 
     @classmethod
     def build(
@@ -65,6 +66,7 @@ class ClientConfig:
         rekey_interval: float = 120.0,
         busy_probe_interval: float = 0.1,
         metrics: str | None = None,
+        web: str | None = None,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -103,6 +105,7 @@ class ClientConfig:
             rekey_interval=rekey_interval,
             busy_probe_interval=busy_probe_interval,
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
+            web=None if web is None else parse_listen(web, "--web"),
         )
 
 
