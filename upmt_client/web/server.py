@@ -134,6 +134,9 @@ class WebGui:
         self.handover = handover
         self.files = _load_static(static)
         self._sock = _listening(host, port, sock)
+        # select() may call a connection ready that is gone by accept(): a blocking
+        # accept would then hold the server, and its shutdown, forever.
+        self._sock.setblocking(False)
         self.address: tuple[str, int] = (host, int(self._sock.getsockname()[1]))
         self._server = _Server(self)
         self._server.socket.close()
@@ -240,8 +243,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             page = gui.files["index.html"].replace(TOKEN_PLACEHOLDER.encode(), gui.token.encode())
             self._send(HTTPStatus.OK, CONTENT_TYPES[".html"], page)
-        elif path.startswith("/static/") and path[len("/static/") :] in gui.files:
-            name = path[len("/static/") :]
+        elif (name := path.removeprefix("/static/")) != path and name in gui.files:
+            if name == "index.html":  # the page only with its token filled in, at /
+                self._json(HTTPStatus.NOT_FOUND, {"ok": False, "error": f"no {path}"})
+                return
             self._send(HTTPStatus.OK, CONTENT_TYPES[Path(name).suffix], gui.files[name])
         elif path == "/api/status":
             self._api(gui.status)
