@@ -50,7 +50,7 @@ def http_code(lab: Lab, path: str) -> str:
 
 
 def test_the_page_shows_the_overlay_and_a_click_hands_an_application_over(
-    lab: Lab, browser_tools: None
+    browser_tools: None, lab: Lab
 ) -> None:
     lab.start_servers(file_size=1 << 20)
     _anchor, client = start_overlay(lab, client_args=("--web", WEB))

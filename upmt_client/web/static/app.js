@@ -147,6 +147,7 @@ function drawChart() {
   const width = 600;
   const height = 160;
   const left = 36;
+  const above = 8; // room for the top label
   const bottom = 14;
   const values = [...rtt.values()].flat().filter((v) => v !== null);
   // A round scale (1, 2, 5, 10, 20, ... ms) that holds the largest RTT of the window.
@@ -155,14 +156,14 @@ function drawChart() {
   for (let k = 1; top < peak; k += 1) top = [1, 2, 5][k % 3] * 10 ** Math.floor(k / 3);
   chart.replaceChildren();
   for (const fraction of [0, 0.5, 1]) {
-    const y = (height - bottom) * (1 - fraction) + 1;
+    const y = above + (height - above - bottom) * (1 - fraction);
     chart.appendChild(svg("line", { class: "grid", x1: left, x2: width, y1: y, y2: y }));
     const label = svg("text", { x: 2, y: y + 3 });
-    label.textContent = (top * fraction).toFixed(top < 4 ? 1 : 0);
+    label.textContent = String(+(top * fraction).toFixed(1));
     chart.appendChild(label);
   }
   const xOf = (i) => left + ((width - left) * i) / (HISTORY - 1);
-  const yOf = (v) => (height - bottom) * (1 - v / top) + 1;
+  const yOf = (v) => above + (height - above - bottom) * (1 - v / top);
   interfaces.forEach((name, n) => {
     const samples = rtt.get(name) || [];
     const offset = HISTORY - samples.length;
@@ -227,6 +228,9 @@ function handover(app, select, button) {
     body: JSON.stringify({ app, to: target }),
   })
     .then((answer) => {
+      // The next poll offers another interface than the one the application is on now.
+      select.dataset.options = "";
+      select.selectedIndex = -1;
       message.dataset.state = "ok";
       message.dataset.app = app;
       message.dataset.to = answer.to;
