@@ -148,6 +148,13 @@ def cli() -> None:
 )
 @metrics_option
 @snmp_options
+@click.option(
+    "--web",
+    default=None,
+    metavar="ADDR:PORT",
+    help="Serve the web GUI over HTTP there, such as 127.0.0.1:8470 (off by default); "
+    "every request needs the token of the URL the client logs ('upmt-client web-url').",
+)
 @log_level_option
 @config_file_options(Path("/etc/upmt/upmt-client.toml"))
 def run(
@@ -272,6 +279,13 @@ def restart(control: Path) -> None:
     """Restart the running client in place: open connections, VIPA and tunnels stay."""
     status = restart_and_wait(control)
     click.echo(f"client restarted in place (pid {status['pid']}, VIPA {status['vipa']})")
+
+
+@cli.command("web-url")
+@control_option
+def web_url(control: Path) -> None:
+    """The web GUI's address with its token (the client runs with --web)."""
+    click.echo(query(control, {"cmd": "web-url"})["url"])
 
 
 @cli.group()

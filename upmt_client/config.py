@@ -40,6 +40,7 @@ class ClientConfig:
     rekey_interval: float = 120.0
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
     snmp: SnmpSettings | None = None  # --snmp and what goes with it
+    web: tuple[str, int] | None = None  # --web: the web GUI over HTTP there
 
     @classmethod
     def build(
@@ -71,6 +72,7 @@ class ClientConfig:
         snmp_community: str | None = None,
         snmp_v3_users: tuple[str, ...] = (),
         snmp_trap: str | None = None,
+        web: str | None = None,
     ) -> "ClientConfig":
         host, port = parse_hostport(anchor, sip_port)
         parts = host.split(".")
@@ -110,6 +112,7 @@ class ClientConfig:
             busy_probe_interval=busy_probe_interval,
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
             snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
+            web=None if web is None else parse_listen(web, "--web"),
         )
 
 

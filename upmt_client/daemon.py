@@ -70,6 +70,7 @@ from upmt_client.routing import TABLE, PolicyRouting
 from upmt_client.snmp import client_notifications, client_variables
 from upmt_client.steering import BLOCKED
 from upmt_client.trust import AnchorTrust, load_terminal_key
+from upmt_client.web import WebGui, start_web, web_url_answer
 
 log = logging.getLogger("upmt.client")
 
@@ -92,6 +93,7 @@ class ClientDaemon:
         self._timer_changed = trio.Event()
         self._associated = trio.Event()
         self._failure: SetupError | None = None
+        self.web: WebGui | None = None
 
     # -- start-up and shutdown ---------------------------------------------------
     def _make_host(self) -> MobileHost:
@@ -134,6 +136,14 @@ class ClientDaemon:
             start_metrics(stack, cfg.metrics, "upmt_client", self.status, client_families)
             self.snmp = start_snmp(
                 stack, cfg.snmp, self.status, client_variables, client_notifications
+            )
+            self.web = start_web(
+                stack,
+                cfg.web,
+                self.status,
+                self._control,
+                token=inherited.state.get("web_token") if inherited is not None else None,
+                inherited_fd=inherited.fds.get("web") if inherited is not None else None,
             )
             async with trio.open_nursery() as nursery:
                 if self.snmp is not None:
@@ -345,6 +355,8 @@ class ClientDaemon:
         if cmd == "policy-reload":
             policy = self.reload_policy()
             return {"ok": True, "policy": policy.to_json()}
+        if cmd == "web-url":
+            return web_url_answer(self.web)
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
     async def _handover(self, request: JSON) -> JSON:
@@ -371,6 +383,12 @@ class ClientDaemon:
         fds = {"tun": self.tun.fd, "control": self._control_fd}
         for name in kept:
             fds[f"tunnel:{name}"] = self.io.fileno(SocketKind.TUNNEL, name)
+        if self.web is not None:
+            # The listening socket goes along, so open pages keep their port and
+            # token; the token in the private state file, not in the environment
+            # (/proc/PID/environ), where `extra` travels.
+            fds["web"] = self.web.fileno()
+            state["web_token"] = self.web.token
         restart_in_place(
             fds=fds, extra={}, state=state, state_file=self.config.run_dir / "restart.json"
         )

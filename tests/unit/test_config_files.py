@@ -16,6 +16,7 @@ hold_down = 3
 busy-probe-interval = 0.2
 encryption = "off"
 metrics = "127.0.0.1:9101"
+web = "127.0.0.1:8470"
 """
 
 
@@ -33,6 +34,7 @@ def test_the_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     assert merged["hold-down"] == 5.0  # the flag
     assert merged["busy-probe-interval"] == 0.2 and merged["encryption"] == "off"  # the file
     assert merged["probe-interval"] == 0.5  # the built-in default
+    assert merged["web"] == "127.0.0.1:8470" and merged["metrics"] == "127.0.0.1:9101"
     # What --print-config prints is a config file that reads back to the same.
     again = tmp_path / "again.toml"
     again.write_text(run("upmt_client", "run", "--config", str(conf), "--print-config").stdout)
