@@ -8,6 +8,7 @@ network on virtual time.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tests.unit.system_kit import AN, AN2, SystemLab, udp
 from upmt_client.commands import host_status
 from upmt_client.host import FAILOVER_AFTER, FAILOVER_BACKOFF
 from upmt_client.host_events import VipaChanged
+from upmt_client.inplace import export_state, import_state
 from upmt_client.tunnels import TunnelPhase
 
 CH = "192.0.2.80"
@@ -265,3 +267,18 @@ def test_a_redirect_of_a_refresh_is_ignored(tmp_path: Path) -> None:
     assert registrar.counters.redirected >= 1
     assert lab.host.anchors.current == (AN, 5060)
     assert lab.host.association.registration.keys is not None  # the association in force
+
+
+def test_a_restart_in_place_keeps_the_current_anchor(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path, anchors=2)
+    lab.start()
+    lab.kill_anchor(0)
+    run_until_moved(lab, 20)
+    kept, state = export_state(lab.host, lab.now)
+    fresh = SystemLab(tmp_path / "next", anchors=2)  # the next process's core, same options
+    import_state(fresh.host, json.loads(json.dumps(state)), set(kept), fresh.now)
+    assert fresh.host.anchors.current == (AN2, 5060)
+    assert fresh.host.association.anchor_sip == (AN2, 5060)
+    assert fresh.host.anchor_tunnel == (AN2, 1800)
+    assert fresh.host.anchor_key == fresh.anchors[1].registrar.static_key.public
+    assert fresh.host.anchors.changes == []  # not a change: where it was already
