@@ -246,3 +246,30 @@ def test_status_text_names_the_anchors_and_the_last_change() -> None:
     assert lines[0].endswith(", 192.0.2.2:5060 (current)")
     assert "192.0.2.1:5060 -> 192.0.2.2:5060 (stopped answering)" in lines[1]
     assert anchor_lines({"anchors": AnchorSet([A]).to_json(), "anchor_changes": []}) == []
+
+
+async def test_the_daemon_starts_from_the_srv_answer_or_falls_back_to_its_anchors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ground.errors import SetupError
+    from upmt_client import daemon
+    from upmt_client.resolver import AnchorAnswer
+
+    answers: list[AnchorAnswer | DnsError] = [AnchorAnswer([C, A], 120.0)]
+
+    def lookup(name: str, rng: random.Random) -> AnchorAnswer:
+        answer = answers.pop(0)
+        if isinstance(answer, DnsError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(daemon, "lookup_anchors", lookup)
+    srv = daemon.ClientDaemon(client(anchor_srv=NAME))
+    assert await srv._first_srv() == [C, A] and srv._srv_ttl == 120.0
+    answers.append(DnsError(f"--anchor-srv {NAME}: no such name"))
+    with pytest.raises(SetupError, match="no anchor to associate with"):
+        await srv._first_srv()
+    answers.append(DnsError(f"--anchor-srv {NAME}: no such name"))
+    both = daemon.ClientDaemon(client(anchor=("192.0.2.1",), anchor_srv=NAME))
+    assert await both._first_srv() == []  # DNS failed: the --anchor list alone
+    assert await daemon.ClientDaemon(client(anchor=("192.0.2.1",)))._first_srv() == []
