@@ -147,6 +147,20 @@ def cli() -> None:
     default=False,
     help="Let terminals reach each other's VIPAs (off by default).",
 )
+@click.option(
+    "--max-terminals",
+    type=click.IntRange(0, None),
+    default=None,
+    help="Terminals associated at once; beyond, a new terminal's REGISTER is answered "
+    "302 towards --redirect-to (503 without) [default: no limit].",
+)
+@click.option(
+    "--redirect-to",
+    multiple=True,
+    metavar="ADDR[:PORT]",
+    help="Another anchor that takes the terminals this one has no room for (repeat; "
+    "named in turn first in each 302).",
+)
 @metrics_option
 @snmp_options
 @log_level_option

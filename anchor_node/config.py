@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from anchor_node.leases import parse_pool
+from ground.constants import Addr
 from ground.errors import ConfigError
 from ground.names import is_ifname
 from paft.aging import Aging
-from tunnel.addr import parse_listen
+from tunnel.addr import parse_hostport, parse_listen
 from upmt.snmp_config import SnmpSettings, parse_snmp
 
 
@@ -39,6 +40,8 @@ class AnchorConfig:
     client_to_client: bool = False
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
     snmp: SnmpSettings | None = None  # --snmp and what goes with it
+    max_terminals: int | None = None  # --max-terminals: beyond, REGISTER gets 302 (or 503)
+    redirect_to: tuple[Addr, ...] = ()  # --redirect-to: the other anchors' SIP addresses
 
     @property
     def key_file(self) -> Path:
@@ -76,6 +79,8 @@ class AnchorConfig:
         snmp_community: str | None = None,
         snmp_v3_users: tuple[str, ...] = (),
         snmp_trap: str | None = None,
+        max_terminals: int | None = None,
+        redirect_to: tuple[str, ...] = (),
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -93,6 +98,16 @@ class AnchorConfig:
                 allowed.append(ipaddress.IPv4Network(text, strict=False))
             except ValueError:
                 raise ConfigError(f"--allow-prefix {text!r} is not an IPv4 prefix") from None
+        redirects = []
+        for text in redirect_to:
+            host, port = parse_hostport(text, sip_port)
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ConfigError(f"--redirect-to {text!r}: an IPv4 address[:port]") from None
+            if (host, port) == (listen, sip_port):
+                raise ConfigError(f"--redirect-to {text!r} is this anchor itself")
+            redirects.append((host, port))
         return cls(
             listen=listen,
             sip_port=sip_port,
@@ -117,6 +132,8 @@ class AnchorConfig:
             client_to_client=client_to_client,
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
             snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
+            max_terminals=max_terminals,
+            redirect_to=tuple(redirects),
         )
 
 

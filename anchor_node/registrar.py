@@ -12,6 +12,14 @@ default tunnel, the PAFT) and, with encryption, the sessions' tables; the
 registrar also ages all of them out, and hands them over in an in-place
 restart (`restart_state`).
 
+With `max_terminals`, a REGISTER of a terminal not associated here while
+that many are is answered `302 Moved Temporarily` with the `redirect_to`
+anchors as Contacts (rotated at each answer, so the load spreads), or
+`503` when there are none. The answer comes after admission, once the
+source is proven and the key exchange checked, and takes no lease: the
+terminal's VIPA is asked of the anchor it goes to. The client decides
+whether to follow (see `upmt_client.anchors`).
+
 Every method takes `now`; nothing here touches a socket or the clock.
 """
 
@@ -20,7 +28,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sipmessage import Request, Response
@@ -63,7 +71,12 @@ class Registrar:
         users: UserStore | None = None,
         cookies: CookieJar | None = None,
         wall_clock: Callable[[], float] = time.time,
+        max_terminals: int | None = None,
+        redirect_to: Sequence[Addr] = (),
     ) -> None:
+        self.max_terminals = max_terminals
+        self.redirect_to = list(redirect_to)
+        self._redirects = 0
         self.admission = Admission(
             static_key=static_key or StaticKey.generate(),
             leases=leases,
@@ -155,6 +168,8 @@ class Registrar:
                 headers=[("Min-Expires", str(self.min_expires))],
             )
         expires = min(expires, self.max_expires)
+        if self._full(info.terminal_id):
+            return self._elsewhere(request, info.terminal_id)
         pin = None if admitted.pinned else admitted.proven.offer.static
         try:
             vipa = self.leases.acquire(
@@ -185,6 +200,43 @@ class Registrar:
         response = build_register_ok(request, vipa=vipa, expires=expires, to_tag=new_tag())
         response.headers.set(KX_HEADER, acceptance.encode())
         return response
+
+    def _full(self, terminal_id: str) -> bool:
+        """Whether a terminal not associated here must go elsewhere (`max_terminals`)."""
+        return (
+            self.max_terminals is not None
+            and terminal_id not in self.terminals
+            and len(self.terminals) >= self.max_terminals
+        )
+
+    def _elsewhere(self, request: Request, terminal_id: str) -> Response:
+        """302 to the other anchors (the next first each time), or 503 with none."""
+        if not self.redirect_to:
+            self.counters.full += 1
+            return build_response(
+                request,
+                503,
+                "Anchor Full",
+                to_tag=new_tag(),
+                headers=[("Retry-After", "60")],
+            )
+        self.counters.redirected += 1
+        start = self._redirects % len(self.redirect_to)
+        self._redirects += 1
+        order = self.redirect_to[start:] + self.redirect_to[:start]
+        log.info(
+            "terminal %s redirected to %s: %d terminals here",
+            terminal_id,
+            format_hostport(order[0]),
+            len(self.terminals),
+        )
+        return build_response(
+            request,
+            302,
+            "Moved Temporarily",
+            to_tag=new_tag(),
+            headers=[("Contact", f"<sip:{format_hostport(a)}>") for a in order],
+        )
 
     def _terminal(self, admitted: Admitted, vipa: str, source: Addr, now: float) -> Terminal:
         terminal_id = admitted.info.terminal_id

@@ -148,6 +148,8 @@ def open_registrar(
         max_expires=cfg.max_expires,
         max_tunnels=cfg.max_tunnels_per_terminal,
         users=users,
+        max_terminals=cfg.max_terminals,
+        redirect_to=cfg.redirect_to,
     )
     log.info("anchor key %s (clients pin it with --anchor-key)", encode_key(static_key.public))
     return registrar

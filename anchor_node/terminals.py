@@ -71,6 +71,8 @@ class RegistrarCounters:
     unknown_tunnel_messages: int = 0
     pool_sources: int = 0
     users_removed: int = 0
+    redirected: int = 0  # REGISTERs answered 302 (--max-terminals reached)
+    full: int = 0  # REGISTERs answered 503 (--max-terminals reached, nowhere to redirect)
 
 
 class TerminalTable:

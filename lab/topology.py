@@ -7,6 +7,7 @@
  │      │ if1 ─── lan ┌──────┐ wan ─── n1 │      │ ch ─── eth0 ┌────┐ 203.0.113.0/24
  └──────┘             │ nat1 │            │      │              │ ch │
            198.18.2.0/24           192.0.2.4/30  h<i> ─ eth0: extra hosts on 192.0.2.8+4i/30
+                                                 an2 ── eth0 [an2] 198.51.100.3 (anchors=2)
 ```
 Every namespace name starts with a prefix unique to the run, links are
 created directly inside the namespaces (`ip -n A link add … peer … netns B`),
@@ -40,6 +41,7 @@ from lab.netns import (
 from upmt.control import control_request
 
 AN_ADDR = "198.51.100.2"
+AN2_ADDR = "198.51.100.3"  # the second anchor's host, with `anchors=2`
 CH_ADDR = "203.0.113.2"
 HTTP_PORT = 80
 UDP_ECHO_PORT = 3000
@@ -149,7 +151,11 @@ class Lab:
         conntrack_udp_timeout: int | None = None,
         extra_hosts: int = 0,
         anchor_lan: bool = False,
+        anchors: int = 1,
     ) -> None:
+        if anchors not in (1, 2):
+            raise ValueError(f"anchors={anchors}: the lab has one anchor host or two")
+        self.anchors = anchors
         self.workdir = workdir
         self.prefix = prefix or f"upmt{secrets.token_hex(3)}-"
         self.conntrack_udp_timeout = conntrack_udp_timeout
@@ -166,6 +172,7 @@ class Lab:
     def roles(self) -> list[str]:
         return (
             ["inet", "nat0", "nat1", MH_ROLE, "an", "ch"]
+            + (["an2"] if self.anchors == 2 else [])
             + [f"h{i}" for i in range(self.extra_hosts)]
             + (["lan"] if self.anchor_lan else [])
         )
@@ -236,6 +243,8 @@ class Lab:
             self._addr(role, "eth0", addr, 24)
             self._addr("inet", role, gw, 24)
             self.ip(role, "route", "add", "default", "via", gw)
+        if self.anchors == 2:
+            self._second_anchor_host()
         for i in range(self.extra_hosts):
             role = f"h{i}"
             addr, gw = self.extra_host_addr(i)
@@ -248,6 +257,20 @@ class Lab:
             self._addr("an", "eth1", ANCHOR_LAN_ADDR, 24)
             self._addr("lan", "eth0", LAN_HOST_ADDR, 24)
             self.ip("lan", "route", "add", "default", "via", ANCHOR_LAN_ADDR)
+
+    def _second_anchor_host(self) -> None:
+        """`an2`: 198.51.100.3 in the anchor's /24, on a link of its own from `inet`.
+
+        The internet router holds a host route to it, and answers ARP for
+        either anchor on the other's link (proxy ARP), so the two anchors
+        reach each other as on one LAN while each can lose its link alone.
+        """
+        self._link("an2", "eth0", "inet", "an2")
+        self._addr("an2", "eth0", AN2_ADDR, 24)
+        self.ip("inet", "route", "add", f"{AN2_ADDR}/32", "dev", "an2")
+        for dev in ("an", "an2"):
+            self.sysctl("inet", f"net.ipv4.conf.{dev}.proxy_arp", "1")
+        self.ip("an2", "route", "add", "default", "via", "198.51.100.1")
 
     def down(self) -> None:
         """Stop every daemon and server, delete every namespace; safe to repeat."""
@@ -471,7 +494,9 @@ class Lab:
         self.daemons.append(daemon)
         return daemon
 
-    def start_anchor(self, *args: str, name: str = "anchor") -> Daemon:
+    def start_anchor(
+        self, *args: str, name: str = "anchor", role: str = "an", listen: str = AN_ADDR
+    ) -> Daemon:
         control = self.workdir / f"{name}.sock"
         argv = [
             self.python(),
@@ -479,14 +504,14 @@ class Lab:
             "anchor_node",
             "run",
             "--listen",
-            AN_ADDR,
+            listen,
             "--state",
             str(self.workdir / f"{name}.sqlite"),
             "--control",
             str(control),
             *args,
         ]
-        return self.start("an", name, argv)
+        return self.start(role, name, argv)
 
     def start_client(
         self,
@@ -495,16 +520,16 @@ class Lab:
         name: str = "client",
         terminal_id: str = "mh1",
         interfaces: tuple[str, ...] = ("if0", "if1"),
-        anchor: str = AN_ADDR,
+        anchor: str | tuple[str, ...] = AN_ADDR,
     ) -> Daemon:
         control = self.workdir / f"{name}.sock"
+        anchors = (anchor,) if isinstance(anchor, str) else anchor
         argv = [
             self.python(),
             "-m",
             "upmt_client",
             "run",
-            "--anchor",
-            anchor,
+            *[arg for a in anchors for arg in ("--anchor", a)],
             "--terminal-id",
             terminal_id,
             "--control",

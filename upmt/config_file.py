@@ -27,6 +27,9 @@ __all__ = ["config_file_options", "show_config", "to_toml"]
 
 # Parameters that are not configuration: the file itself and what reads it.
 _NOT_CONFIG = frozenset({"config_file", "print_config", "help"})
+# Repeatable options that once took one value: a file written then (`anchor =
+# "198.51.100.2"`) still reads, as an array of one.
+_ONE_OR_MORE = frozenset({"anchor"})
 
 
 def config_file_options(default: Path) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -103,6 +106,8 @@ def _key(param: click.Option) -> str:
 def _checked(path: Path, key: str, param: click.Option, value: object) -> object:
     if isinstance(value, dict):
         raise ConfigError(f"{path}: {key}: a table is no option value")
+    if param.multiple and param.name in _ONE_OR_MORE and not isinstance(value, list | dict):
+        value = [value]
     if param.multiple:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: {key}: an array, such as [{value!r}]")

@@ -52,7 +52,7 @@ class Announcer:
     ) -> None:
         self._transactions = transactions
         self._book = book
-        self._anchor = anchor_tunnel
+        self.anchor = anchor_tunnel  # the current anchor's tunnel port (it may change)
 
     def announce(
         self,
@@ -114,7 +114,7 @@ class Announcer:
         self._transactions.request(
             tunnel_channel(job.interface),
             request,
-            self._anchor,
+            self.anchor,
             now,
             lambda response, at: self._answered(job, response, at),
             timeout=ANSWER_TIMEOUT,

@@ -15,6 +15,12 @@ a clear message. Once associated, nothing unauthenticated can tear it down: a
 refusal or a forged answer to a refresh is logged, the association in force
 stays, and the refresh is tried again.
 
+With several anchors the owner decides where to go next: when no interface
+reached this anchor (`on_unreachable`), or when it answered `302` with other
+anchors' contacts (`on_redirect`, only while no association is in force:
+a redirect of a refresh is unauthenticated and ignored); it then points the
+association at another anchor (`retarget`) and starts it again.
+
 The process is driven by its owner (`upmt_client.host.MobileHost`): it asks
 for a REGISTER socket on an interface (an `OpenSocket` event through
 `emit`), is told when one is open (`socket_opened`) and sends through the
@@ -31,16 +37,23 @@ from dataclasses import dataclass, field
 from sipmessage import Response
 
 from ground.constants import Addr
-from ground.errors import MalformedError, SetupError
+from ground.errors import ConfigError, MalformedError, SetupError
 from signalling.association import AnchorMismatch, AssociationAttempt, Dialog
 from signalling.handshake import MAX_SLOTS, SessionKeys, StaticKey
 from signalling.message import new_call_id, new_tag
 from tunnel.addr import format_hostport
-from upmt_client.config import ClientConfig
+from upmt_client.config import ClientConfig, parse_anchor
 from upmt_client.host_events import CloseSocket, Failed, HostEvent, OpenSocket, SocketKind
 from upmt_client.transactions import ClientTransactions
 
-__all__ = ["AnchorRefused", "Associated", "Association", "Registration", "register_channel"]
+__all__ = [
+    "AnchorRefused",
+    "Associated",
+    "Association",
+    "Registration",
+    "redirect_contacts",
+    "register_channel",
+]
 
 log = logging.getLogger("upmt.client")
 RETRY_DELAY = 5.0
@@ -119,10 +132,16 @@ class Association:
         pinned_anchor_key: Callable[[], bytes | None],
         on_associated: Callable[[Associated, float], None],
         emit: Callable[[HostEvent], None],
+        anchor: Addr | None = None,
+        on_unreachable: Callable[[str, float], bool] | None = None,
+        on_redirect: Callable[[list[Addr], float], bool] | None = None,
     ) -> None:
         self.config = config
-        self.anchor_sip: Addr = (config.anchor, config.sip_port)
+        self.anchor_sip: Addr = anchor or (config.anchor, config.sip_port)
         self.registration = Registration()
+        # The owner's say when this anchor cannot be had; True: it took over.
+        self._on_unreachable = on_unreachable
+        self._on_redirect = on_redirect
         self.static = static
         self._pinned = pinned_anchor_key
         self._transactions = transactions
@@ -139,6 +158,25 @@ class Association:
     @property
     def in_progress(self) -> bool:
         return self._current is not None
+
+    @property
+    def initial(self) -> bool:
+        """Whether the association under way is the start-up's (a refusal ends the client)."""
+        return self._initial
+
+    def retarget(self, anchor: Addr, now: float) -> None:
+        """Associate with `anchor` from now on: what runs stops, the association in force goes.
+
+        The VIPA held is kept as a hint (`VIpAddr`): anchors sharing a lease
+        store give it back.
+        """
+        if self._current is not None:
+            self._end(self._current, now)
+        self._queue = []
+        self.anchor_sip = anchor
+        self.registration = Registration(vipa=self.registration.vipa)
+        self._retry_at = None
+        self._rekey_now = False
 
     def request_rekey(self) -> None:
         """Associate again at the next timer (a key used too much)."""
@@ -189,8 +227,8 @@ class Association:
             dialog=self.registration.dialog,
             static=self.static,
             terminal_id=cfg.terminal_id,
-            an_host=cfg.anchor,
-            an_port=cfg.sip_port,
+            an_host=self.anchor_sip[0],
+            an_port=self.anchor_sip[1],
             expires=cfg.expires,
             vipa=self.registration.vipa,
             index=new_index_base(),
@@ -227,6 +265,8 @@ class Association:
             self._fail(current, f"no answer within {self.config.register_timeout:g} s", now)
         elif response.code == 401:
             self._challenged(current, attempt, response, now)
+        elif response.code in (301, 302):
+            self._redirected(current, response, now)
         elif response.code >= 500:
             self._fail(current, f"{response.code} {response.phrase}", now, quiet=True)
         elif response.code != 200:
@@ -251,6 +291,28 @@ class Association:
             return
         self._send(current, now)
 
+    def _redirected(self, current: _Try, response: Response, now: float) -> None:
+        contacts = redirect_contacts(response, self.config.sip_port)
+        where = ", ".join(format_hostport(c) for c in contacts) or "nowhere"
+        if self.registration.keys is not None:
+            # Unauthenticated, and the association in force works: not a reason to leave.
+            log.warning("the anchor redirected a refresh to %s: ignored", where)
+            self._fail(current, f"redirected to {where}", now, quiet=True)
+            return
+        log.info(
+            "anchor %s redirects to %s (%d %s)",
+            format_hostport(self.anchor_sip),
+            where,
+            response.code,
+            response.phrase,
+        )
+        self._end(current, now)
+        self._queue = []
+        if self._on_redirect is not None and self._on_redirect(contacts, now):
+            return
+        self.last_error = f"redirected to {where}, not followed"
+        self._next(now)
+
     def _accepted(
         self, current: _Try, attempt: AssociationAttempt, response: Response, now: float
     ) -> None:
@@ -272,10 +334,12 @@ class Association:
         reg.keys = keys
         self.associations += 1
         self._queue = []
+        self._initial = False  # associated: from now on nothing ends the client
         learned = attempt.anchor_key if attempt.pinned is None else None
         log.info(
-            "associated as %s via %s: VIPA %s, expires %d s, keys %s",
+            "associated as %s with anchor %s via %s: VIPA %s, expires %d s, keys %s",
             self.config.terminal_id,
+            format_hostport(self.anchor_sip),
             current.interface,
             vipa,
             expires,
@@ -320,11 +384,31 @@ class Association:
         message = (
             f"cannot reach the anchor at {format_hostport(self.anchor_sip)} ({self.last_error})"
         )
+        if self._on_unreachable is not None and self._on_unreachable(message, now):
+            return
         if self._initial:
             self._emit(Failed(SetupError(message)))
         else:
             log.warning("re-association failed: %s; retrying in %g s", message, RETRY_DELAY)
             self._retry_at = now + RETRY_DELAY
+
+
+def redirect_contacts(response: Response, default_port: int) -> list[Addr]:
+    """The anchors a 3xx names (`Contact: <sip:ADDR:PORT>`, in order); others are skipped."""
+    out: list[Addr] = []
+    for value in response.headers.getlist("Contact"):
+        for part in value.split(","):
+            uri = part.strip().strip("<>").split(">", 1)[0].split(";", 1)[0]
+            if not uri.lower().startswith("sip:"):
+                continue
+            hostport = uri[4:].rsplit("@", 1)[-1]
+            try:
+                addr = parse_anchor(hostport, default_port)
+            except ConfigError:
+                continue
+            if addr not in out:
+                out.append(addr)
+    return out
 
 
 def _refusal(response: Response) -> str:

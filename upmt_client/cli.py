@@ -1,6 +1,7 @@
 """`upmt-client`: run the mobility client, steer applications, inspect it."""
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,19 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--anchor", required=True, help="Anchor node address (IP or IP:SIP-port).")
+@click.option(
+    "--anchor",
+    multiple=True,
+    help="Anchor node address (IP or IP:SIP-port); repeat for anchors in reserve, in the "
+    "order to try them.",
+)
+@click.option(
+    "--anchor-srv",
+    default=None,
+    metavar="NAME",
+    help="DNS SRV name listing the anchors (_upmt._udp.example.net), tried in RFC 2782 "
+    "order (priority, then weight) before any --anchor.",
+)
 @sip_port_option
 @tunnel_port_option
 @click.option(
@@ -169,6 +182,8 @@ def run(
     from upmt_client.daemon import run_client
     from upmt_client.policy import load_policy
 
+    if not options["anchor"] and options["anchor_srv"] is None:
+        raise click.UsageError("Missing option '--anchor' (or '--anchor-srv').")
     config = ClientConfig.build(
         terminal_id=terminal_id or socket.gethostname().split(".")[0], **options
     )
@@ -323,6 +338,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"associations {st.get('associations', 0)}",
         datapath_line(st.get("datapath", {})),
     ]
+    out += anchor_lines(st)
     rows = [
         [
             t["interface"],
@@ -383,6 +399,26 @@ def format_status(st: dict[str, Any]) -> str:
             table(rows, ["AT", "APP", "FLOWS", "FROM", "TO", "REASON", "ANCHOR"]),
         ]
     return "\n".join(out)
+
+
+def anchor_lines(st: dict[str, Any]) -> list[str]:
+    """The anchors in reserve or failed, and the last change of anchor (none with one anchor)."""
+    anchors = st.get("anchors") or []
+    if len(anchors) < 2 and not st.get("anchor_changes"):
+        return []
+    parts = []
+    for a in anchors:
+        state = a["state"]
+        if state == "failed" and a.get("failed_at") is not None:
+            state += " " + time.strftime("%H:%M:%S", time.localtime(a["failed_at"]))
+        parts.append(f"{a['anchor']} ({state})")
+    out = ["anchors " + ", ".join(parts)]
+    for change in (st.get("anchor_changes") or [])[-1:]:
+        at = time.strftime("%H:%M:%S", time.localtime(change["at"]))
+        out.append(
+            f"anchor changed at {at}: {change['from']} -> {change['to']} ({change['reason']})"
+        )
+    return out
 
 
 add_status_command(

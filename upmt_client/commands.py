@@ -148,7 +148,9 @@ def host_status(host: MobileHost, now: float, flow_now: float) -> JSON:
     return {
         "terminal_id": host.config.terminal_id,
         "vipa": reg.vipa,
-        "anchor": format_hostport(host.association.anchor_sip),
+        "anchor": format_hostport(host.anchors.current),
+        "anchors": host.anchors.to_json(),
+        "anchor_changes": [c.to_json() for c in host.anchors.changes],
         "anchor_key": None if host.anchor_key is None else encode_key(host.anchor_key),
         "encryption": "on" if host.config.encryption else "off",
         "associations": host.association.associations,

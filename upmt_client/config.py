@@ -1,10 +1,12 @@
 """The client's validated configuration."""
 
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ground.constants import Addr
 from ground.errors import ConfigError
 from ground.names import is_ifname
 from tunnel.addr import parse_hostport, parse_listen
@@ -12,12 +14,14 @@ from upmt.snmp_config import SnmpSettings, parse_snmp
 from upmt_client.trust import parse_anchor_key
 
 TERMINAL_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# An SRV owner name: `_service._proto.domain`, labels of letters, digits and hyphens.
+SRV_NAME = re.compile(r"_[A-Za-z0-9-]{1,62}\._(udp|tcp)(\.[A-Za-z0-9_-]{1,63})+\.?")
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    anchor: str
-    sip_port: int
+    anchor: str  # the first --anchor ("" with only --anchor-srv)
+    sip_port: int  # its SIP port (the default one for the others)
     tunnel_port: int
     terminal_id: str
     interfaces: tuple[str, ...]
@@ -41,12 +45,22 @@ class ClientConfig:
     metrics: tuple[str, int] | None = None  # --metrics: Prometheus over HTTP there
     snmp: SnmpSettings | None = None  # --snmp and what goes with it
     web: tuple[str, int] | None = None  # --web: the web GUI over HTTP there
+    # Every --anchor in order (the first is `anchor`); () means just `anchor`.
+    anchors: tuple[Addr, ...] = ()
+    anchor_srv: str | None = None  # --anchor-srv: the SRV name listing the anchors
+
+    @property
+    def anchor_addrs(self) -> tuple[Addr, ...]:
+        """The configured anchors' SIP addresses, in order (SRV's come on top at run time)."""
+        if self.anchors:
+            return self.anchors
+        return ((self.anchor, self.sip_port),) if self.anchor else ()
 
     @classmethod
     def build(
         cls,
         *,
-        anchor: str,
+        anchor: str | tuple[str, ...],
         sip_port: int,
         tunnel_port: int,
         terminal_id: str,
@@ -73,11 +87,22 @@ class ClientConfig:
         snmp_v3_users: tuple[str, ...] = (),
         snmp_trap: str | None = None,
         web: str | None = None,
+        anchor_srv: str | None = None,
     ) -> "ClientConfig":
-        host, port = parse_hostport(anchor, sip_port)
-        parts = host.split(".")
-        if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
-            raise ConfigError(f"--anchor {anchor!r}: give the anchor's IPv4 address")
+        texts = (anchor,) if isinstance(anchor, str) else anchor
+        anchors = tuple(parse_anchor(text, sip_port) for text in texts)
+        if len(set(anchors)) != len(anchors):
+            raise ConfigError("--anchor given twice for the same anchor")
+        if anchor_srv is not None:
+            anchor_srv = anchor_srv.strip()
+            if not SRV_NAME.fullmatch(anchor_srv):
+                raise ConfigError(
+                    f"--anchor-srv {anchor_srv!r}: an SRV name such as _upmt._udp.example.net"
+                )
+            anchor_srv = anchor_srv.rstrip(".")
+        elif not anchors:
+            raise ConfigError("give --anchor ADDR (repeat for more) or --anchor-srv NAME")
+        host, port = anchors[0] if anchors else ("", sip_port)
         if not (0 < len(terminal_id) <= 64) or set(terminal_id) - TERMINAL_ID_CHARS:
             raise ConfigError(
                 f"--terminal-id {terminal_id!r}: 1-64 characters of letters, digits, '.', '_', '-'"
@@ -113,7 +138,18 @@ class ClientConfig:
             metrics=None if metrics is None else parse_listen(metrics, "--metrics"),
             snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
             web=None if web is None else parse_listen(web, "--web"),
+            anchors=anchors,
+            anchor_srv=anchor_srv,
         )
+
+
+def parse_anchor(text: str, default_port: int) -> Addr:
+    """An `--anchor` value: IPv4 address, optionally with `:PORT`; ConfigError otherwise."""
+    host, port = parse_hostport(text, default_port)
+    parts = host.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+        raise ConfigError(f"--anchor {text!r}: give the anchor's IPv4 address")
+    return host, port
 
 
 def read_password(path: Path) -> str:

@@ -11,7 +11,10 @@ touches the kernel and the clocks and moves events between them:
 - the classifier thread (`FlowDecider`), which the data path asks about new
   flows and which answers the data path directly;
 - netlink (link and address changes), signals, the control socket, the
-  core's timers on trio's clock, and the restart in place.
+  core's timers on trio's clock, and the restart in place;
+- DNS: the anchors' SRV name (`--anchor-srv`) looked up at start, again
+  when its TTL runs out and after every failover (`ResolveAnchors`), in a
+  worker thread (dnspython blocks).
 
 Threads and the walk of a packet: docs/architecture.md, "Roles and threads".
 """
@@ -23,6 +26,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import signal
 import socket
 import threading
@@ -31,7 +35,7 @@ from typing import Any
 
 import trio
 
-from ground.constants import TUN_OVERHEAD
+from ground.constants import TUN_OVERHEAD, Addr
 from ground.errors import SetupError, UpmtError, unwrap_errors
 from paft.table import Paft
 from tunnel.addr import format_hostport
@@ -43,6 +47,7 @@ from upmt.offload import offload_refusals, offload_status, probe_udp_offload
 from upmt.snmp_agent import SnmpAgent, start_snmp
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client import commands
+from upmt_client.anchors import AnchorSet
 from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath
@@ -56,6 +61,7 @@ from upmt_client.host_events import (
     Failed,
     OpenSocket,
     Reexamine,
+    ResolveAnchors,
     SocketKind,
     VipaChanged,
 )
@@ -66,6 +72,7 @@ from upmt_client.interfaces import check_interfaces, default_route_interfaces, u
 from upmt_client.metrics import client_families
 from upmt_client.netmon import NetlinkMonitor, link_updates
 from upmt_client.policy import Policy, builtin_policy, load_policy
+from upmt_client.resolver import MIN_TTL, DnsError, lookup_anchors
 from upmt_client.routing import TABLE, PolicyRouting
 from upmt_client.snmp import client_notifications, client_variables
 from upmt_client.steering import BLOCKED
@@ -94,31 +101,75 @@ class ClientDaemon:
         self._associated = trio.Event()
         self._failure: SetupError | None = None
         self.web: WebGui | None = None
+        self._resolve_now = trio.Event()
+        self._srv_ttl = MIN_TTL
+        self._rng = random.SystemRandom()  # the SRV weights' draws
 
     # -- start-up and shutdown ---------------------------------------------------
-    def _make_host(self) -> MobileHost:
+    def _make_host(self, srv: list[Addr]) -> MobileHost:
         cfg = self.config
         names = list(cfg.interfaces) or default_route_interfaces()
         if not names:
             raise SetupError("no --interface given and no interface has a default route")
         check_interfaces(names)
         self.interface_order = names
-        self.trust = AnchorTrust(
-            cfg.state_dir, format_hostport((cfg.anchor, cfg.sip_port)), cfg.anchor_key
+        anchors = AnchorSet(cfg.anchor_addrs, srv)
+        self.trust = trust = AnchorTrust(
+            cfg.state_dir, format_hostport(anchors.current), cfg.anchor_key
         )
         return MobileHost(
             cfg,
             names,
             self._load_policy(),
             static=load_terminal_key(cfg.state_dir),
-            anchor_key=self.trust.pinned(),
+            anchor_key=trust.pinned(),
             paft=self.paft,
             lock=self.lock,
+            anchors=anchors,
+            key_for=lambda addr: trust.pinned(format_hostport(addr)),
         )
+
+    async def _lookup_srv(self) -> list[Addr] | None:
+        """The SRV name's anchors, in order (None: no answer; logged)."""
+        name = self.config.anchor_srv
+        assert name is not None
+        try:
+            answer = await trio.to_thread.run_sync(lookup_anchors, name, self._rng)
+        except DnsError as exc:
+            log.warning("%s", exc)
+            return None
+        self._srv_ttl = answer.ttl
+        log.info(
+            "%s: anchors %s (for %.0f s)",
+            name,
+            ", ".join(format_hostport(a) for a in answer.anchors),
+            answer.ttl,
+        )
+        return answer.anchors
+
+    async def _first_srv(self) -> list[Addr]:
+        if self.config.anchor_srv is None:
+            return []
+        found = await self._lookup_srv()
+        if found is None and not self.config.anchor_addrs:
+            raise SetupError(f"--anchor-srv {self.config.anchor_srv}: no anchor to associate with")
+        return found or []
+
+    async def _refresh_srv(self) -> None:
+        """Look the SRV name up again when its answer expires, or at once after a failover."""
+        while True:
+            with trio.move_on_after(self._srv_ttl):
+                await self._resolve_now.wait()
+            self._resolve_now = trio.Event()
+            found = await self._lookup_srv()
+            if found is not None:
+                self.host.set_srv_anchors(found)
+            else:
+                self._srv_ttl = MIN_TTL
 
     async def main(self) -> None:
         cfg = self.config
-        self.host = host = self._make_host()
+        self.host = host = self._make_host(await self._first_srv())
         self.decider = FlowDecider(Classifier(), host.steering, host.book)
         routing = PolicyRouting(cfg.run_dir / "routing.json")
         inherited = take_inherited()
@@ -159,6 +210,8 @@ class ClientDaemon:
                 self._control_fd = control_sock.fileno()
                 nursery.start_soon(serve_control, control_sock, self._control)
                 nursery.start_soon(self._timer_loop)
+                if cfg.anchor_srv is not None:
+                    nursery.start_soon(self._refresh_srv)
                 mtu = self._initial_links()
                 if inherited is not None:
                     now = trio.current_time()
@@ -233,7 +286,7 @@ class ClientDaemon:
             vipa,
             cfg.tun_name,
             tun.mtu,
-            format_hostport(self.host.association.anchor_sip),
+            format_hostport(self.host.anchors.current),
             self.host.policy.source,
             "offload" if tun.vnet_hdr else "plain",
             f" without {'; '.join(refusals)}" if refusals and tun.vnet_hdr else "",
@@ -282,7 +335,9 @@ class ClientDaemon:
             elif isinstance(event, VipaChanged):
                 self._change_vipa(event.old, event.new)
             elif isinstance(event, AnchorKeyLearned):
-                self.trust.trust_on_first_use(event.key)
+                self.trust.trust_on_first_use(event.key, event.anchor or None)
+            elif isinstance(event, ResolveAnchors):
+                self._resolve_now.set()
             elif isinstance(event, Failed):
                 self._failure = event.error  # raised by the timer task: this may be a callback
         self.io.send(host.datagrams_to_send())

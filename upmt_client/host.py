@@ -15,6 +15,17 @@ steering's live set and its movable flows move. Every flow is re-evaluated
 after every change and twice a second; each group of moved flows is
 announced to the anchor with a HandoverRequest on the target tunnel.
 
+With several anchors (`upmt_client.anchors`), the client stays on the
+current one until it stops answering: every tunnel of a usable interface
+down (probe loss, or set-ups unanswered) for `FAILOVER_AFTER` while no
+tunnel is up. It then closes the tunnels, associates with the next anchor
+(keeping its VIPA as a hint, which anchors sharing a lease store honour),
+and opens the tunnels to it once associated; an anchor that cannot be
+reached either passes the turn to the next, a whole round that failed
+waits `FAILOVER_BACKOFF`. A `302` to REGISTER is followed under the rule
+of `AnchorSet.may_follow`, at most `MAX_REDIRECTS` times, never back to an
+anchor of the same round.
+
 The PAFT is shared with the data-path thread: every access holds `lock`.
 Flows are stamped with the data path's clock (`flow_clock`), the rest with
 `now`.
@@ -26,13 +37,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sipmessage import Request, Response
 
 from ground.constants import Addr
-from ground.errors import MalformedError
+from ground.errors import MalformedError, SetupError
 from paft.flow import FiveTuple
 from paft.table import Paft
 from signalling.bodies import (
@@ -43,9 +54,11 @@ from signalling.bodies import (
 )
 from signalling.handshake import StaticKey
 from signalling.signed import signed_message
+from tunnel.addr import format_hostport
 from tunnel.crypto import REKEY_AFTER_MESSAGES
 from tunnel.frames import FrameType, Probe, ProbeAck, Signal, decode_frame_untrusted, encode_frame
 from tunnel.state import ProbeScheduler
+from upmt_client.anchors import MAX_REDIRECTS, AnchorSet
 from upmt_client.announce import Announcer
 from upmt_client.association import Associated, Association, Registration, register_channel
 from upmt_client.auto import AutoSteering
@@ -55,10 +68,12 @@ from upmt_client.forwarder import TunnelTraffic
 from upmt_client.host_events import (
     AnchorKeyLearned,
     CloseSocket,
+    Failed,
     HostEvent,
     OpenSocket,
     Outgoing,
     Reexamine,
+    ResolveAnchors,
     SocketKind,
     VipaChanged,
 )
@@ -85,6 +100,13 @@ HOUSEKEEPING_INTERVAL = 1.0
 # forgot it (a restart) and associates again; not more often than this.
 SETUP_FAILURES_BEFORE_REASSOCIATION = 2
 REASSOCIATION_HOLD = 15.0
+# Every tunnel down this long while an access link is usable: the anchor is
+# gone, not the networks (after the probes' own 2-2.5 s, a failover starts
+# 4-4.5 s after the anchor fell silent). Short enough to be back within
+# seconds, long enough to let a set-up retry in flight answer.
+FAILOVER_AFTER = 2.0
+# Every anchor of the list failed in a row: the next round starts this much later.
+FAILOVER_BACKOFF = 5.0
 
 
 @dataclass
@@ -110,11 +132,16 @@ class MobileHost:
         lock: threading.Lock,
         wall: Callable[[], float] = time.time,
         flow_clock: Callable[[], float] = time.monotonic,
+        anchors: AnchorSet | None = None,
+        key_for: Callable[[Addr], bytes | None] | None = None,
     ) -> None:
         self.config = config
         self.interface_order = list(interfaces)
-        self.anchor_tunnel: Addr = (config.anchor, config.tunnel_port)
+        self.anchors = anchors or AnchorSet(config.anchor_addrs)
+        # `anchor_key`: the current anchor's key (pinned, remembered; None on
+        # first use); `key_for`: any anchor's, when the client moves to it.
         self.anchor_key = anchor_key
+        self._key_for = key_for or (lambda _addr: None)
         self.paft, self.lock = paft, lock
         self.wall, self.flow_clock = wall, flow_clock
         self.tunnels = {name: ClientTunnel(name, n) for n, name in enumerate(interfaces, 1)}
@@ -132,8 +159,13 @@ class MobileHost:
             pinned_anchor_key=lambda: self.anchor_key,
             on_associated=self._associated,
             emit=self._events.append,
+            anchor=self.anchors.current,
+            on_unreachable=self._anchor_unreachable,
+            on_redirect=self._redirect,
         )
-        self.announcer = Announcer(self.transactions, self.book, self.anchor_tunnel)
+        self.announcer = Announcer(
+            self.transactions, self.book, (self.anchors.current[0], config.tunnel_port)
+        )
         self._tunnels_started = False
         self._reassociated_at = -REASSOCIATION_HOLD
         self._reevaluate_at: float | None = None
@@ -142,6 +174,20 @@ class MobileHost:
         self._probes: list[Outgoing] = []
         # The data path's per-tunnel counters (the driver hands them over).
         self.traffic: Mapping[str, TunnelTraffic] = {}
+        # Failover: since when every tunnel is down; between two anchors (no
+        # tunnels until associated); the anchors tried and redirects followed
+        # since the last association; the next round's start after a back-off.
+        self._silent_since: float | None = None
+        self.switching = False
+        self._round: list[Addr] = []
+        self._round_errors: list[str] = []
+        self._redirects = 0
+        self._next_round: tuple[float, Addr] | None = None
+
+    @property
+    def anchor_tunnel(self) -> Addr:
+        """The current anchor's tunnel port: where tunnels go."""
+        return (self.anchors.current[0], self.config.tunnel_port)
 
     @property
     def policy(self) -> Policy:
@@ -153,6 +199,8 @@ class MobileHost:
 
     # -- input: start-up, links, sockets ------------------------------------------
     def associate(self, now: float, *, initial: bool = False) -> None:
+        if initial:
+            self._round, self._round_errors, self._redirects = [self.anchors.current], [], 0
         self.association.start(self._preferred_accesses(), now, initial=initial)
 
     def start_tunnels(self, now: float) -> None:
@@ -182,6 +230,10 @@ class MobileHost:
             self.association.socket_opened(name, local[1], now)
             return
         tunnel = self.tunnels[name]
+        if self.switching:  # asked for before the anchor changed: not for this one
+            tunnel.opening = False
+            self._events.append(CloseSocket(SocketKind.TUNNEL, name))
+            return
         tunnel.opening, tunnel.local = False, local
         self.transactions.open(tunnel_channel(name))
         if tunnel.phase is TunnelPhase.UP:  # handed over by a restart in place: the anchor knows it
@@ -239,6 +291,10 @@ class MobileHost:
     def get_timer(self) -> float | None:
         times = [self.transactions.get_timer(), self.association.get_timer()]
         times += [self._reevaluate_at, self._housekeeping_at]
+        if self._silent_since is not None:
+            times.append(self._silent_since + FAILOVER_AFTER)
+        if self._next_round is not None:
+            times.append(self._next_round[0])
         for t in self.tunnels.values():
             times += [t.reopen_at, t.retry_at]
             if t.scheduler is not None and t.open:
@@ -250,6 +306,7 @@ class MobileHost:
         self.association.handle_timer(now, self._preferred_accesses)
         for tunnel in self.tunnels.values():
             self._tunnel_timers(tunnel, now)
+        self._anchor_timers(now)
         if self._reevaluate_at is not None and now >= self._reevaluate_at:
             self.reevaluate(now)
         if self._housekeeping_at is not None and now >= self._housekeeping_at:
@@ -284,7 +341,7 @@ class MobileHost:
 
     # -- tunnels --------------------------------------------------------------------
     def _maybe_open(self, tunnel: ClientTunnel, now: float) -> None:
-        if not self._tunnels_started or tunnel.open or tunnel.opening:
+        if not self._tunnels_started or tunnel.open or tunnel.opening or self.switching:
             return
         if tunnel.reopen_at is not None or not self.links[tunnel.name].usable:
             return
@@ -414,7 +471,7 @@ class MobileHost:
         reg = self.association.registration
         return signed_message(
             terminal_id=self.config.terminal_id,
-            anchor=self.config.anchor,
+            anchor=self.anchors.current[0],
             local=tunnel.local,
             body=body,
             key=reg.signing_key,
@@ -433,9 +490,13 @@ class MobileHost:
         return [(n, min(self.links[n].addresses)) for n in order if self.links[n].usable]
 
     def _associated(self, done: Associated, now: float) -> None:
+        current = self.anchors.current
+        self.anchors.associated(current)
+        self._round, self._round_errors, self._redirects = [], [], 0
+        self._next_round = None
         if done.learned_anchor_key is not None:
             self.anchor_key = done.learned_anchor_key
-            self._events.append(AnchorKeyLearned(done.learned_anchor_key))
+            self._events.append(AnchorKeyLearned(done.learned_anchor_key, format_hostport(current)))
         if done.previous_vipa is not None:
             log.warning(
                 "anchor assigned a new VIPA %s (was %s): open connections break",
@@ -449,6 +510,133 @@ class MobileHost:
             stamp = self.flow_clock()
             for tunnel in self.tunnels.values():
                 tunnel.install_keys(done.keys, stamp)
+        if self.switching:
+            self.switching = False
+            for tunnel in self.tunnels.values():
+                self._maybe_open(tunnel, now)
+
+    # -- several anchors --------------------------------------------------------------
+    def set_srv_anchors(self, srv: Sequence[Addr]) -> None:
+        """A new answer to the anchors' SRV name, in RFC 2782 order."""
+        self.anchors.update_srv(srv)
+
+    def _anchor_silent(self) -> bool:
+        """Every tunnel of a usable interface down, and at least one for want of answers."""
+        if len(self.anchors) < 2 or not self._tunnels_started or self.switching:
+            return False
+        usable = [self.tunnels[n] for n in self.interface_order if self.links[n].usable]
+        return (
+            bool(usable)
+            and all(t.phase is not TunnelPhase.UP for t in usable)
+            and any(t.phase is TunnelPhase.DEAD or t.setup_failures for t in usable)
+        )
+
+    def _anchor_timers(self, now: float) -> None:
+        if self._next_round is not None and now >= self._next_round[0]:
+            _at, anchor = self._next_round
+            self._next_round = None
+            self._round, self._round_errors = [], []
+            self._switch_to(anchor, "retry", now)
+            return
+        if not self._anchor_silent():
+            self._silent_since = None
+        elif self._silent_since is None:
+            self._silent_since = now
+        elif now >= self._silent_since + FAILOVER_AFTER:
+            self._fail_over(now)
+
+    def _fail_over(self, now: float) -> None:
+        """The current anchor stopped answering: on to the next one."""
+        old = self.anchors.current
+        new = self.anchors.next_after(old)
+        self.anchors.mark_failed(old, "stopped answering", self.wall())
+        log.warning(
+            "anchor %s stopped answering; associating with %s",
+            format_hostport(old),
+            format_hostport(new),
+        )
+        self._round, self._round_errors, self._redirects = [old], [], 0
+        if self.config.anchor_srv is not None:
+            self._events.append(ResolveAnchors())
+        self._switch_to(new, "stopped answering", now)
+
+    def _switch_to(self, anchor: Addr, reason: str, now: float) -> None:
+        """Leave the current anchor for `anchor`: tunnels closed, a new association."""
+        self._silent_since = None
+        self.switching = True
+        for tunnel in self.tunnels.values():
+            if tunnel.open or tunnel.opening:
+                self._close(tunnel, "anchor change", now)
+            if tunnel.phase is not TunnelPhase.WAITING:
+                tunnel.phase = TunnelPhase.WAITING  # never up with the next anchor yet
+            tunnel.retry_at = tunnel.reopen_at = None
+            tunnel.backoff, tunnel.setup_failures = 1.0, 0
+            tunnel.tunnel_id = tunnel.observed = None
+        if anchor != self.anchors.current:
+            self.anchors.switch(anchor, reason, self.wall())
+        self.anchor_key = self._key_for(anchor)
+        self.announcer.anchor = self.anchor_tunnel
+        self._round.append(anchor)
+        initial = self.association.initial
+        self.association.retarget(anchor, now)
+        self.association.start(self._preferred_accesses(), now, initial=initial)
+
+    def _anchor_unreachable(self, message: str, now: float) -> bool:
+        """No interface reached the anchor; True when the client went on to another one."""
+        if len(self.anchors) < 2 or self.registration.keys is not None:
+            return False  # one anchor, or a refresh of the association in force: as before
+        old = self.anchors.current
+        self.anchors.mark_failed(old, "no answer", self.wall())
+        self._round_errors.append(message)
+        new = self.anchors.next_after(old)
+        if new in self._round:  # every anchor tried in this round
+            if self.association.initial:
+                self._events.append(
+                    Failed(SetupError("no anchor answers: " + "; ".join(self._round_errors)))
+                )
+                return True
+            log.warning(
+                "no anchor answers (%s); trying %s again in %g s",
+                "; ".join(self._round_errors),
+                format_hostport(new),
+                FAILOVER_BACKOFF,
+            )
+            self._next_round = (now + FAILOVER_BACKOFF, new)
+            return True
+        log.warning("%s; associating with %s", message, format_hostport(new))
+        self._switch_to(new, "no answer", now)
+        return True
+
+    def _redirect(self, contacts: list[Addr], now: float) -> bool:
+        """A 302 to REGISTER (unauthenticated): follow it to an anchor the rule allows."""
+        old = format_hostport(self.anchors.current)
+        if self._redirects >= MAX_REDIRECTS:
+            log.warning("redirect by %s not followed: %d in a row already", old, MAX_REDIRECTS)
+            return False
+        for anchor in contacts:
+            if anchor in self._round:
+                continue  # tried in this round already: a loop
+            if not self.anchors.may_follow(anchor, lambda a: self._key_for(a) is not None):
+                log.warning(
+                    "redirect by %s to %s not followed: not one of this client's anchors "
+                    "and no key pinned for it",
+                    old,
+                    format_hostport(anchor),
+                )
+                continue
+            self._redirects += 1
+            log.info("anchor %s redirects; associating with %s", old, format_hostport(anchor))
+            self._switch_to(anchor, f"redirected by {old}", now)
+            return True
+        return False
+
+    def resume_with_anchor(self, anchor: Addr) -> None:
+        """After a restart in place: the anchor the previous process was associated with."""
+        if anchor != self.anchors.current:
+            self.anchors.adopt(anchor)
+            self.anchor_key = self._key_for(anchor)
+            self.association.anchor_sip = anchor
+            self.announcer.anchor = self.anchor_tunnel
 
     # -- re-evaluation ----------------------------------------------------------------
     def reevaluate(self, now: float) -> None:

@@ -3,7 +3,8 @@
 The core does no I/O. The driver reads `next_event()` after every call into
 the core and acts: opens or closes a socket and says how that went, changes
 the TUN's address, remembers a learned anchor key, hands a flow to the
-classifier again, or stops with an error. Datagrams come out of
+classifier again, looks the anchors' SRV name up again, or stops with an
+error. Datagrams come out of
 `datagrams_to_send()` ready for the wire (tunnel frames already sealed).
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "OpenSocket",
     "Outgoing",
     "Reexamine",
+    "ResolveAnchors",
     "SocketKind",
     "VipaChanged",
 ]
@@ -70,6 +72,12 @@ class AnchorKeyLearned:
     """An association under a key trusted on first use succeeded: remember the key."""
 
     key: bytes
+    anchor: str = ""  # whose ("host:port"); "" for the first configured anchor
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveAnchors:
+    """The anchor failed over: look the SRV name up again (`set_srv_anchors` with the answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,5 +95,5 @@ class Failed:
 
 
 HostEvent: TypeAlias = (
-    OpenSocket | CloseSocket | VipaChanged | AnchorKeyLearned | Reexamine | Failed
+    OpenSocket | CloseSocket | VipaChanged | AnchorKeyLearned | Reexamine | ResolveAnchors | Failed
 )

@@ -85,6 +85,7 @@ def export_state(host: MobileHost, now: float) -> tuple[list[str], dict[str, Any
             "seq": reg.seq,
             "via": reg.via,
         },
+        "anchor": list(host.anchors.current),
         "tunnels": tunnels,
         "counters": key_counters(host.tunnels),
         "flows": flows,
@@ -161,6 +162,9 @@ def import_state(host: MobileHost, state: dict[str, Any], inherited: set[str], n
     tunnels are up (the anchor knows them) and the driver hands the sockets
     to the core when it asks for them.
     """
+    if "anchor" in state:  # (absent in the state of a version with one anchor)
+        host_, port = state["anchor"]
+        host.resume_with_anchor((str(host_), int(port)))
     reg = host.registration
     vipa = import_registration(reg, state, now)
     keys = reg.keys

@@ -6,7 +6,8 @@ state directory for that anchor address, or else — the first time only —
 the one the anchor announces, trusted on first use with a loud warning and
 remembered once an association under it succeeded (the anchor proved it
 holds the private key). After that a different key is refused, as ssh does
-with a changed host key.
+with a changed host key. With several anchors each address has its own
+remembered key, and `--anchor-key` is the key every one of them must prove.
 
 The state directory (mode 0700) holds ``terminal.key`` (this terminal's own
 key pair, generated on first start, 0600) and ``anchors.json`` (the
@@ -82,30 +83,33 @@ class AnchorTrust:
             raise ConfigError(f"{self.path}: expected an object of anchor: key")
         return dict(document)
 
-    def pinned(self) -> bytes | None:
-        """The key the anchor must have: configured, or remembered; None on first use."""
+    def pinned(self, anchor: str | None = None) -> bytes | None:
+        """The key the anchor (the first one by default) must have: configured, or
+        remembered; None on first use."""
         if self.configured is not None:
             return self.configured
-        text = self._known.get(self.anchor)
+        anchor = anchor or self.anchor
+        text = self._known.get(anchor)
         if text is None:
             return None
         try:
             return decode_key_untrusted(text)
         except MalformedError:
-            raise ConfigError(f"{self.path}: bad key for {self.anchor}") from None
+            raise ConfigError(f"{self.path}: bad key for {anchor}") from None
 
-    def trust_on_first_use(self, key: bytes) -> None:
-        """Remember `key` for this anchor (an association under it just succeeded)."""
-        if self.pinned() is not None:
+    def trust_on_first_use(self, key: bytes, anchor: str | None = None) -> None:
+        """Remember `key` for the anchor (an association under it just succeeded)."""
+        anchor = anchor or self.anchor
+        if self.pinned(anchor) is not None:
             return
         log.warning(
             "TRUSTING THE ANCHOR KEY %s OF %s ON FIRST USE: anyone on the path of this first "
             "association could have answered instead. Check it against 'anchor-node key' on the "
             "anchor and pin it with --anchor-key %s",
             encode_key(key),
-            self.anchor,
+            anchor,
             encode_key(key),
         )
-        self._known[self.anchor] = encode_key(key)
+        self._known[anchor] = encode_key(key)
         write_private(self.path, (json.dumps(self._known, indent=2) + "\n").encode())
         os.chmod(self.path, 0o600)

@@ -10,6 +10,10 @@ channels of its own data path (`ClientForwarder` on an `Engine`), whose
 control frames come back to the core. Each access interface sits behind its
 own `NatBox`. The engines are driven by arrivals (as epoll would wake them)
 and by `inject` on their TUNs.
+
+With `anchors=2` a second anchor (its own registrar, leases and key) stands
+at `AN2`, in the client's list after the first; `kill_anchor` makes one fall
+silent, as a host whose link went down.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from upmt.fakes.tun import FakeTunIO
 from upmt_client.config import ClientConfig
 from upmt_client.forwarder import ClientForwarder, FlowChoice
 from upmt_client.host import MobileHost
-from upmt_client.host_events import CloseSocket, Failed, OpenSocket, SocketKind
+from upmt_client.host_events import CloseSocket, Failed, HostEvent, OpenSocket, SocketKind
 from upmt_client.policy import Policy, builtin_policy
 
 AN = "198.51.100.2"
+AN2 = "198.51.100.3"
 SIP: Addr = (AN, 5060)
 TUNNEL: Addr = (AN, 1800)
 ADDRESSES = {"if0": "198.18.0.2", "if1": "198.18.1.2"}
@@ -50,26 +55,38 @@ NAT_PUBLIC = {"if0": "203.0.113.10", "if1": "203.0.113.11"}
 
 
 class InProcessAnchor:
-    def __init__(self, workdir: Path, network: FakeNetwork, users: UserStore | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        network: FakeNetwork,
+        users: UserStore | None = None,
+        *,
+        address: str = AN,
+        pool: str = "100.64.0.0/24",
+        **registrar: Any,
+    ) -> None:
         self.network, self.clock = network, network.clock
+        self.sip_addr: Addr = (address, 5060)
+        self.tunnel_addr: Addr = (address, 1800)
         workdir.mkdir(parents=True, exist_ok=True)
-        leases = LeaseStore(workdir / "leases.sqlite", parse_pool("100.64.0.0/24"))
+        leases = LeaseStore(workdir / "leases.sqlite", parse_pool(pool))
         self.registrar = Registrar(
             leases,
             Paft(max_entries=1000),
             encryption=False,
             users=users,
             wall_clock=lambda: 1e6 + self.clock.now,
+            **registrar,
         )
         self.sip = TransactionLayer(screen=self.registrar.screen)
         self.tunnel_sip = TransactionLayer(screen=self.registrar.screen_tunnel)
-        network.bind(SIP, self._sip)
+        network.bind(self.sip_addr, self._sip)
         self.forwarder = AnchorForwarder(self.registrar.paft, threading.Lock(), self._control)
         self.forwarder.tunnel_vipa = self.registrar.tunnel_vipa
         self.forwarder.default_tunnel = self.registrar.default_tunnel
         self.tun = FakeTunIO()
         self.engine = Engine("anchor-data", self.tun, self.forwarder, clock=self.clock)
-        self.socket = FakeDatagramIO(network, TUNNEL)
+        self.socket = FakeDatagramIO(network, self.tunnel_addr)
         self.socket.on_readable = lambda: self.engine.drain_channel(CHANNEL)
         self.engine.add_channel(CHANNEL, self.socket)
 
@@ -78,7 +95,7 @@ class InProcessAnchor:
         self.sip.receive_datagram(data, source, now)
         self._serve(self.sip, lambda r, a: self.registrar.on_plain_message(r, a, now))
         for datagram, addr in self.sip.datagrams_to_send():
-            self.network.send(SIP, addr, datagram)
+            self.network.send(self.sip_addr, addr, datagram)
 
     def _control(self, origin: Origin, frame: bytes) -> None:
         """A control frame from the data path: SIP inside a tunnel (the daemon's rule)."""
@@ -88,7 +105,7 @@ class InProcessAnchor:
         self.tunnel_sip.receive_datagram(frame[1:], origin[0], now)
         self._serve(self.tunnel_sip, lambda r, a: self.registrar.on_tunnel_message(r, a, now))
         for datagram, addr in self.tunnel_sip.datagrams_to_send():
-            self.network.send(TUNNEL, addr, encode_frame(Signal(datagram)))
+            self.network.send(self.tunnel_addr, addr, encode_frame(Signal(datagram)))
 
     def _serve(self, layer: TransactionLayer, answer: Any) -> None:
         while (event := layer.next_event()) is not None:
@@ -98,12 +115,20 @@ class InProcessAnchor:
                     layer.send_response(event.key, response, self.clock.now)
 
     def stop(self) -> None:
-        self.network.unbind(SIP)
+        self.network.unbind(self.sip_addr)
         self.socket.close()
+
+    def revive(self) -> None:
+        """Reachable again after `stop`, with all it knew (a host whose link came back)."""
+        self.network.bind(self.sip_addr, self._sip)
+        self.engine.remove_channel(CHANNEL)
+        self.socket = FakeDatagramIO(self.network, self.tunnel_addr)
+        self.socket.on_readable = lambda: self.engine.drain_channel(CHANNEL)
+        self.engine.add_channel(CHANNEL, self.socket)
 
 
 class SystemLab:
-    """One client core behind two NATs, one anchor, one network, one clock."""
+    """One client core behind two NATs, one anchor (or two), one network, one clock."""
 
     def __init__(
         self,
@@ -111,6 +136,8 @@ class SystemLab:
         *,
         users: UserStore | None = None,
         policy: Policy | None = None,
+        anchors: int = 1,
+        anchor_options: tuple[dict[str, Any], ...] = (),
         **config: Any,
     ) -> None:
         self.tmp_path = tmp_path
@@ -120,7 +147,20 @@ class SystemLab:
         self.nats = {name: NatBox(NAT_PUBLIC[name], self.rng, timeout=30.0) for name in ADDRESSES}
         for name, nat in self.nats.items():
             self.network.behind(ADDRESSES[name], nat)
-        self.anchor = InProcessAnchor(tmp_path / "anchor", self.network, users)
+        options = list(anchor_options) + [{}] * (anchors - len(anchor_options))
+        # Each anchor its own pool by default: no shared store, so the VIPA changes with it.
+        self.anchors = [
+            InProcessAnchor(
+                tmp_path / f"anchor{n or ''}",
+                self.network,
+                users,
+                **{"address": address, "pool": f"100.{64 + n}.0.0/24", **options[n]},
+            )
+            for n, address in enumerate([AN, AN2][:anchors])
+        ]
+        self.anchor = self.anchors[0]
+        if anchors > 1:
+            config.setdefault("anchors", tuple(a.sip_addr for a in self.anchors))
         cfg = ClientConfig(
             anchor=AN,
             sip_port=5060,
@@ -143,6 +183,7 @@ class SystemLab:
             lock=threading.Lock(),
             wall=lambda: 1e6 + self.clock.now,
             flow_clock=self.clock,
+            key_for=self.key_of,
         )
         # The classifier's part: the application that owns a flow (absent: unknown).
         self.owners: dict[FiveTuple, str] = {}
@@ -155,6 +196,7 @@ class SystemLab:
         self.channels: dict[str, FakeDatagramIO] = {}
         self.sockets: dict[tuple[SocketKind, str], Addr] = {}
         self.failed: list[Failed] = []
+        self.events: list[HostEvent] = []  # every event the core asked the driver for
         self._next_port = 50000
         for name, address in ADDRESSES.items():
             self.host.link_changed(name, True, {address}, self.now)
@@ -163,12 +205,27 @@ class SystemLab:
     def now(self) -> float:
         return self.clock.now
 
+    def key_of(self, addr: Addr) -> bytes | None:
+        """The keys the client holds (pinned, or remembered): those of the lab's anchors."""
+        for anchor in self.anchors:
+            if anchor.sip_addr == addr:
+                return anchor.registrar.static_key.public
+        return None
+
+    def anchor_at(self, addr: Addr) -> InProcessAnchor:
+        return next(a for a in self.anchors if a.sip_addr == addr)
+
+    def kill_anchor(self, index: int = 0) -> None:
+        """The anchor's host falls silent: nothing reaches it any more."""
+        self.anchors[index].stop()
+
     # -- the driver's part --------------------------------------------------------
     def pump(self) -> None:
         for _round in range(1000):
             busy = False
             while (event := self.host.next_event()) is not None:
                 busy = True
+                self.events.append(event)
                 if isinstance(event, OpenSocket):
                     self._open(event.kind, event.interface)
                 elif isinstance(event, CloseSocket):
@@ -192,7 +249,7 @@ class SystemLab:
             self.network.bind(local, lambda d, a: self.host.receive_register(name, d, a, self.now))
         else:
             # A connected tunnel socket read by the data path, as `HostSockets` opens it.
-            channel = FakeDatagramIO(self.network, local, peer=TUNNEL)
+            channel = FakeDatagramIO(self.network, local, peer=self.host.anchor_tunnel)
             channel.on_readable = lambda: self.engine.drain_channel(name)
             self.channels[name] = channel
             self.forwarder.attach(name, self.host.tunnels[name].keys)
@@ -242,6 +299,7 @@ class SystemLab:
         """A new anchor process with new state at the same address (the old one is gone)."""
         self.anchor.stop()
         self.anchor = InProcessAnchor(self.tmp_path / "anchor-2", self.network)
+        self.anchors[0] = self.anchor
         self.host.anchor_key = self.anchor.registrar.static_key.public
 
     def send_up(self, packet: bytes) -> None:

@@ -30,7 +30,8 @@ def test_the_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     conf = tmp_path / "upmt-client.toml"
     conf.write_text(CLIENT)
     merged = print_config("upmt_client", "--config", str(conf), "--hold-down", "5")
-    assert merged["anchor"] == "198.51.100.2" and merged["interface"] == ["if0", "if1"]
+    # `anchor` repeats now; the file's one value reads as an array of one.
+    assert merged["anchor"] == ["198.51.100.2"] and merged["interface"] == ["if0", "if1"]
     assert merged["hold-down"] == 5.0  # the flag
     assert merged["busy-probe-interval"] == 0.2 and merged["encryption"] == "off"  # the file
     assert merged["probe-interval"] == 0.5  # the built-in default

@@ -1,0 +1,104 @@
+"""Several anchors end to end: failover when an anchor's host dies, and a 302 from a full anchor.
+
+The lab with `anchors=2`: anchor 1 in `an` (198.51.100.2), anchor 2 in `an2`
+(198.51.100.3), both reachable from the two access NATs. Each anchor keeps
+its own lease store (an SQLite file, and a pool of its own so that a change
+of VIPA shows): the client's VIPA changes with the anchor and the client
+installs the new one. VIPA continuity across a failover comes with a lease
+store the anchors share; with one, the VIPA would stay (`SHARED_STORE`).
+"""
+
+import time
+
+import pytest
+
+from lab.scenario import sha256, tunnels_up, wait_until
+from lab.topology import AN2_ADDR, AN_ADDR, Daemon, Lab
+from tests.e2e.helpers import ch_seen_sources, download, udp_request
+
+pytestmark = [pytest.mark.e2e, pytest.mark.lab(anchors=2)]
+
+SHARED_STORE = False  # these anchors do not share their leases (see the module's text)
+AN1, AN2 = f"{AN_ADDR}:5060", f"{AN2_ADDR}:5060"
+
+
+def start_anchors(lab: Lab, *first_args: str) -> tuple[Daemon, Daemon]:
+    first = lab.start_anchor(*first_args)
+    second = lab.start_anchor(
+        "--pool", "100.65.0.0/16", name="anchor2", role="an2", listen=AN2_ADDR
+    )
+    for anchor in (first, second):
+        wait_until(anchor.status, 20, f"{anchor.name}'s control socket", (anchor,))
+    return first, second
+
+
+def tun_addresses(lab: Lab) -> str:
+    return lab.exec("mh", "ip", "-o", "-4", "addr", "show", "dev", "upmt0").stdout
+
+
+def test_a_dead_anchor_host_is_left_for_the_second_within_ten_seconds(lab: Lab) -> None:
+    blob = lab.start_servers(file_size=1 << 20)
+    first, second = start_anchors(lab)
+    client = lab.start_client(anchor=(AN_ADDR, AN2_ADDR))
+    st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
+    assert st["anchor"] == AN1
+    assert [(a["anchor"], a["state"]) for a in st["anchors"]] == [
+        (AN1, "current"),
+        (AN2, "reserve"),
+    ]
+    old_vipa = st["vipa"]
+    assert udp_request(lab, "via anchor 1") == ["via anchor 1"]
+    assert ch_seen_sources(lab)[-1].split(":")[0] == AN_ADDR
+
+    lab.ip("an", "link", "set", "eth0", "down")  # anchor 1's host drops off the network
+    died = time.monotonic()
+
+    def on_second() -> dict[str, object] | None:
+        status = client.status()
+        up = [t for t in status["tunnels"] if t["state"] == "up"]
+        return status if status["anchor"] == AN2 and len(up) == 2 else None
+
+    st = wait_until(on_second, 10, "associated with anchor 2, tunnels up", (client, second))
+    took = time.monotonic() - died
+    assert took < 10, took
+
+    # New connections work, through anchor 2: the CH sees its address.
+    out = download(lab, blob)
+    assert sha256(out) == sha256(blob)
+    assert udp_request(lab, "via anchor 2", sport=2001) == ["via anchor 2"]
+    assert ch_seen_sources(lab)[-1].split(":")[0] == AN2_ADDR
+    http_log = (lab.workdir / "ch-http.log").read_text()
+    assert f"{AN2_ADDR} - - " in http_log
+
+    # Status and log say the anchor changed.
+    states = {a["anchor"]: a["state"] for a in st["anchors"]}
+    assert states == {AN1: "failed", AN2: "current"}
+    change = st["anchor_changes"][-1]
+    assert (change["from"], change["to"], change["reason"]) == (AN1, AN2, "stopped answering")
+    assert f"anchor {AN1} stopped answering; associating with {AN2}" in client.log.read_text()
+    assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
+
+    vipa = st["vipa"]
+    if SHARED_STORE:
+        assert vipa == old_vipa
+    else:
+        # Anchor 2's own lease: another VIPA, and the client's TUN has it instead.
+        assert vipa != old_vipa and str(vipa).startswith("100.65.")
+        addresses = tun_addresses(lab)
+        assert f" {vipa}/32 " in addresses and f" {old_vipa}/32 " not in addresses
+    print(f"failover took {took:.1f} s")
+
+
+def test_a_full_anchor_sends_the_client_to_the_second_with_a_302(lab: Lab) -> None:
+    lab.start_servers(file_size=1 << 20)
+    first, second = start_anchors(lab, "--max-terminals", "0", "--redirect-to", AN2_ADDR)
+    client = lab.start_client(anchor=(AN_ADDR, AN2_ADDR))
+    st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
+    assert st["anchor"] == AN2
+    (change,) = st["anchor_changes"]
+    assert change["reason"] == f"redirected by {AN1}"
+    assert first.status()["counters"]["registrar_redirected"] == 1
+    assert first.status()["terminals"] == []
+    assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
+    assert udp_request(lab, "redirected") == ["redirected"]
+    assert ch_seen_sources(lab)[-1].split(":")[0] == AN2_ADDR
