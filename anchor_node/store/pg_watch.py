@@ -74,7 +74,10 @@ class PostgresMoveWatcher:
                         lost = False
                     since = now
                     while not self._stopping.is_set():
-                        for note in conn.notifies(timeout=self.heartbeat):
+                        # Gathered first: the generator holds the connection's lock,
+                        # and each note needs a query.
+                        notes = list(conn.notifies(timeout=self.heartbeat))
+                        for note in notes:
                             self._on_note(conn, note.payload, deliver)
                         since = _server_time(conn)
             except psycopg.Error as exc:

@@ -516,7 +516,11 @@ class PostgresStore:
     def watcher(self) -> MoveWatcher:
         from anchor_node.store.pg_watch import PostgresMoveWatcher
 
-        return PostgresMoveWatcher(self._params, self.anchor_id, self.display)
+        # A name of its own, so that an operator tells the two connections apart.
+        name = f"{self._params['application_name']} moves"[:63]
+        return PostgresMoveWatcher(
+            {**self._params, "application_name": name}, self.anchor_id, self.display
+        )
 
 
 def _mismatch(display: str, version: int) -> str:

@@ -5,10 +5,13 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from anchor_node.store.location import StoreLocation, migrate_store, parse_store
 from tests.unit.postgres_kit import PostgresServer, find_binaries
+from tests.unit.store_kit import Backend
 from upmt.offload import probe_udp_offload
 
 
@@ -82,3 +85,26 @@ _databases = itertools.count()
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty database of the session's cluster, as a `--store` URL."""
     return postgres_server.create_database(f"t{os.getpid()}_{next(_databases)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """Each store implementation in turn, migrated and empty."""
+    if request.param == "postgresql":
+        location = parse_store(request.getfixturevalue("postgres_url"), tmp_path / "unused")
+        migrate_store(location)
+    else:
+        location = StoreLocation(path=tmp_path / "store.sqlite")
+    backend = Backend(request.param, location)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def pg(postgres_url: str, tmp_path: Path) -> Iterator[Backend]:
+    """The PostgreSQL store alone, migrated and empty."""
+    location = parse_store(postgres_url, tmp_path / "unused")
+    migrate_store(location)
+    backend = Backend("postgresql", location)
+    yield backend
+    backend.close()
