@@ -181,10 +181,17 @@ def run(
     """Run the anchor node until SIGTERM or Ctrl-C."""
     from anchor_node.config import AnchorConfig
     from anchor_node.daemon import run_anchor
+    from anchor_node.store.location import redact_url
 
     config = AnchorConfig.build(key=key_path, **options)
     setup_logging(log_level)
     warn_secrets_on_command_line(logging.getLogger("upmt"))
+    store_url = config.store.url if config.store is not None else None
+    if store_url is not None and redact_url(store_url) != store_url:
+        logging.getLogger("upmt").warning(
+            "--store carries a password: put it in ~/.pgpass or PGPASSFILE instead "
+            "(command lines are readable by every local user)"
+        )
     run_anchor(config)
 
 

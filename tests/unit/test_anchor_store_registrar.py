@@ -2,18 +2,24 @@
 
 What REGISTER and tunnel set-ups write (registration, tunnel records), a
 key pinned at one anchor honoured at the other, a terminal that moves
-dropped by the anchor it left, and REGISTERs answered 503 with
-Retry-After while PostgreSQL is down.
+dropped by the anchor it left (also as the daemon drives it from its
+watcher), and REGISTERs answered 503 with Retry-After while PostgreSQL is
+down.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import trio
 
+from anchor_node.config import AnchorConfig
+from anchor_node.daemon import AnchorNode
 from anchor_node.registrar import Registrar
-from anchor_node.store.api import Store, StoreUnavailable
+from anchor_node.store.api import Moved, Store, StoreUnavailable
 from paft.table import Paft
 from signalling.handshake import StaticKey
 from tests.unit.store_kit import Backend, wait_for
@@ -107,3 +113,46 @@ def test_register_is_503_with_retry_after_while_the_store_is_down(pg: Backend) -
 
     wait_for(back)
     assert associate(a, "alice", 2.0) == vipa
+
+
+class OneMove:
+    """A watcher that hears one move, then waits to be stopped."""
+
+    def __init__(self, move: Moved) -> None:
+        self.move = move
+        self.stopped = threading.Event()
+
+    def run(self, deliver: Callable[[Moved], None]) -> None:
+        deliver(self.move)
+        self.stopped.wait(10)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+async def test_the_daemon_applies_what_its_watcher_hears(
+    two: tuple[Registrar, Registrar], tmp_path: Path
+) -> None:
+    """The watcher runs in a worker thread; the move is applied in trio, under the lock."""
+    a, _b = two
+    associate(a, "alice")
+    node = AnchorNode(
+        AnchorConfig.build(
+            listen="127.0.0.1",
+            sip_port=45060,
+            tunnel_port=45061,
+            pool="100.64.0.0/17",
+            state=tmp_path / "state.sqlite",
+            control=tmp_path / "an.sock",
+            anchor_id="a1",
+        )
+    )
+    node.registrar = a
+    watcher = OneMove(Moved("alice", "b1"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(node._follow_moves, watcher)
+        with trio.fail_after(5):
+            while "alice" in a.terminals:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert watcher.stopped.is_set()
