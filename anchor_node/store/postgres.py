@@ -137,9 +137,10 @@ class PostgresStore:
         self._closing = threading.Event()
         try:
             self._conn = self._connect()
+            version = schema_version(self._conn)
         except psycopg.Error as exc:
+            self.close()
             raise SetupError(f"cannot reach the store {display}: {_first_line(exc)}") from None
-        version = schema_version(self._conn)
         if version != SCHEMA_VERSION:
             self.close()
             raise SchemaMismatch(_mismatch(display, version))

@@ -31,6 +31,7 @@ from anchor_node.store.pg_schema import SCHEMA_VERSION as PG_VERSION
 from anchor_node.store.pg_watch import PostgresMoveWatcher
 from anchor_node.store.postgres import connection_parameters
 from anchor_node.store.sqlite import SCHEMA_VERSION as SQLITE_VERSION
+from ground.errors import SetupError
 from tests.unit.store_kit import Backend, wait_for
 
 PREFIX = "192.0.2.0/24"
@@ -324,3 +325,11 @@ def test_a_lost_connection_is_unavailable_then_comes_back_postgres(pg: Backend) 
             return False
 
     wait_for(back)
+
+
+def test_an_unreachable_postgres_is_one_line_at_start(tmp_path: Path) -> None:
+    """No server behind the URL: SetupError naming the store, without its password."""
+    url = f"postgresql://anchor:secret@/upmt?host={tmp_path}"  # a socket directory, empty
+    with pytest.raises(SetupError, match="cannot reach the store") as caught:
+        open_store(parse_store(url, tmp_path / "unused"), parse_pool("10.9.0.0/29"))
+    assert "secret" not in str(caught.value) and "\n" not in str(caught.value)
