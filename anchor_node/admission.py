@@ -14,7 +14,8 @@
    registrar touch the lease store.
 
 Everything is sans-IO: `now` is passed in, the lease store is the only
-state outside this object.
+state outside this object (its pinned keys; a store that cannot be reached
+raises `StoreUnavailable` out of `admit`, which the registrar answers).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from sipmessage import Request, Response
 
-from anchor_node.leases import LeaseStore
+from anchor_node.store.api import Store
 from anchor_node.users import UserStore
 from ground.constants import Addr
 from ground.errors import MalformedError
@@ -71,7 +72,7 @@ class Admission:
         self,
         *,
         static_key: StaticKey,
-        leases: LeaseStore,
+        leases: Store,
         pool: ipaddress.IPv4Network,
         encryption: bool,
         users: UserStore | None = None,

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from anchor_node.store.location import DEFAULT_STATE
+from anchor_node.store_cli import store
 from anchor_node.user_cli import user
 from upmt.cli import (
     add_mib_command,
@@ -30,7 +32,6 @@ from upmt.config_file import config_file_options
 
 PROG = "anchor-node"
 DEFAULT_CONTROL = Path("/run/upmt/anchor-node.sock")
-DEFAULT_STATE = Path("/var/lib/upmt/anchor-node.sqlite")
 
 
 # Shared by `run` and `key`: the anchor's key lives beside its lease store.
@@ -40,6 +41,14 @@ state_option = click.option(
     default=DEFAULT_STATE,
     show_default=True,
     help="SQLite file keeping the VIPA leases (the anchor key lives beside it).",
+)
+store_option = click.option(
+    "--store",
+    default=None,
+    metavar="URL|PATH",
+    help="Where leases, keys, registrations and tunnel records live: postgresql://USER@HOST/DB "
+    "(shared by several anchors; the password in ~/.pgpass or PGPASSFILE), sqlite:///PATH or "
+    "a path [default: the --state file].",
 )
 key_option = click.option(
     "--key",
@@ -65,9 +74,22 @@ def cli() -> None:
     "--pool",
     default="100.64.0.0/10",
     show_default=True,
-    help="VIPA pool; the anchor keeps its first address.",
+    help="VIPA pool this anchor hands addresses out from; the anchor keeps its first address.",
+)
+@click.option(
+    "--shared-pool",
+    default=None,
+    metavar="PREFIX",
+    help="The pool of all the anchors sharing --store, which holds --pool: routed and NATed "
+    "here, since terminals keep their VIPA when they move [default: --pool].",
 )
 @state_option
+@store_option
+@click.option(
+    "--anchor-id",
+    default=None,
+    help="This anchor's name in a shared store [default: the host name].",
+)
 @control_option(DEFAULT_CONTROL)
 @click.option(
     "--users",
@@ -173,10 +195,17 @@ def run(
     """Run the anchor node until SIGTERM or Ctrl-C."""
     from anchor_node.config import AnchorConfig
     from anchor_node.daemon import run_anchor
+    from anchor_node.store.location import redact_url
 
     config = AnchorConfig.build(key=key_path, **options)
     setup_logging(log_level)
     warn_secrets_on_command_line(logging.getLogger("upmt"))
+    store_url = config.store.url if config.store is not None else None
+    if store_url is not None and redact_url(store_url) != store_url:
+        logging.getLogger("upmt").warning(
+            "--store carries a password: put it in ~/.pgpass or PGPASSFILE instead "
+            "(command lines are readable by every local user)"
+        )
     run_anchor(config)
 
 
@@ -239,6 +268,7 @@ add_status_command(
 )
 add_mib_command(cli)
 cli.add_command(user)
+cli.add_command(store)
 
 
 def main() -> None:

@@ -1,16 +1,22 @@
 """The anchor node's validated configuration."""
 
 import ipaddress
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anchor_node.leases import parse_pool
+from anchor_node.pool import parse_pool, parse_shared_pool
+from anchor_node.store.location import StoreLocation, parse_store
 from ground.constants import Addr
 from ground.errors import ConfigError
 from ground.names import is_ifname
 from paft.aging import Aging
 from tunnel.addr import parse_hostport, parse_listen
 from upmt.snmp_config import SnmpSettings, parse_snmp
+
+# Anchor ids name anchors in the shared store and its notifications.
+_ANCHOR_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,19 @@ class AnchorConfig:
     snmp: SnmpSettings | None = None  # --snmp and what goes with it
     max_terminals: int | None = None  # --max-terminals: beyond, REGISTER gets 302 (or 503)
     redirect_to: tuple[Addr, ...] = ()  # --redirect-to: the other anchors' SIP addresses
+    store: StoreLocation | None = None  # --store; None: the SQLite file `state`
+    shared_pool: ipaddress.IPv4Network | None = None  # --shared-pool; None: `pool`
+    anchor_id: str = field(default_factory=socket.gethostname)
+
+    @property
+    def store_location(self) -> StoreLocation:
+        return self.store if self.store is not None else StoreLocation(path=self.state)
+
+    @property
+    def routed_pool(self) -> ipaddress.IPv4Network:
+        """What this anchor routes to its TUN and NATs: the shared pool, since a terminal
+        keeps a VIPA of any anchor's sub-pool."""
+        return self.shared_pool if self.shared_pool is not None else self.pool
 
     @property
     def key_file(self) -> Path:
@@ -81,6 +100,9 @@ class AnchorConfig:
         snmp_trap: str | None = None,
         max_terminals: int | None = None,
         redirect_to: tuple[str, ...] = (),
+        store: str | None = None,
+        shared_pool: str | None = None,
+        anchor_id: str | None = None,
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -108,11 +130,18 @@ class AnchorConfig:
             if (host, port) == (listen, sip_port):
                 raise ConfigError(f"--redirect-to {text!r} is this anchor itself")
             redirects.append((host, port))
+        own_pool = parse_pool(pool)
+        if anchor_id is None:
+            anchor_id = socket.gethostname()
+        if not _ANCHOR_ID_RE.fullmatch(anchor_id):
+            raise ConfigError(
+                f"--anchor-id {anchor_id!r}: 1 to 64 letters, digits, '.', '_' or '-'"
+            )
         return cls(
             listen=listen,
             sip_port=sip_port,
             tunnel_port=tunnel_port,
-            pool=parse_pool(pool),
+            pool=own_pool,
             state=state,
             control=control,
             users=users,
@@ -134,6 +163,9 @@ class AnchorConfig:
             snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
             max_terminals=max_terminals,
             redirect_to=tuple(redirects),
+            store=None if store is None else parse_store(store, state),
+            shared_pool=None if shared_pool is None else parse_shared_pool(shared_pool, own_pool),
+            anchor_id=anchor_id,
         )
 
 

@@ -5,6 +5,12 @@
 ExitStack undoes whatever was done, in reverse, on any exit: SIGTERM,
 Ctrl-C, an error. SIP arrives on the SIP port (REGISTER) and, for messages
 inside tunnels, as SIGNAL frames the data path hands over.
+
+The registrar calls the store synchronously, in the trio thread, as it
+always called SQLite: each call is short (a local file, or a few round
+trips to PostgreSQL bounded by its timeouts, and failing at once while it
+is down). Only the store's move watcher blocks for long, so it runs in a
+worker thread, and each move it hears is applied back in the trio thread.
 """
 
 import contextlib
@@ -34,6 +40,7 @@ from anchor_node.startup import (
     open_tun_device,
 )
 from anchor_node.status import counters_json, flows_json
+from anchor_node.store.api import Moved, MoveWatcher
 from anchor_node.users import UserStore
 from ground.constants import Addr
 from ground.errors import SetupError, UpmtError, unwrap_errors
@@ -80,7 +87,10 @@ class AnchorNode:
         with contextlib.ExitStack() as stack:
             users, static_key = load_credentials(cfg)
             sockets = open_sockets(cfg, stack, inherited)
-            self.registrar = open_registrar(cfg, stack, self.paft, users, static_key)
+            self.registrar = open_registrar(
+                cfg, stack, self.paft, users, static_key, fresh=inherited is None
+            )
+            watcher = self.registrar.store.watcher()
             tun = open_tun_device(cfg, stack, inherited, self.registrar)
             self._offload = negotiate_offload(cfg, tun, sockets.tunnel)
             self._kept_fds = {
@@ -106,6 +116,8 @@ class AnchorNode:
                 nursery.start_soon(self.tunnel_sip.run)
                 nursery.start_soon(serve_control, sockets.control, self._control)
                 nursery.start_soon(self._housekeeping)
+                if watcher is not None:
+                    nursery.start_soon(self._follow_moves, watcher)
             log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
 
     def _start_datapath(
@@ -164,15 +176,17 @@ class AnchorNode:
     def _log_up(self) -> None:
         cfg = self.config
         log.info(
-            "anchor node up: SIP %s:%d, tunnels %s:%d (encryption %s), pool %s, TUN %s, state %s",
+            "anchor node up: SIP %s:%d, tunnels %s:%d (encryption %s), pool %s, TUN %s, "
+            "store %s (anchor id %s)",
             cfg.listen,
             cfg.sip_port,
             cfg.listen,
             cfg.tunnel_port,
             "on" if cfg.encryption else "off",
-            cfg.pool,
+            cfg.pool if cfg.shared_pool is None else f"{cfg.pool} of {cfg.shared_pool}",
             cfg.tun_name,
-            cfg.state,
+            cfg.store_location.display,
+            cfg.anchor_id,
         )
         log.info(
             "data path: %s (TUN offloads %s, UDP GRO %s, UDP GSO %s)",
@@ -298,6 +312,21 @@ class AnchorNode:
                 )
                 self.paft.expire_with(now, self.config.aging.timeout)
 
+    async def _follow_moves(self, watcher: MoveWatcher) -> None:
+        """Run the store's watcher in a worker thread; each move it hears runs in trio."""
+
+        def deliver(moved: Moved) -> None:
+            trio.from_thread.run_sync(self._moved, moved)
+
+        try:
+            await trio.to_thread.run_sync(watcher.run, deliver, abandon_on_cancel=True)
+        finally:
+            watcher.stop()
+
+    def _moved(self, moved: Moved) -> None:
+        with self.lock:
+            self.registrar.on_moved(moved.terminal_id, moved.anchor_id)
+
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.
         offset = trio.current_time() - now
@@ -333,6 +362,9 @@ class AnchorNode:
             "sip_port": self.config.sip_port,
             "tunnel_port": self.config.tunnel_port,
             "pool": str(self.config.pool),
+            "shared_pool": str(self.config.routed_pool),
+            "store": self.config.store_location.display,
+            "anchor_id": self.config.anchor_id,
             "encryption": "on" if self.config.encryption else "off",
             "anchor_key": encode_key(self.registrar.static_key.public),
             "pid": os.getpid(),

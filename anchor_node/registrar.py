@@ -20,6 +20,14 @@ source is proven and the key exchange checked, and takes no lease: the
 terminal's VIPA is asked of the anchor it goes to. The client decides
 whether to follow (see `upmt_client.anchors`).
 
+The store (`anchor_node.store`) is the only state outside memory: leases
+and pinned keys, and which anchor holds each terminal. Every REGISTER
+writes its registration there; a terminal that registers at another
+anchor sharing the store is dropped here (`on_moved`). Times in the store
+are wall-clock times (`wall_clock`), so that anchors can compare them. A
+store that cannot be reached makes a REGISTER `503` with Retry-After,
+never a crash; tunnel records are written on a best-effort basis.
+
 Every method takes `now`; nothing here touches a socket or the clock.
 """
 
@@ -35,10 +43,18 @@ from sipmessage import Request, Response
 
 from anchor_node import restart_state
 from anchor_node.admission import Admission, Admitted
-from anchor_node.leases import LeaseStore, PoolExhausted, PrefixCapReached, source_prefix
+from anchor_node.pool import source_prefix
 from anchor_node.sessions import TunnelSessions
+from anchor_node.store.api import (
+    KeyConflict,
+    PoolExhausted,
+    PrefixCapReached,
+    Store,
+    StoreUnavailable,
+)
 from anchor_node.terminals import RegistrarCounters, Terminal, TerminalTable
 from anchor_node.tunnel_broker import MAX_MOVES, TunnelBroker
+from anchor_node.tunnel_log import StoreTunnelLog
 from anchor_node.users import UserStore
 from ground.constants import Addr
 from paft.table import Paft
@@ -47,6 +63,7 @@ from signalling.digest import ALGORITHMS
 from signalling.handshake import KX_HEADER, SessionKeys, StaticKey, encode_key, respond
 from signalling.message import build_response, new_tag
 from signalling.register import build_register_ok
+from signalling.transaction import OVERLOAD_RETRY_AFTER
 from signalling.tunnelauth import TunnelAuthVerifier
 from tunnel.addr import format_hostport
 
@@ -58,7 +75,7 @@ log = logging.getLogger("upmt.anchor.registrar")
 class Registrar:
     def __init__(
         self,
-        leases: LeaseStore,
+        store: Store,
         paft: Paft[Addr],
         *,
         static_key: StaticKey | None = None,
@@ -79,31 +96,39 @@ class Registrar:
         self._redirects = 0
         self.admission = Admission(
             static_key=static_key or StaticKey.generate(),
-            leases=leases,
-            pool=leases.pool,
+            leases=store,
+            pool=store.shared_pool,
             encryption=encryption,
             users=users,
             cookies=cookies,
             wall_clock=wall_clock,
         )
-        self.leases = leases
+        self.store = store
+        self.wall_clock = wall_clock
         self.paft = paft
         self.encryption = encryption
         self.default_expires = default_expires
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.sessions = TunnelSessions(max_tunnels)
-        self.table = TerminalTable(paft, self.sessions)
         self.counters = RegistrarCounters()
+        self.table = TerminalTable(
+            paft, self.sessions, tunnel_log=StoreTunnelLog(store, self.counters, wall_clock)
+        )
         self.broker = TunnelBroker(
             self.table,
             self.counters,
-            pool=leases.pool,
+            pool=store.shared_pool,
             encryption=encryption,
             max_tunnels=max_tunnels,
             max_moves=max_moves,
             wall_clock=wall_clock,
         )
+
+    @property
+    def leases(self) -> Store:
+        """The store, by the name of most of what it holds."""
+        return self.store
 
     @property
     def users(self) -> UserStore | None:
@@ -147,16 +172,34 @@ class Registrar:
     # -- association --------------------------------------------------------
     def on_register(self, request: Request, source: Addr, now: float) -> Response:
         """A REGISTER whose source address is proven (its cookie passed the screen)."""
+        try:
+            return self._register(request, source, now)
+        except StoreUnavailable:
+            # Half a REGISTER done is harmless (a lease is sticky): the client comes back
+            # after Retry-After and finds it.
+            self.counters.store_unavailable += 1
+            self.counters.rejected += 1
+            return build_response(
+                request,
+                503,
+                "Store Unavailable",
+                to_tag=new_tag(),
+                headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))],
+            )
+
+    def _register(self, request: Request, source: Addr, now: float) -> Response:
         admitted = self.admission.admit(request, source, now)
         if isinstance(admitted, Response):
             self.counters.rejected += 1
             return admitted
         info = admitted.info
+        wall = self.wall_clock()
         expires = self.default_expires if info.expires is None else info.expires
         if expires == 0:
+            vipa = self.store.lookup(info.terminal_id) or "0.0.0.0"
+            self.store.unregister(info.terminal_id)
             self.table.remove(info.terminal_id)
             self.counters.unregisters += 1
-            vipa = self.leases.lookup(info.terminal_id) or "0.0.0.0"
             return build_register_ok(request, vipa=vipa, expires=0, to_tag=new_tag())
         if expires < self.min_expires:
             self.counters.rejected += 1
@@ -172,9 +215,9 @@ class Registrar:
             return self._elsewhere(request, info.terminal_id)
         pin = None if admitted.pinned else admitted.proven.offer.static
         try:
-            vipa = self.leases.acquire(
+            vipa = self.store.acquire(
                 info.terminal_id,
-                now,
+                wall,
                 in_use=self._in_use,
                 prefix=source_prefix(source[0]),
                 pin=pin,
@@ -183,12 +226,18 @@ class Registrar:
             return self._reject(request, 503, str(exc))
         except PrefixCapReached as exc:
             return self._reject(request, 403, f"too many terminals from here: {exc}")
+        except KeyConflict:
+            self.admission.auth_failures += 1
+            return self._reject(request, 403, "terminal id belongs to another key")
         if pin is not None:
             log.info(
                 "terminal %s pinned to key %s (first use)",
                 info.terminal_id,
                 encode_key(admitted.proven.offer.static),
             )
+        previous = self.store.register(info.terminal_id, wall + expires, wall)
+        if previous is not None:
+            log.info("terminal %s moved here from anchor %s", info.terminal_id, previous)
         terminal = self._terminal(admitted, vipa, source, now)
         terminal.expires_at = now + expires
         terminal.registered_from = source
@@ -269,6 +318,20 @@ class Registrar:
 
     def _in_use(self, terminal_id: str) -> bool:
         return terminal_id in self.terminals
+
+    def on_moved(self, terminal_id: str, anchor_id: str) -> bool:
+        """The terminal registered at anchor `anchor_id` (the store says): its registration,
+        tunnels, keys and flows here go. Whether it was here."""
+        if terminal_id not in self.terminals or anchor_id == self.store.anchor_id:
+            return False
+        log.info(
+            "terminal %s moved to anchor %s: its registration, tunnels and flows here are dropped",
+            terminal_id,
+            anchor_id,
+        )
+        self.table.remove(terminal_id)
+        self.counters.moved_away += 1
+        return True
 
     def reload_users(self, users: UserStore) -> list[str]:
         """New users in force; the associations of users removed or given a new password end.

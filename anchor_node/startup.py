@@ -1,7 +1,7 @@
 """The anchor daemon's start-up steps, in the order `AnchorNode.main` takes them.
 
 The order puts what can fail on bad configuration first (users and key
-files, the ports, the lease store) and the kernel changes last (TUN,
+files, the ports, the store) and the kernel changes last (TUN,
 nftables), so that a mistake costs nothing to undo. Each step that
 acquires something registers its undo on the caller's ExitStack right
 after acquiring it, so the stack undoes exactly what was done, in reverse,
@@ -23,8 +23,10 @@ import trio
 
 from anchor_node.config import AnchorConfig
 from anchor_node.inplace import sockets as inherited_sockets
-from anchor_node.leases import LeaseStore, anchor_address
+from anchor_node.pool import anchor_address
 from anchor_node.registrar import Registrar
+from anchor_node.store.api import StoreUnavailable
+from anchor_node.store.location import open_store
 from anchor_node.users import UserStore
 from ground.constants import TUN_OVERHEAD, Addr
 from ground.errors import SetupError
@@ -133,13 +135,30 @@ def open_registrar(
     paft: Paft[Addr],
     users: UserStore | None,
     static_key: StaticKey,
+    *,
+    fresh: bool = True,
 ) -> Registrar:
-    """The lease store (closed on any exit) and the registrar around it."""
+    """The store (closed on any exit) and the registrar around it.
+
+    `fresh`: no predecessor hands its state over, so this anchor's tunnel
+    records in the store are stale and go.
+    """
     cfg.state.parent.mkdir(parents=True, exist_ok=True)
-    leases = LeaseStore(cfg.state, cfg.pool, prefix_cap=cfg.max_leases_per_prefix)
-    stack.callback(leases.close)
+    store = open_store(
+        cfg.store_location,
+        cfg.pool,
+        shared_pool=cfg.shared_pool,
+        prefix_cap=cfg.max_leases_per_prefix,
+        anchor_id=cfg.anchor_id,
+    )
+    stack.callback(store.close)
+    if fresh:
+        try:
+            store.clear_tunnels()
+        except StoreUnavailable as exc:
+            log.warning("stale tunnel records kept: %s", exc)
     registrar = Registrar(
-        leases,
+        store,
         paft,
         static_key=static_key,
         encryption=cfg.encryption,
@@ -177,8 +196,8 @@ def open_tun_device(
     else:
         tun = open_tun(
             cfg.tun_name,
-            address=str(anchor_address(cfg.pool)),
-            prefixlen=cfg.pool.prefixlen,
+            address=str(anchor_address(cfg.routed_pool)),
+            prefixlen=cfg.routed_pool.prefixlen,
             mtu=tun_mtu(cfg.encryption),
             vnet_hdr=cfg.offload != "off",
         )
@@ -206,7 +225,7 @@ def negotiate_offload(
 def install_nat(cfg: AnchorConfig, stack: contextlib.ExitStack) -> NatSetup:
     """The nftables table for the pool, removed on any exit (also after a failed install)."""
     nat = NatSetup(
-        str(cfg.pool),
+        str(cfg.routed_pool),
         cfg.tun_name,
         record=cfg.state.with_name(cfg.state.name + ".kernel.json"),
         allow_prefixes=[str(p) for p in cfg.allow_prefixes],

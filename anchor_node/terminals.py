@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from anchor_node.sessions import TunnelSessions
 from ground.constants import Addr
@@ -23,7 +24,7 @@ from signalling.handshake import SessionKeys
 from signalling.tunnelauth import TunnelAuthVerifier
 from tunnel.addr import format_hostport
 
-__all__ = ["RegistrarCounters", "Terminal", "TerminalTable", "TunnelRecord"]
+__all__ = ["RegistrarCounters", "Terminal", "TerminalTable", "TunnelLog", "TunnelRecord"]
 
 # Part of the registrar: its log lines keep the registrar's name.
 log = logging.getLogger("upmt.anchor.registrar")
@@ -73,14 +74,28 @@ class RegistrarCounters:
     users_removed: int = 0
     redirected: int = 0  # REGISTERs answered 302 (--max-terminals reached)
     full: int = 0  # REGISTERs answered 503 (--max-terminals reached, nowhere to redirect)
+    moved_away: int = 0  # terminals that registered at another anchor of the store
+    store_unavailable: int = 0  # REGISTERs answered 503 while the store was down
+    tunnel_records_lost: int = 0  # tunnel records the store could not take
+
+
+class TunnelLog(Protocol):
+    """Where tunnels are recorded beyond this process (the store's tunnel records)."""
+
+    def up(self, terminal_id: str, record: TunnelRecord) -> None: ...
+
+    def down(self, terminal_id: str, tunnel_id: str) -> None: ...
 
 
 class TerminalTable:
     """The associated terminals, their tunnels, and the tables built from them."""
 
-    def __init__(self, paft: Paft[Addr], sessions: TunnelSessions) -> None:
+    def __init__(
+        self, paft: Paft[Addr], sessions: TunnelSessions, tunnel_log: TunnelLog | None = None
+    ) -> None:
         self.paft = paft
         self.sessions = sessions
+        self.tunnel_log = tunnel_log
         self.terminals: dict[str, Terminal] = {}
         self.by_vipa: dict[bytes, Terminal] = {}
         # Shared with the data path, which only reads them (and, with encryption,
@@ -110,8 +125,15 @@ class TerminalTable:
         oldest = min(terminal.tunnels.values(), key=lambda r: r.created)
         self.drop_tunnel(terminal, oldest.address)
 
+    def tunnel_set_up(self, terminal: Terminal, record: TunnelRecord) -> None:
+        """A tunnel of the terminal was set up (or again): record it beyond this process."""
+        if self.tunnel_log is not None:
+            self.tunnel_log.up(terminal.terminal_id, record)
+
     def drop_tunnel(self, terminal: Terminal, addr: Addr) -> None:
-        terminal.tunnels.pop(addr, None)
+        record = terminal.tunnels.pop(addr, None)
+        if record is not None and self.tunnel_log is not None:
+            self.tunnel_log.down(terminal.terminal_id, record.tunnel_id)
         self.tunnel_owner.pop(addr, None)
         self.tunnel_vipa.pop(addr, None)
         self.sessions.unbind(addr)

@@ -182,6 +182,7 @@ class TunnelBroker:
         table.tunnel_owner[tunnel] = terminal
         table.tunnel_vipa[tunnel] = terminal.vipa_packed
         table.default_tunnel.setdefault(terminal.vipa_packed, tunnel)
+        table.tunnel_set_up(terminal, terminal.tunnels[tunnel])
         self.counters.tunnel_setups += 1
         answer = TunnelSetupResponse(
             tunnel_id=format_hostport(tunnel), observed=format_hostport(tunnel)
