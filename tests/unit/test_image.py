@@ -103,7 +103,8 @@ def test_the_build_context_holds_every_package_of_the_project() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.startswith("!")
     }
-    assert {p.split(".")[0] for p in project["tool"]["setuptools"]["packages"]} <= allowed
+    tops = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert tops - {"upmt"} <= allowed and "upmt_client" in allowed and "upmt" in allowed
     assert {"pyproject.toml", "README.md", "docker/install-upmt", "docker/wheels"} <= allowed
 
 
