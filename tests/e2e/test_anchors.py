@@ -1,24 +1,25 @@
 """Several anchors end to end: failover when an anchor's host dies, and a 302 from a full anchor.
 
 The lab with `anchors=2`: anchor 1 in `an` (198.51.100.2), anchor 2 in `an2`
-(198.51.100.3), both reachable from the two access NATs. Each anchor keeps
-its own lease store (an SQLite file, and a pool of its own so that a change
-of VIPA shows): the client's VIPA changes with the anchor and the client
-installs the new one. VIPA continuity across a failover comes with a lease
-store the anchors share; with one, the VIPA would stay (`SHARED_STORE`).
+(198.51.100.3), both reachable from the two access NATs. By default each
+anchor keeps its own lease store (an SQLite file, and a pool of its own so
+that a change of VIPA shows): the client's VIPA changes with the anchor and
+the client installs the new one. With `postgres=True` both anchors share the
+lab's PostgreSQL (host `db`, which outlives either anchor's link) and
+sub-pools of one shared pool: the VIPA stays across the failover.
 """
 
 import time
+from ipaddress import ip_address, ip_network
 
 import pytest
 
-from lab.scenario import sha256, tunnels_up, wait_until
+from lab.scenario import ANCHOR_POOLS, sha256, start_shared_anchors, tunnels_up, wait_until
 from lab.topology import AN2_ADDR, AN_ADDR, Daemon, Lab
 from tests.e2e.helpers import ch_seen_sources, download, udp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab(anchors=2)]
 
-SHARED_STORE = False  # these anchors do not share their leases (see the module's text)
 AN1, AN2 = f"{AN_ADDR}:5060", f"{AN2_ADDR}:5060"
 
 
@@ -37,8 +38,18 @@ def tun_addresses(lab: Lab) -> str:
 
 
 def test_a_dead_anchor_host_is_left_for_the_second_within_ten_seconds(lab: Lab) -> None:
+    fail_over(lab, shared_store=False)
+
+
+@pytest.mark.lab(anchors=2, postgres=True)
+def test_anchors_sharing_a_store_keep_the_vipa_across_a_failover(lab: Lab) -> None:
+    fail_over(lab, shared_store=True)
+
+
+def fail_over(lab: Lab, *, shared_store: bool) -> None:
+    """Anchor 1's host drops off the network; the client is on anchor 2 within 10 s."""
     blob = lab.start_servers(file_size=1 << 20)
-    first, second = start_anchors(lab)
+    first, second = start_shared_anchors(lab) if shared_store else start_anchors(lab)
     client = lab.start_client(anchor=(AN_ADDR, AN2_ADDR))
     st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
     assert st["anchor"] == AN1
@@ -79,8 +90,17 @@ def test_a_dead_anchor_host_is_left_for_the_second_within_ten_seconds(lab: Lab) 
     assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
 
     vipa = st["vipa"]
-    if SHARED_STORE:
-        assert vipa == old_vipa
+    if shared_store:
+        # One lease for the terminal, wherever it associates: anchor 1 allocated
+        # it from its sub-pool, the registration moved to anchor 2.
+        assert vipa == old_vipa and ip_address(vipa) in ip_network(ANCHOR_POOLS[0])
+        assert f" {vipa}/32 " in tun_addresses(lab)
+        (terminal,) = second.status()["terminals"]
+        assert terminal["vipa"] == vipa
+        assert lab.sql("SELECT anchor_id FROM upmt.registrations WHERE terminal_id = 'mh1'") == [
+            ("an2",)
+        ]
+        assert lab.sql("SELECT host(vipa), anchor_id FROM upmt.leases") == [(vipa, "an1")]
     else:
         # Anchor 2's own lease: another VIPA, and the client's TUN has it instead.
         assert vipa != old_vipa and str(vipa).startswith("100.65.")
