@@ -9,13 +9,16 @@ lab's PostgreSQL (host `db`, which outlives either anchor's link) and
 sub-pools of one shared pool: the VIPA stays across the failover.
 """
 
+import re
+import subprocess
+import sys
 import time
 from ipaddress import ip_address, ip_network
 
 import pytest
 
 from lab.scenario import ANCHOR_POOLS, sha256, start_shared_anchors, tunnels_up, wait_until
-from lab.topology import AN2_ADDR, AN_ADDR, Daemon, Lab
+from lab.topology import AN2_ADDR, AN_ADDR, Daemon, Lab, have_lab_privileges
 from tests.e2e.helpers import ch_seen_sources, download, udp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab(anchors=2)]
@@ -122,3 +125,22 @@ def test_a_full_anchor_sends_the_client_to_the_second_with_a_302(lab: Lab) -> No
     assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
     assert udp_request(lab, "redirected") == ["redirected"]
     assert ch_seen_sources(lab)[-1].split(":")[0] == AN2_ADDR
+
+
+def test_the_two_anchor_demo_shows_a_failover_that_keeps_the_vipa() -> None:
+    reason = have_lab_privileges()
+    if reason:
+        pytest.skip(f"end-to-end test: the lab {reason}")
+    demo = [sys.executable, "-m", "lab", "demo", "--anchors", "2", "--size-mb", "1"]
+    out = subprocess.run(demo, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "(stopped answering), VIPA 100.64.0." in text and "(the same)" in text
+    assert "the store's registrations: mh1 at an2" in text
+    assert text.count("byte-exact") == 2
+    assert f"the CH saw the download from {AN2_ADDR}" in text
+    assert text.rstrip().endswith("done")
+    prefix = re.search(r"namespaces (upmt[0-9a-f]{6}-)\*", text)
+    assert prefix is not None
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert prefix[1] not in left.stdout  # torn down
