@@ -9,6 +9,7 @@
            198.18.2.0/24           192.0.2.4/30  h<i> ─ eth0: extra hosts on 192.0.2.8+4i/30
                                                  an2 ── eth0 [an2] 198.51.100.3 (anchors=2)
                                                  db ─── eth0 [db] 192.0.2.254/30 (postgres)
+                                                 dns ── eth0 [dns] 192.0.2.250/30 (dns)
 ```
 Every namespace name starts with a prefix unique to the run, links are
 created directly inside the namespaces (`ip -n A link add … peer … netns B`),
@@ -51,6 +52,18 @@ DB_ADDR = "192.0.2.254"
 DB_GW = "192.0.2.253"
 DB_NAME = "upmt"
 ANCHORS_NET = "198.51.100.0/24"  # the only clients the lab's PostgreSQL trusts
+# With `dns`: host `dns`, a DNS server (dnsmasq) for zone `DNS_ZONE` only, the
+# MH's resolver (its namespace's /etc/netns/<ns>/resolv.conf).
+DNS_ADDR = "192.0.2.250"
+DNS_GW = "192.0.2.249"
+DNS_ZONE = "lab.example"
+ANCHOR_SRV = f"_upmt._udp.{DNS_ZONE}"
+# (target, address, priority, weight): anchor 1 first, anchor 2 in reserve.
+SRV_RECORDS = (
+    (f"an1.{DNS_ZONE}", AN_ADDR, 0, 10),
+    (f"an2.{DNS_ZONE}", AN2_ADDR, 1, 10),
+)
+NETNS_ETC = Path("/etc/netns")  # what `ip netns exec NS` bind-mounts over /etc
 CH_ADDR = "203.0.113.2"
 HTTP_PORT = 80
 UDP_ECHO_PORT = 3000
@@ -162,6 +175,7 @@ class Lab:
         anchor_lan: bool = False,
         anchors: int = 1,
         postgres: bool = False,
+        dns: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError(f"anchors={anchors}: the lab has one anchor host or two")
@@ -173,6 +187,8 @@ class Lab:
         self.anchor_lan = anchor_lan
         self.postgres = postgres
         self.db: PostgresServer | None = None  # with `postgres`, once up
+        self.dns = dns
+        self._etc_dirs: list[Path] = []  # /etc/netns entries made for the lab, removed at down
         self.daemons: list[Daemon] = []
         self._servers: list[subprocess.Popen[bytes]] = []
 
@@ -188,6 +204,7 @@ class Lab:
             + [f"h{i}" for i in range(self.extra_hosts)]
             + (["lan"] if self.anchor_lan else [])
             + (["db"] if self.postgres else [])
+            + (["dns"] if self.dns else [])
         )
 
     @staticmethod
@@ -272,6 +289,8 @@ class Lab:
             self.ip("lan", "route", "add", "default", "via", ANCHOR_LAN_ADDR)
         if self.postgres:
             self._database_host()
+        if self.dns:
+            self._dns_host()
 
     def _second_anchor_host(self) -> None:
         """`an2`: 198.51.100.3 in the anchor's /24, on a link of its own from `inet`.
@@ -314,6 +333,48 @@ class Lab:
             raise SetupError(f"the lab's PostgreSQL: {exc}") from None
         self.db.create_database(DB_NAME)
 
+    def _dns_host(self) -> None:
+        """`dns`: dnsmasq answering for `DNS_ZONE` (SRV `ANCHOR_SRV`, the anchors' A records).
+
+        It answers only from its command line (no upstream, no hosts file),
+        and the MH's namespace gets a resolv.conf naming it, which
+        `ip netns exec` (hence every program the lab runs there) sees as
+        /etc/resolv.conf.
+        """
+        self._link("dns", "eth0", "inet", "dns")
+        self._addr("dns", "eth0", DNS_ADDR, 30)
+        self._addr("inet", "dns", DNS_GW, 30)
+        self.ip("dns", "route", "add", "default", "via", DNS_GW)
+        if shutil.which("dnsmasq") is None:
+            raise SetupError("dnsmasq not installed (Debian: dnsmasq-base)")
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-facility=-",
+            "--log-queries",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--pid-file",
+            "--bind-interfaces",
+            f"--listen-address={DNS_ADDR}",
+            f"--local=/{DNS_ZONE}/",
+        ]
+        for target, addr, priority, weight in SRV_RECORDS:
+            argv.append(f"--srv-host={ANCHOR_SRV},{target},5060,{priority},{weight}")
+            argv.append(f"--host-record={target},{addr}")
+        self._servers.append(ns_popen(self.ns("dns"), argv, self.workdir / "dnsmasq.log"))
+        from lab.scenario import wait_until  # (lab.scenario builds on this module)
+
+        def listening() -> bool:
+            return bool(self.exec("dns", "ss", "-Hlun", "sport = :53").stdout.strip())
+
+        wait_until(listening, 10, "dnsmasq listening")
+        etc = NETNS_ETC / self.ns(MH_ROLE)
+        etc.mkdir(parents=True, exist_ok=True)
+        self._etc_dirs.append(etc)
+        (etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
+
     def store_url(self) -> str:
         """The `--store` of anchors sharing the lab's PostgreSQL (with `postgres`)."""
         if not self.postgres:
@@ -339,6 +400,11 @@ class Lab:
         if self.db is not None:
             self.db.stop()
             self.db = None
+        for etc in self._etc_dirs:
+            shutil.rmtree(etc, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                NETNS_ETC.rmdir()  # only when no other namespace has one
+        self._etc_dirs.clear()
         for role in reversed(self.roles):
             ns = self.ns(role)
             if ns_exists(ns):
@@ -580,6 +646,7 @@ class Lab:
         anchor: str | tuple[str, ...] = AN_ADDR,
     ) -> Daemon:
         control = self.workdir / f"{name}.sock"
+        # `anchor=()`: none on the command line (the anchors from --anchor-srv).
         anchors = (anchor,) if isinstance(anchor, str) else anchor
         argv = [
             self.python(),

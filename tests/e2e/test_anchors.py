@@ -18,7 +18,7 @@ from ipaddress import ip_address, ip_network
 import pytest
 
 from lab.scenario import ANCHOR_POOLS, sha256, start_shared_anchors, tunnels_up, wait_until
-from lab.topology import AN2_ADDR, AN_ADDR, Daemon, Lab, have_lab_privileges
+from lab.topology import AN2_ADDR, AN_ADDR, ANCHOR_SRV, Daemon, Lab, have_lab_privileges
 from tests.e2e.helpers import ch_seen_sources, download, udp_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.lab(anchors=2)]
@@ -110,6 +110,36 @@ def fail_over(lab: Lab, *, shared_store: bool) -> None:
         addresses = tun_addresses(lab)
         assert f" {vipa}/32 " in addresses and f" {old_vipa}/32 " not in addresses
     print(f"failover took {took:.1f} s")
+
+
+@pytest.mark.lab(anchors=2, dns=True)
+def test_the_anchors_from_dns_srv_are_tried_by_priority_and_failed_over(lab: Lab) -> None:
+    lab.start_servers(file_size=1 << 20)
+    first, second = start_anchors(lab)
+    client = lab.start_client("--anchor-srv", ANCHOR_SRV, anchor=())
+    st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
+    # No --anchor: the order is the SRV answer's, anchor 1 at priority 0.
+    assert st["anchor"] == AN1
+    assert [(a["anchor"], a["state"]) for a in st["anchors"]] == [
+        (AN1, "current"),
+        (AN2, "reserve"),
+    ]
+    assert f"query[SRV] {ANCHOR_SRV}" in (lab.workdir / "dnsmasq.log").read_text()
+    assert udp_request(lab, "found by SRV") == ["found by SRV"]
+
+    lab.ip("an", "link", "set", "eth0", "down")
+    died = time.monotonic()
+
+    def on_second() -> dict[str, object] | None:
+        status = client.status()
+        up = [t for t in status["tunnels"] if t["state"] == "up"]
+        return status if status["anchor"] == AN2 and len(up) == 2 else None
+
+    wait_until(on_second, 10, "associated with anchor 2, tunnels up", (client, second))
+    assert time.monotonic() - died < 10
+    assert udp_request(lab, "via anchor 2", sport=2001) == ["via anchor 2"]
+    assert ch_seen_sources(lab)[-1].split(":")[0] == AN2_ADDR
+    assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
 
 
 def test_a_full_anchor_sends_the_client_to_the_second_with_a_302(lab: Lab) -> None:
