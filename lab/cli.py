@@ -7,12 +7,30 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ground.errors import SetupError
-from lab.scenario import sha256, start_overlay
-from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Lab, have_lab_privileges
+from lab.scenario import (
+    ANCHOR_POOLS,
+    SHARED_POOL,
+    sha256,
+    start_overlay,
+    start_shared_anchors,
+    tunnels_up,
+    wait_until,
+)
+from lab.topology import (
+    AN2_ADDR,
+    AN_ADDR,
+    CH_ADDR,
+    DB_ADDR,
+    HTTP_PORT,
+    UDP_ECHO_PORT,
+    Lab,
+    have_lab_privileges,
+)
 from upmt.cli import datapath_line, run_cli
 
 PROG = "upmt-lab"
@@ -32,81 +50,29 @@ def cli() -> None:
     show_default=True,
     help="Size of the file downloaded over HTTP.",
 )
+@click.option(
+    "--anchors",
+    type=click.IntRange(1, 2),
+    default=1,
+    show_default=True,
+    help="2: two anchors sharing a PostgreSQL store, and a failover from the first.",
+)
 @click.option("--keep-logs", is_flag=True, help="Keep the daemons' logs after tear-down.")
-def demo(size_mb: int, keep_logs: bool) -> None:
+def demo(size_mb: int, anchors: int, keep_logs: bool) -> None:
     """Bring the lab up, use the overlay from unmodified programs, tear everything down."""
     reason = have_lab_privileges()
     if reason:
         raise SetupError(f"the lab {reason}")
     workdir = Path(tempfile.mkdtemp(prefix="upmt-lab-"))
-    lab = Lab(workdir)
+    lab = Lab(workdir, anchors=anchors, postgres=anchors == 2)
     step = _stepper()
     try:
         step(f"building the lab (namespaces {lab.prefix}*)")
         lab.up()
-        blob = lab.start_servers(file_size=size_mb << 20)
-        step("starting anchor-node in 'an' and upmt-client in 'mh' (interfaces if0, if1)")
-        anchor, client = start_overlay(lab)
-        st = client.status()
-        click.echo(f"    VIPA {st['vipa']} on {st['tun']}, anchor {st['anchor']}")
-        for t in st["tunnels"]:
-            click.echo(
-                f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
-                f"RTT {t['rtt_ms']} ms"
-            )
-        click.echo(f"    client {datapath_line(st['datapath'])}")
-
-        step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
-        out = workdir / "download.bin"
-        started = time.monotonic()
-        lab.exec(
-            "mh",
-            "curl",
-            "-sS",
-            "--fail",
-            "-o",
-            str(out),
-            f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
-            timeout=300,
-        )
-        elapsed = time.monotonic() - started
-        same = sha256(out) == sha256(blob)
-        click.echo(
-            f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
-            f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
-            f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
-        )
-
-        step(f"UDP request from port 2000 to the CH's echo server on port {UDP_ECHO_PORT}")
-        reply = lab.exec(
-            "mh",
-            lab.python(),
-            "-m",
-            "lab.apps.udp_request",
-            CH_ADDR,
-            str(UDP_ECHO_PORT),
-            "hello from an unmodified app",
-            "--sport",
-            "2000",
-        )
-        click.echo("    " + reply.stdout.strip().splitlines()[-1])
-        seen = [
-            line
-            for line in (workdir / "ch-udp-echo.log").read_text().splitlines()
-            if line.startswith("from ")
-        ]
-        click.echo(
-            f"    the CH saw the request {seen[-1].split()[0]} {seen[-1].split()[1]} "
-            f"(the anchor is {AN_ADDR}; the VIPA is {st['vipa']})"
-        )
-
-        step("the anchor's view (anchor-node status)")
-        status = lab.exec(
-            "an", lab.python(), "-m", "anchor_node", "status", "--control", str(anchor.control)
-        )
-        click.echo("\n".join("    " + line for line in status.stdout.splitlines()))
-        if not same:
-            raise SetupError("the download was not byte-exact")
+        if anchors == 2:
+            _failover_demo(lab, step, size_mb)
+        else:
+            _single_anchor_demo(lab, step, size_mb)
     finally:
         step("tearing down")
         lab.down()
@@ -115,6 +81,141 @@ def demo(size_mb: int, keep_logs: bool) -> None:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     click.echo("done")
+
+
+def _single_anchor_demo(lab: Lab, step: Callable[[str], None], size_mb: int) -> None:
+    """One anchor: its tunnels, a download, a UDP request, the anchor's view."""
+    workdir = lab.workdir
+    blob = lab.start_servers(file_size=size_mb << 20)
+    step("starting anchor-node in 'an' and upmt-client in 'mh' (interfaces if0, if1)")
+    anchor, client = start_overlay(lab)
+    st = client.status()
+    click.echo(f"    VIPA {st['vipa']} on {st['tun']}, anchor {st['anchor']}")
+    for t in st["tunnels"]:
+        click.echo(
+            f"    tunnel {t['interface']}: {t['state']}, anchor sees {t['observed']}, "
+            f"RTT {t['rtt_ms']} ms"
+        )
+    click.echo(f"    client {datapath_line(st['datapath'])}")
+
+    step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
+    out = workdir / "download.bin"
+    started = time.monotonic()
+    lab.exec(
+        "mh",
+        "curl",
+        "-sS",
+        "--fail",
+        "-o",
+        str(out),
+        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    same = sha256(out) == sha256(blob)
+    click.echo(
+        f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
+        f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
+        f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
+    )
+
+    step(f"UDP request from port 2000 to the CH's echo server on port {UDP_ECHO_PORT}")
+    reply = lab.exec(
+        "mh",
+        lab.python(),
+        "-m",
+        "lab.apps.udp_request",
+        CH_ADDR,
+        str(UDP_ECHO_PORT),
+        "hello from an unmodified app",
+        "--sport",
+        "2000",
+    )
+    click.echo("    " + reply.stdout.strip().splitlines()[-1])
+    seen = [
+        line
+        for line in (workdir / "ch-udp-echo.log").read_text().splitlines()
+        if line.startswith("from ")
+    ]
+    click.echo(
+        f"    the CH saw the request {seen[-1].split()[0]} {seen[-1].split()[1]} "
+        f"(the anchor is {AN_ADDR}; the VIPA is {st['vipa']})"
+    )
+
+    step("the anchor's view (anchor-node status)")
+    status = lab.exec(
+        "an", lab.python(), "-m", "anchor_node", "status", "--control", str(anchor.control)
+    )
+    click.echo("\n".join("    " + line for line in status.stdout.splitlines()))
+    if not same:
+        raise SetupError("the download was not byte-exact")
+
+
+def _failover_demo(lab: Lab, step: Callable[[str], None], size_mb: int) -> None:
+    """Two anchors on the lab's PostgreSQL; anchor 1's host drops off, the VIPA stays."""
+    blob = lab.start_servers(file_size=size_mb << 20)
+    step(f"PostgreSQL in 'db' ({DB_ADDR}); anchors an1 in 'an' and an2 in 'an2' share it")
+    first, second = start_shared_anchors(lab)
+    click.echo(f"    store {lab.store_url()}, shared pool {SHARED_POOL}")
+    click.echo(
+        f"    an1 {AN_ADDR} leases from {ANCHOR_POOLS[0]}, an2 {AN2_ADDR} from {ANCHOR_POOLS[1]}"
+    )
+    step(f"upmt-client in 'mh' with --anchor {AN_ADDR} --anchor {AN2_ADDR}")
+    client = lab.start_client(anchor=(AN_ADDR, AN2_ADDR))
+    st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
+    vipa = st["vipa"]
+    click.echo(f"    VIPA {vipa}, anchor {st['anchor']}")
+    _demo_download(lab, step, blob, size_mb)
+
+    step("anchor 1's host loses its link ('ip link set eth0 down' in 'an')")
+    lab.ip("an", "link", "set", "eth0", "down")
+    died = time.monotonic()
+
+    def on_second() -> dict[str, Any] | None:
+        status = client.status()
+        up = [t for t in status["tunnels"] if t["state"] == "up"]
+        return status if status["anchor"] == f"{AN2_ADDR}:5060" and len(up) == 2 else None
+
+    st = wait_until(on_second, 20, "the client on anchor 2", (client, second))
+    change = st["anchor_changes"][-1]
+    click.echo(
+        f"    after {time.monotonic() - died:.1f} s: {change['from']} -> {change['to']} "
+        f"({change['reason']}), VIPA {st['vipa']} "
+        f"({'the same' if st['vipa'] == vipa else 'CHANGED from ' + str(vipa)})"
+    )
+    rows = lab.sql("SELECT terminal_id, anchor_id FROM upmt.registrations ORDER BY 1")
+    click.echo(f"    the store's registrations: {', '.join(f'{t} at {a}' for t, a in rows)}")
+    terminals = [f"{t['terminal_id']} {t['vipa']}" for t in second.status()["terminals"]]
+    click.echo(f"    anchor 2's terminals: {', '.join(terminals) or 'none'}")
+    _demo_download(lab, step, blob, size_mb)
+    seen = lab.exec("ch", "tail", "-n", "1", str(lab.workdir / "ch-http.log")).stdout.split()
+    click.echo(f"    the CH saw the download from {seen[0] if seen else '?'}")
+    if st["vipa"] != vipa:
+        raise SetupError("the VIPA changed across the failover")
+
+
+def _demo_download(lab: Lab, step: Callable[[str], None], blob: Path, size_mb: int) -> None:
+    step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
+    out = lab.workdir / "download.bin"
+    started = time.monotonic()
+    lab.exec(
+        "mh",
+        "curl",
+        "-sS",
+        "--fail",
+        "-o",
+        str(out),
+        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
+        timeout=300,
+    )
+    elapsed = time.monotonic() - started
+    same = sha256(out) == sha256(blob)
+    click.echo(
+        f"    {out.stat().st_size} bytes in {elapsed:.2f} s, "
+        f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
+    )
+    if not same:
+        raise SetupError("the download was not byte-exact")
 
 
 def _share(text: str) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ground.errors import UpmtError
-from lab.topology import CBR_PORT, CH_ADDR, Daemon, Lab
+from lab.topology import AN2_ADDR, CBR_PORT, CH_ADDR, Daemon, Lab
 
 
 class LabTimeout(UpmtError):
@@ -60,6 +60,40 @@ def start_overlay(
     client = lab.start_client(*client_args, interfaces=interfaces)
     wait_until(tunnels_up(client, tunnels), timeout, f"{tunnels} tunnels up", (anchor, client))
     return anchor, client
+
+
+SHARED_POOL = "100.64.0.0/23"  # the pool of the anchors sharing the lab's store
+ANCHOR_POOLS = ("100.64.0.0/24", "100.64.1.0/24")  # anchor 1's and anchor 2's sub-pools
+
+
+def start_shared_anchors(lab: Lab, *args: str, timeout: float = 20.0) -> tuple[Daemon, Daemon]:
+    """Anchors `an1` (host `an`) and `an2` (host `an2`) on the lab's PostgreSQL; both up.
+
+    The schema is migrated once, as an operator would before starting
+    them. Both hold one anchor key, made before either starts (two anchors
+    creating the same file would race), as terminals moving between
+    anchors need. `args` go to both.
+    """
+    url = lab.store_url()
+    migrate = [lab.python(), "-m", "anchor_node", "store", "migrate", "--store", url]
+    lab.exec("an", *migrate)
+    key = lab.workdir / "anchors.key"
+    lab.exec("an", lab.python(), "-m", "anchor_node", "key", "--key", str(key))
+    common = ("--store", url, "--shared-pool", SHARED_POOL, "--key", str(key), *args)
+    first = lab.start_anchor(*common, "--anchor-id", "an1", "--pool", ANCHOR_POOLS[0])
+    second = lab.start_anchor(
+        *common,
+        "--anchor-id",
+        "an2",
+        "--pool",
+        ANCHOR_POOLS[1],
+        name="anchor2",
+        role="an2",
+        listen=AN2_ADDR,
+    )
+    for anchor in (first, second):
+        wait_until(anchor.status, timeout, f"{anchor.name}'s control socket", (anchor,))
+    return first, second
 
 
 def sha256(path: Path) -> str:

@@ -8,6 +8,8 @@
  └──────┘             │ nat1 │            │      │              │ ch │
            198.18.2.0/24           192.0.2.4/30  h<i> ─ eth0: extra hosts on 192.0.2.8+4i/30
                                                  an2 ── eth0 [an2] 198.51.100.3 (anchors=2)
+                                                 db ─── eth0 [db] 192.0.2.254/30 (postgres)
+                                                 dns ── eth0 [dns] 192.0.2.250/30 (dns)
 ```
 Every namespace name starts with a prefix unique to the run, links are
 created directly inside the namespaces (`ip -n A link add … peer … netns B`),
@@ -27,8 +29,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, LiteralString
 
+from ground.errors import SetupError
 from lab.netns import (
     kill_namespace_processes,
     ns_exists,
@@ -38,10 +41,29 @@ from lab.netns import (
     run,
     stop_process,
 )
+from lab.postgres import PostgresServer, find_binaries
 from upmt.control import control_request
 
 AN_ADDR = "198.51.100.2"
 AN2_ADDR = "198.51.100.3"  # the second anchor's host, with `anchors=2`
+# With `postgres`: host `db`, the anchors' shared store, on a link of its own
+# from `inet` (so that it outlives either anchor's link).
+DB_ADDR = "192.0.2.254"
+DB_GW = "192.0.2.253"
+DB_NAME = "upmt"
+ANCHORS_NET = "198.51.100.0/24"  # the only clients the lab's PostgreSQL trusts
+# With `dns`: host `dns`, a DNS server (dnsmasq) for zone `DNS_ZONE` only, the
+# MH's resolver (its namespace's /etc/netns/<ns>/resolv.conf).
+DNS_ADDR = "192.0.2.250"
+DNS_GW = "192.0.2.249"
+DNS_ZONE = "lab.example"
+ANCHOR_SRV = f"_upmt._udp.{DNS_ZONE}"
+# (target, address, priority, weight): anchor 1 first, anchor 2 in reserve.
+SRV_RECORDS = (
+    (f"an1.{DNS_ZONE}", AN_ADDR, 0, 10),
+    (f"an2.{DNS_ZONE}", AN2_ADDR, 1, 10),
+)
+NETNS_ETC = Path("/etc/netns")  # what `ip netns exec NS` bind-mounts over /etc
 CH_ADDR = "203.0.113.2"
 HTTP_PORT = 80
 UDP_ECHO_PORT = 3000
@@ -152,6 +174,8 @@ class Lab:
         extra_hosts: int = 0,
         anchor_lan: bool = False,
         anchors: int = 1,
+        postgres: bool = False,
+        dns: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError(f"anchors={anchors}: the lab has one anchor host or two")
@@ -161,6 +185,10 @@ class Lab:
         self.conntrack_udp_timeout = conntrack_udp_timeout
         self.extra_hosts = extra_hosts
         self.anchor_lan = anchor_lan
+        self.postgres = postgres
+        self.db: PostgresServer | None = None  # with `postgres`, once up
+        self.dns = dns
+        self._etc_dirs: list[Path] = []  # /etc/netns entries made for the lab, removed at down
         self.daemons: list[Daemon] = []
         self._servers: list[subprocess.Popen[bytes]] = []
 
@@ -175,6 +203,8 @@ class Lab:
             + (["an2"] if self.anchors == 2 else [])
             + [f"h{i}" for i in range(self.extra_hosts)]
             + (["lan"] if self.anchor_lan else [])
+            + (["db"] if self.postgres else [])
+            + (["dns"] if self.dns else [])
         )
 
     @staticmethod
@@ -257,6 +287,10 @@ class Lab:
             self._addr("an", "eth1", ANCHOR_LAN_ADDR, 24)
             self._addr("lan", "eth0", LAN_HOST_ADDR, 24)
             self.ip("lan", "route", "add", "default", "via", ANCHOR_LAN_ADDR)
+        if self.postgres:
+            self._database_host()
+        if self.dns:
+            self._dns_host()
 
     def _second_anchor_host(self) -> None:
         """`an2`: 198.51.100.3 in the anchor's /24, on a link of its own from `inet`.
@@ -272,6 +306,87 @@ class Lab:
             self.sysctl("inet", f"net.ipv4.conf.{dev}.proxy_arp", "1")
         self.ip("an2", "route", "add", "default", "via", "198.51.100.1")
 
+    def _database_host(self) -> None:
+        """`db`: a PostgreSQL server with database `DB_NAME`, listening on `DB_ADDR` only.
+
+        Its cluster lives under /tmp (the postgres user may not cross the
+        workdir's parents), linked from the workdir as `postgres`.
+        """
+        self._link("db", "eth0", "inet", "db")
+        self._addr("db", "eth0", DB_ADDR, 30)
+        self._addr("inet", "db", DB_GW, 30)
+        self.ip("db", "route", "add", "default", "via", DB_GW)
+        bindir = find_binaries()
+        if bindir is None:
+            raise SetupError("no PostgreSQL here (initdb and postgres; Debian: postgresql)")
+        self.db = PostgresServer(
+            bindir,
+            netns=self.ns("db"),
+            listen=DB_ADDR,
+            trust=ANCHORS_NET,
+            prefix=f"{self.prefix}pg-",
+        )
+        (self.workdir / "postgres").symlink_to(self.db.root)
+        try:
+            self.db.start()
+        except RuntimeError as exc:
+            raise SetupError(f"the lab's PostgreSQL: {exc}") from None
+        self.db.create_database(DB_NAME)
+
+    def _dns_host(self) -> None:
+        """`dns`: dnsmasq answering for `DNS_ZONE` (SRV `ANCHOR_SRV`, the anchors' A records).
+
+        It answers only from its command line (no upstream, no hosts file),
+        and the MH's namespace gets a resolv.conf naming it, which
+        `ip netns exec` (hence every program the lab runs there) sees as
+        /etc/resolv.conf.
+        """
+        self._link("dns", "eth0", "inet", "dns")
+        self._addr("dns", "eth0", DNS_ADDR, 30)
+        self._addr("inet", "dns", DNS_GW, 30)
+        self.ip("dns", "route", "add", "default", "via", DNS_GW)
+        if shutil.which("dnsmasq") is None:
+            raise SetupError("dnsmasq not installed (Debian: dnsmasq-base)")
+        argv = [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--log-facility=-",
+            "--log-queries",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--pid-file",
+            "--bind-interfaces",
+            f"--listen-address={DNS_ADDR}",
+            f"--local=/{DNS_ZONE}/",
+        ]
+        for target, addr, priority, weight in SRV_RECORDS:
+            argv.append(f"--srv-host={ANCHOR_SRV},{target},5060,{priority},{weight}")
+            argv.append(f"--host-record={target},{addr}")
+        self._servers.append(ns_popen(self.ns("dns"), argv, self.workdir / "dnsmasq.log"))
+        from lab.scenario import wait_until  # (lab.scenario builds on this module)
+
+        def listening() -> bool:
+            return bool(self.exec("dns", "ss", "-Hlun", "sport = :53").stdout.strip())
+
+        wait_until(listening, 10, "dnsmasq listening")
+        etc = NETNS_ETC / self.ns(MH_ROLE)
+        etc.mkdir(parents=True, exist_ok=True)
+        self._etc_dirs.append(etc)
+        (etc / "resolv.conf").write_text(f"nameserver {DNS_ADDR}\n")
+
+    def store_url(self) -> str:
+        """The `--store` of anchors sharing the lab's PostgreSQL (with `postgres`)."""
+        if not self.postgres:
+            raise ValueError("the lab has no PostgreSQL: Lab(..., postgres=True)")
+        return f"postgresql://postgres@{DB_ADDR}/{DB_NAME}"
+
+    def sql(self, query: LiteralString, *params: Any) -> list[tuple[Any, ...]]:
+        """The rows of a query on the lab's store database (with `postgres`)."""
+        if self.db is None:
+            raise ValueError("the lab has no PostgreSQL running")
+        return self.db.query(DB_NAME, query, params)
+
     def down(self) -> None:
         """Stop every daemon and server, delete every namespace; safe to repeat."""
         for daemon in self.daemons:
@@ -282,6 +397,14 @@ class Lab:
         for server in self._servers:
             stop_process(server, grace=2.0)
         self._servers.clear()
+        if self.db is not None:
+            self.db.stop()
+            self.db = None
+        for etc in self._etc_dirs:
+            shutil.rmtree(etc, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                NETNS_ETC.rmdir()  # only when no other namespace has one
+        self._etc_dirs.clear()
         for role in reversed(self.roles):
             ns = self.ns(role)
             if ns_exists(ns):
@@ -523,6 +646,7 @@ class Lab:
         anchor: str | tuple[str, ...] = AN_ADDR,
     ) -> Daemon:
         control = self.workdir / f"{name}.sock"
+        # `anchor=()`: none on the command line (the anchors from --anchor-srv).
         anchors = (anchor,) if isinstance(anchor, str) else anchor
         argv = [
             self.python(),
