@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -72,8 +73,8 @@ from upmt_client.interfaces import check_interfaces, default_route_interfaces, u
 from upmt_client.metrics import client_families
 from upmt_client.netmon import NetlinkMonitor, link_updates
 from upmt_client.policy import Policy, builtin_policy, load_policy
-from upmt_client.resolver import MIN_TTL, DnsError, lookup_anchors
-from upmt_client.routing import TABLE, PolicyRouting
+from upmt_client.resolver import MIN_TTL, DnsError, MarkedResolver, lookup_anchors
+from upmt_client.routing import FWMARK, TABLE, PolicyRouting
 from upmt_client.snmp import client_notifications, client_variables
 from upmt_client.steering import BLOCKED
 from upmt_client.trust import AnchorTrust, load_terminal_key
@@ -134,7 +135,9 @@ class ClientDaemon:
         name = self.config.anchor_srv
         assert name is not None
         try:
-            answer = await trio.to_thread.run_sync(lookup_anchors, name, self._rng)
+            answer = await trio.to_thread.run_sync(
+                functools.partial(lookup_anchors, name, self._rng, resolver=MarkedResolver(FWMARK))
+            )
         except DnsError as exc:
             log.warning("%s", exc)
             return None

@@ -7,15 +7,26 @@ answer's additional section when the server sent them, else an A query of
 their own. It also says how long the answer may be kept (the smallest TTL,
 within `MIN_TTL` and `MAX_TTL`), after which the daemon asks again, as it
 does on every failover.
+
+The daemon's queries go from sockets with the client's mark (`MarkedResolver`):
+an unmarked socket of the client would be routed into its own TUN (the rule
+`not fwmark MARK lookup TABLE`) and its answer never come, once the TUN is up.
 """
 
 from __future__ import annotations
 
 import random
+import socket
+import time
 from dataclasses import dataclass
 
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
+import dns.query
+import dns.rcode
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -23,7 +34,7 @@ from ground.constants import Addr
 from ground.errors import UpmtError
 from upmt_client.srv import SrvRecord, order_srv
 
-__all__ = ["MAX_TTL", "MIN_TTL", "AnchorAnswer", "DnsError", "lookup_anchors"]
+__all__ = ["MAX_TTL", "MIN_TTL", "AnchorAnswer", "DnsError", "MarkedResolver", "lookup_anchors"]
 
 MIN_TTL = 30.0  # not more often than this, whatever the zone says (TTL 0 included)
 MAX_TTL = 3600.0
@@ -84,6 +95,76 @@ def lookup_anchors(
         why = "; ".join(failures) or "the service is not offered there (target '.')"
         raise DnsError(f"--anchor-srv {name}: no anchor address ({why})")
     return AnchorAnswer(anchors, min(max(min(ttls), MIN_TTL), MAX_TTL))
+
+
+class MarkedResolver(dns.resolver.Resolver):
+    """The system's DNS servers (resolv.conf), asked from sockets that carry `mark`.
+
+    Names are taken as absolute (an SRV name is one); a truncated UDP answer
+    is asked again over TCP, from a marked socket too. The servers are tried
+    in turn within `lifetime`.
+    """
+
+    def __init__(self, mark: int) -> None:
+        super().__init__()
+        self.mark = mark
+
+    def resolve(
+        self,
+        qname: dns.name.Name | str,
+        rdtype: dns.rdatatype.RdataType | str = dns.rdatatype.A,
+        rdclass: dns.rdataclass.RdataClass | str = dns.rdataclass.IN,
+        tcp: bool = False,
+        source: str | None = None,
+        raise_on_no_answer: bool = True,
+        source_port: int = 0,
+        lifetime: float | None = None,
+        search: bool | None = None,
+    ) -> dns.resolver.Answer:
+        name = dns.name.from_text(qname) if isinstance(qname, str) else qname
+        kind = dns.rdatatype.RdataType.make(rdtype)
+        query = dns.message.make_query(name, kind)
+        deadline = time.monotonic() + (lifetime or LIFETIME)
+        errors: list[tuple[str, bool, int, Exception | str, dns.message.Message | None]] = []
+        for server in self.nameservers:
+            where = str(server)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                response = self._ask(query, where, left)
+            except (dns.exception.DNSException, OSError) as exc:
+                errors.append((where, False, 53, exc, None))
+                continue
+            if response.rcode() == dns.rcode.NXDOMAIN:
+                raise dns.resolver.NXDOMAIN(qnames=[name], responses={name: response})  # type: ignore[no-untyped-call]
+            if response.rcode() != dns.rcode.NOERROR:
+                errors.append((where, False, 53, dns.rcode.to_text(response.rcode()), response))
+                continue
+            return dns.resolver.Answer(name, kind, dns.rdataclass.IN, response, where, 53)
+        if errors and len(errors) == len(self.nameservers):
+            if all(isinstance(e[3], dns.exception.Timeout) for e in errors):
+                raise dns.resolver.LifetimeTimeout(timeout=lifetime or LIFETIME, errors=errors)  # type: ignore[no-untyped-call]
+            raise dns.resolver.NoNameservers(request=query, errors=errors)  # type: ignore[no-untyped-call]
+        raise dns.resolver.LifetimeTimeout(timeout=lifetime or LIFETIME, errors=errors)  # type: ignore[no-untyped-call]
+
+    def _ask(
+        self, query: dns.message.Message, where: str, timeout: float
+    ) -> dns.message.QueryMessage:
+        family = socket.AF_INET6 if ":" in where else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            response = dns.query.udp(query, where, timeout=timeout, sock=udp)
+        if not response.flags & dns.flags.TC:
+            assert isinstance(response, dns.message.QueryMessage)
+            return response
+        with socket.socket(family, socket.SOCK_STREAM) as stream:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.mark)
+            stream.settimeout(timeout)
+            stream.connect((where, 53))
+            response = dns.query.tcp(query, where, timeout=timeout, sock=stream)
+            assert isinstance(response, dns.message.QueryMessage)
+            return response
 
 
 def _text(name: dns.name.Name) -> str:

@@ -9,6 +9,7 @@ lab's PostgreSQL (host `db`, which outlives either anchor's link) and
 sub-pools of one shared pool: the VIPA stays across the failover.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +18,14 @@ from ipaddress import ip_address, ip_network
 
 import pytest
 
-from lab.scenario import ANCHOR_POOLS, sha256, start_shared_anchors, tunnels_up, wait_until
+from lab.scenario import (
+    ANCHOR_POOLS,
+    SHARED_POOL,
+    sha256,
+    start_shared_anchors,
+    tunnels_up,
+    wait_until,
+)
 from lab.topology import AN2_ADDR, AN_ADDR, ANCHOR_SRV, Daemon, Lab, have_lab_privileges
 from tests.e2e.helpers import ch_seen_sources, download, udp_request
 
@@ -140,6 +148,13 @@ def test_the_anchors_from_dns_srv_are_tried_by_priority_and_failed_over(lab: Lab
     assert udp_request(lab, "via anchor 2", sport=2001) == ["via anchor 2"]
     assert ch_seen_sources(lab)[-1].split(":")[0] == AN2_ADDR
     assert [t["terminal_id"] for t in second.status()["terminals"]] == ["mh1"]
+    # The failover asked DNS again, from a socket that does not go into the TUN.
+    log = lab.workdir / "dnsmasq.log"
+
+    def asked_again() -> bool:
+        return log.read_text().count(f"query[SRV] {ANCHOR_SRV}") >= 2
+
+    wait_until(asked_again, 10, "the SRV name asked again after the failover")
 
 
 def test_a_full_anchor_sends_the_client_to_the_second_with_a_302(lab: Lab) -> None:
@@ -174,3 +189,35 @@ def test_the_two_anchor_demo_shows_a_failover_that_keeps_the_vipa() -> None:
     assert prefix is not None
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert prefix[1] not in left.stdout  # torn down
+
+
+@pytest.mark.lab(anchors=2, postgres=True)
+def test_200_terminals_registering_at_once_through_both_anchors_never_share_a_vipa(
+    lab: Lab,
+) -> None:
+    # All of them come from one source address (the MH's NAT): the per-source
+    # limits are raised so that the store, not the screen, is what is tested.
+    first, second = start_shared_anchors(
+        lab, "--sip-rate", "5000", "--sip-transactions-per-source", "2048"
+    )
+    proc = lab.exec(
+        "mh", lab.python(), "-m", "lab.apps.register_load", "--anchor", AN_ADDR,
+        "--anchor", AN2_ADDR, "--count", "200", "--workers", "32", "--setup",
+        check=False, timeout=120,
+    )  # fmt: skip
+    result = json.loads(proc.stdout)
+    failed = [t for t in result["terminals"] if "error" in t or t.get("setup") != 200]
+    assert not failed and result["associated"] == 200, failed[:5]
+    vipas = [t["vipa"] for t in result["terminals"]]
+    assert len(set(vipas)) == 200  # never the same VIPA twice
+    shared = ip_network(SHARED_POOL)
+    assert all(ip_address(v) in shared for v in vipas)
+    # Each anchor handed out addresses of its own sub-pool only, and holds its terminals.
+    for anchor, pool, addr in ((first, ANCHOR_POOLS[0], AN1), (second, ANCHOR_POOLS[1], AN2)):
+        mine = [t["vipa"] for t in result["terminals"] if t["anchor"] == addr]
+        assert len(mine) == 100
+        assert all(ip_address(v) in ip_network(pool) for v in mine)
+        assert len(anchor.status()["terminals"]) == 100
+    rows = lab.sql("SELECT count(*), count(DISTINCT vipa) FROM upmt.leases")
+    assert [tuple(map(int, r)) for r in rows] == [(200, 200)]
+    print({k: v for k, v in result.items() if k != "terminals"})

@@ -25,7 +25,8 @@ from ground.errors import ConfigError
 from upmt_client.anchors import AnchorSet
 from upmt_client.association import redirect_contacts
 from upmt_client.config import ClientConfig
-from upmt_client.resolver import MIN_TTL, DnsError, lookup_anchors
+from upmt_client.resolver import MIN_TTL, DnsError, MarkedResolver, lookup_anchors
+from upmt_client.routing import FWMARK
 
 A, B, C = ("192.0.2.1", 5060), ("192.0.2.2", 5060), ("192.0.2.3", 5070)
 
@@ -257,7 +258,8 @@ async def test_the_daemon_starts_from_the_srv_answer_or_falls_back_to_its_anchor
 
     answers: list[AnchorAnswer | DnsError] = [AnchorAnswer([C, A], 120.0)]
 
-    def lookup(name: str, rng: random.Random) -> AnchorAnswer:
+    def lookup(name: str, rng: random.Random, *, resolver: object) -> AnchorAnswer:
+        assert isinstance(resolver, MarkedResolver) and resolver.mark == FWMARK  # not via the TUN
         answer = answers.pop(0)
         if isinstance(answer, DnsError):
             raise answer
