@@ -66,7 +66,13 @@ SHARED_POOL = "100.64.0.0/23"  # the pool of the anchors sharing the lab's store
 ANCHOR_POOLS = ("100.64.0.0/24", "100.64.1.0/24")  # anchor 1's and anchor 2's sub-pools
 
 
-def start_shared_anchors(lab: Lab, *args: str, timeout: float = 20.0) -> tuple[Daemon, Daemon]:
+def start_shared_anchors(
+    lab: Lab,
+    *args: str,
+    timeout: float = 20.0,
+    pools: tuple[str, str] = ANCHOR_POOLS,
+    shared_pool: str = SHARED_POOL,
+) -> tuple[Daemon, Daemon]:
     """Anchors `an1` (host `an`) and `an2` (host `an2`) on the lab's PostgreSQL; both up.
 
     The schema is migrated once, as an operator would before starting
@@ -79,14 +85,14 @@ def start_shared_anchors(lab: Lab, *args: str, timeout: float = 20.0) -> tuple[D
     lab.exec("an", *migrate)
     key = lab.workdir / "anchors.key"
     lab.exec("an", lab.python(), "-m", "anchor_node", "key", "--key", str(key))
-    common = ("--store", url, "--shared-pool", SHARED_POOL, "--key", str(key), *args)
-    first = lab.start_anchor(*common, "--anchor-id", "an1", "--pool", ANCHOR_POOLS[0])
+    common = ("--store", url, "--shared-pool", shared_pool, "--key", str(key), *args)
+    first = lab.start_anchor(*common, "--anchor-id", "an1", "--pool", pools[0])
     second = lab.start_anchor(
         *common,
         "--anchor-id",
         "an2",
         "--pool",
-        ANCHOR_POOLS[1],
+        pools[1],
         name="anchor2",
         role="an2",
         listen=AN2_ADDR,
