@@ -229,3 +229,22 @@ def test_a_message_under_a_key_retired_while_it_waited_is_dropped(reg: Registrar
     answer = reg.on_tunnel_message(message(setup_body("alice", vipa), "alice"), T1, 1.0)
     assert answer is None or wire_response(answer).code == 403
     assert T1 not in reg.tunnel_vipa and T1 not in reg.sessions.senders
+
+
+def test_a_nat_reusing_a_tunnel_address_for_another_terminal_keeps_the_new_ones_key(
+    reg: Registrar,
+) -> None:
+    """The stale binding goes, not the key the new terminal's set-up came under.
+
+    Dropping alice's old tunnel at that address must not also forget that
+    bob's set-up arrived through bob's slot: else it was refused as a retired
+    key and its answer could not be sealed.
+    """
+    associate(reg, "alice")
+    associate(reg, "bob")
+    assert setup(reg, "alice", 0, T1) == 200
+    assert setup(reg, "bob", 0, T1, now=5.0) == 200  # the NAT gave alice's address to bob
+    rx = receiver(reg, "bob", 0)
+    assert rx.endpoint == T1 and reg.sessions.reply_sealer(T1) is rx.sealer
+    assert reg.terminals["alice"].tunnels == {}
+    assert receiver(reg, "alice", 0).endpoint is None
