@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from anchor_node.status import flow_bytes_by_vipa
 from upmt.metrics import counter_families, gauge
 
 __all__ = ["anchor_families"]
@@ -38,11 +39,7 @@ def anchor_families(st: dict[str, Any]) -> Iterator[Metric]:
         "Bytes of the terminal's live flows.",
         labels=[*labels, "direction"],
     )
-    by_vipa: dict[str, list[int]] = {}
-    for f in st["flows"]:
-        totals = by_vipa.setdefault(f["vipa"], [0, 0])
-        totals[0] += f["bytes_up"]
-        totals[1] += f["bytes_down"]
+    by_vipa = flow_bytes_by_vipa(st["flows"])
     for t in terminals:
         ids = [t["terminal_id"], t["vipa"]]
         tunnels.add_metric(ids, len(t["tunnels"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from anchor_node.status import flow_bytes_by_vipa
 from upmt import snmp_mib as m
 from upmt.snmp_mib import Notification, Var
 
@@ -54,11 +55,7 @@ def anchor_variables(st: JSON, version: str) -> list[Var]:
         ((*m.ANCHOR, 1, 0), "gauge32", len(terminals)),
         ((*m.ANCHOR, 2, 0), "gauge32", sum(len(t["tunnels"]) for t in terminals)),
     ]
-    by_vipa: dict[str, list[int]] = {}
-    for f in st["flows"]:
-        totals = by_vipa.setdefault(f["vipa"], [0, 0])
-        totals[0] += f["bytes_up"]
-        totals[1] += f["bytes_down"]
+    by_vipa = flow_bytes_by_vipa(st["flows"])
     e = m.TERMINAL_ENTRY
     for t in terminals:
         vipa = m.ip_index(t["vipa"])

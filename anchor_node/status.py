@@ -17,7 +17,7 @@ from signalling.transaction import TransactionLayer
 from tunnel.addr import format_hostport
 from upmt.control import JSON
 
-__all__ = ["counters_json", "flow_json", "flows_json"]
+__all__ = ["counters_json", "flow_bytes_by_vipa", "flow_json", "flows_json"]
 
 # What the two SIP layers refused or could not answer; summed in the status.
 _SIP_REFUSALS = (
@@ -33,6 +33,15 @@ _SIP_REFUSALS = (
 
 def flows_json(paft: Paft[Addr], now: float) -> list[JSON]:
     return [flow_json(key, entry, now) for key, entry in paft]
+
+
+def flow_bytes_by_vipa(flows: list[JSON]) -> dict[str, tuple[int, int]]:
+    """Bytes up and down of the live flows of `flows_json`, per terminal's VIPA."""
+    totals: dict[str, tuple[int, int]] = {}
+    for f in flows:
+        up, down = totals.get(f["vipa"], (0, 0))
+        totals[f["vipa"]] = (up + f["bytes_up"], down + f["bytes_down"])
+    return totals
 
 
 def flow_json(key: FiveTuple, entry: FlowEntry[Addr], now: float) -> JSON:

@@ -143,6 +143,16 @@ class FlowBook:
         }
 
     @staticmethod
+    def app_totals(flows: list[dict[str, Any]]) -> dict[tuple[str, str], tuple[int, int, int]]:
+        """Live flows, bytes up and bytes down per (application, interface), from `flow_json`."""
+        totals: dict[tuple[str, str], tuple[int, int, int]] = {}
+        for f in flows:
+            key = (f["app"] or "(unknown)", f["interface"])
+            n, up, down = totals.get(key, (0, 0, 0))
+            totals[key] = (n + 1, up + f["bytes_up"], down + f["bytes_down"])
+        return totals
+
+    @staticmethod
     def apps_json(flows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Flows grouped by application, for `upmt-client apps`."""
         grouped: dict[str, dict[str, Any]] = {}

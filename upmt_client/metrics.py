@@ -19,6 +19,7 @@ from prometheus_client.core import (
 )
 
 from upmt.metrics import counter_families
+from upmt_client.flows import FlowBook
 
 __all__ = ["client_families"]
 
@@ -85,13 +86,7 @@ def _apps(flows: list[dict[str, Any]], usage: dict[str, Any]) -> Iterator[Metric
         "Bytes moved by the application's live flows.",
         labels=[*labels, "direction"],
     )
-    per: dict[tuple[str, str], list[int]] = {}
-    for f in flows:
-        totals = per.setdefault((f["app"] or "(unknown)", f["interface"]), [0, 0, 0])
-        totals[0] += 1
-        totals[1] += f["bytes_up"]
-        totals[2] += f["bytes_down"]
-    for (app, interface), (n, up, down) in sorted(per.items()):
+    for (app, interface), (n, up, down) in sorted(FlowBook.app_totals(flows).items()):
         count.add_metric([app, interface], n)
         moved.add_metric([app, interface, "up"], up)
         moved.add_metric([app, interface, "down"], down)

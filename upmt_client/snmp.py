@@ -15,6 +15,7 @@ from typing import Any
 
 from upmt import snmp_mib as m
 from upmt.snmp_mib import Notification, Var
+from upmt_client.flows import FlowBook
 
 __all__ = ["CLIENT_DROPS", "client_notifications", "client_variables"]
 
@@ -80,12 +81,7 @@ def _tunnel_row(index: int, t: JSON) -> list[Var]:
 
 
 def _app_rows(flows: list[JSON], usage: JSON) -> list[Var]:
-    rows: dict[tuple[str, str], list[int]] = {}
-    for f in flows:
-        totals = rows.setdefault((f["app"] or "(unknown)", f["interface"]), [0, 0, 0, 0])
-        totals[0] += 1
-        totals[1] += f["bytes_up"]
-        totals[2] += f["bytes_down"]
+    rows = {key: [*live, 0] for key, live in FlowBook.app_totals(flows).items()}
     for u in usage.get("apps", []):
         rows.setdefault((u["app"], u["interface"]), [0, 0, 0, 0])[3] = int(u["mb"] * 1e6)
     out: list[Var] = []
