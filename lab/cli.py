@@ -15,6 +15,7 @@ from ground.errors import SetupError
 from lab.scenario import (
     ANCHOR_POOLS,
     SHARED_POOL,
+    download,
     sha256,
     start_overlay,
     start_shared_anchors,
@@ -26,7 +27,6 @@ from lab.topology import (
     AN_ADDR,
     CH_ADDR,
     DB_ADDR,
-    HTTP_PORT,
     UDP_ECHO_PORT,
     Lab,
     have_lab_privileges,
@@ -98,26 +98,7 @@ def _single_anchor_demo(lab: Lab, step: Callable[[str], None], size_mb: int) -> 
         )
     click.echo(f"    client {datapath_line(st['datapath'])}")
 
-    step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
-    out = workdir / "download.bin"
-    started = time.monotonic()
-    lab.exec(
-        "mh",
-        "curl",
-        "-sS",
-        "--fail",
-        "-o",
-        str(out),
-        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
-        timeout=300,
-    )
-    elapsed = time.monotonic() - started
-    same = sha256(out) == sha256(blob)
-    click.echo(
-        f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
-        f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
-        f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
-    )
+    same = _demo_download(lab, step, blob, size_mb)
 
     step(f"UDP request from port 2000 to the CH's echo server on port {UDP_ECHO_PORT}")
     reply = lab.exec(
@@ -165,7 +146,8 @@ def _failover_demo(lab: Lab, step: Callable[[str], None], size_mb: int) -> None:
     st = wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (first, second, client))
     vipa = st["vipa"]
     click.echo(f"    VIPA {vipa}, anchor {st['anchor']}")
-    _demo_download(lab, step, blob, size_mb)
+    if not _demo_download(lab, step, blob, size_mb):
+        raise SetupError("the download was not byte-exact")
 
     step("anchor 1's host loses its link ('ip link set eth0 down' in 'an')")
     lab.ip("an", "link", "set", "eth0", "down")
@@ -187,35 +169,27 @@ def _failover_demo(lab: Lab, step: Callable[[str], None], size_mb: int) -> None:
     click.echo(f"    the store's registrations: {', '.join(f'{t} at {a}' for t, a in rows)}")
     terminals = [f"{t['terminal_id']} {t['vipa']}" for t in second.status()["terminals"]]
     click.echo(f"    anchor 2's terminals: {', '.join(terminals) or 'none'}")
-    _demo_download(lab, step, blob, size_mb)
+    if not _demo_download(lab, step, blob, size_mb):
+        raise SetupError("the download was not byte-exact")
     seen = lab.exec("ch", "tail", "-n", "1", str(lab.workdir / "ch-http.log")).stdout.split()
     click.echo(f"    the CH saw the download from {seen[0] if seen else '?'}")
     if st["vipa"] != vipa:
         raise SetupError("the VIPA changed across the failover")
 
 
-def _demo_download(lab: Lab, step: Callable[[str], None], blob: Path, size_mb: int) -> None:
+def _demo_download(lab: Lab, step: Callable[[str], None], blob: Path, size_mb: int) -> bool:
+    """curl the CH's file on the MH and say how it went; whether it arrived byte-exact."""
     step(f"curl downloads {size_mb} MiB from http://{CH_ADDR}/ on the MH")
-    out = lab.workdir / "download.bin"
     started = time.monotonic()
-    lab.exec(
-        "mh",
-        "curl",
-        "-sS",
-        "--fail",
-        "-o",
-        str(out),
-        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
-        timeout=300,
-    )
+    out = download(lab, blob)
     elapsed = time.monotonic() - started
     same = sha256(out) == sha256(blob)
     click.echo(
-        f"    {out.stat().st_size} bytes in {elapsed:.2f} s, "
+        f"    {out.stat().st_size} bytes in {elapsed:.2f} s "
+        f"({out.stat().st_size * 8 / elapsed / 1e6:.0f} Mbit/s), "
         f"{'byte-exact' if same else 'CONTENT DIFFERS'}"
     )
-    if not same:
-        raise SetupError("the download was not byte-exact")
+    return same
 
 
 def _share(text: str) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ground.errors import UpmtError
-from lab.topology import AN2_ADDR, CBR_PORT, CH_ADDR, Daemon, Lab
+from lab.topology import AN2_ADDR, CBR_PORT, CH_ADDR, HTTP_PORT, Daemon, Lab
 
 
 class LabTimeout(UpmtError):
@@ -100,6 +100,23 @@ def start_shared_anchors(
     for anchor in (first, second):
         wait_until(anchor.status, timeout, f"{anchor.name}'s control socket", (anchor,))
     return first, second
+
+
+def download(lab: Lab, blob: Path, role: str = "mh", *extra: str) -> Path:
+    """curl the CH's file `blob` from `role` (`extra`: more curl options); where it went."""
+    out = lab.workdir / f"download-{role}.bin"
+    lab.exec(
+        role,
+        "curl",
+        "-sS",
+        "--fail",
+        "-o",
+        str(out),
+        *extra,
+        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
+        timeout=300,
+    )
+    return out
 
 
 def sha256(path: Path) -> str:

@@ -7,27 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from lab.scenario import cbr_result as cbr_result
+from lab.scenario import download as download
 from lab.scenario import sha256 as sha256
 from lab.scenario import start_cbr as start_cbr
 from lab.scenario import wait_until
 from lab.topology import AN_ADDR, CH_ADDR, HTTP_PORT, UDP_ECHO_PORT, Daemon, Lab
-
-
-def download(lab: Lab, blob: Path, role: str = "mh", *extra: str) -> Path:
-    """curl the CH's file from `role`; returns where it was written."""
-    out = lab.workdir / f"download-{role}.bin"
-    lab.exec(
-        role,
-        "curl",
-        "-sS",
-        "--fail",
-        "-o",
-        str(out),
-        *extra,
-        f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}",
-        timeout=300,
-    )
-    return out
 
 
 def udp_request(
