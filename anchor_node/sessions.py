@@ -174,10 +174,14 @@ class TunnelSessions:
         self.senders[addr] = newest.sealer if rx.current else rx.sealer
         return True
 
-    def unbind(self, addr: Addr) -> None:
-        """`addr` is no tunnel any more: no key sends to it, no frame from it counts."""
+    def unbind(self, addr: Addr, terminal_id: str) -> None:
+        """`addr` is no tunnel of `terminal_id` any more: no key of it sends there, no frame
+        from there counts. A frame another terminal sent from `addr` meanwhile (a NAT that
+        reused the address) keeps the key it came under."""
         self.senders.pop(addr, None)
-        self._origins.pop(addr, None)
+        origin = self._origins.get(addr)
+        if origin is not None and origin.terminal_id == terminal_id:
+            del self._origins[addr]
         for generations in self._generations.values():
             for generation in generations:
                 for rx in generation.receivers:

@@ -136,7 +136,7 @@ class TerminalTable:
             self.tunnel_log.down(terminal.terminal_id, record.tunnel_id)
         self.tunnel_owner.pop(addr, None)
         self.tunnel_vipa.pop(addr, None)
-        self.sessions.unbind(addr)
+        self.sessions.unbind(addr, terminal.terminal_id)
         if self.default_tunnel.get(terminal.vipa_packed) == addr:
             if terminal.tunnels:
                 self.default_tunnel[terminal.vipa_packed] = next(iter(terminal.tunnels))

@@ -153,13 +153,11 @@ class TunnelBroker:
             return self._reject(request, 403, "VIPA does not belong to this terminal")
         if self._in_pool(tunnel[0]):
             return self._reject(request, 403, "a tunnel address inside the VIPA pool")
-        origin = sessions.origin(tunnel) if self.encryption else None
         owner = table.tunnel_owner.get(tunnel)
         if owner is not None and owner is not terminal:
             # A NAT reused the address for another terminal: the old binding is stale.
             table.drop_tunnel(owner, tunnel)
-            if origin is not None:  # dropping it forgot what this set-up came through
-                sessions.note_origin(tunnel, origin)
+        origin = sessions.origin(tunnel) if self.encryption else None
         if self.encryption:
             if origin is None or not sessions.live(origin):  # retired while it waited
                 return self._reject(request, 403, "tunnel key retired: associate again")
