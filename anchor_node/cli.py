@@ -90,6 +90,26 @@ def cli() -> None:
     default=None,
     help="This anchor's name in a shared store [default: the host name].",
 )
+@click.option(
+    "--ha-address",
+    default=None,
+    metavar="ADDR",
+    help="Run as one node of an HA pair sharing this public address (keepalived moves it): "
+    "listen and NAT the pool there, serve only while holding it, from the terminals' state "
+    "the other node wrote to --store (PostgreSQL).",
+)
+@click.option(
+    "--ha-conntrackd",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="conntrackd's configuration (see 'anchor-node ha config'): the NAT entries it "
+    "replicated are committed when this node takes the address over.",
+)
+@click.option(
+    "--ha-node",
+    default=None,
+    help="This node's name among the pair's [default: the host name].",
+)
 @control_option(DEFAULT_CONTROL)
 @click.option(
     "--users",

@@ -51,6 +51,9 @@ class AnchorConfig:
     store: StoreLocation | None = None  # --store; None: the SQLite file `state`
     shared_pool: ipaddress.IPv4Network | None = None  # --shared-pool; None: `pool`
     anchor_id: str = field(default_factory=socket.gethostname)
+    ha_address: ipaddress.IPv4Address | None = None  # --ha-address: one node of an HA pair
+    ha_conntrackd: Path | None = None  # --ha-conntrackd: its conntrackd's configuration
+    ha_node: str = field(default_factory=socket.gethostname)  # --ha-node
 
     @property
     def store_location(self) -> StoreLocation:
@@ -103,6 +106,9 @@ class AnchorConfig:
         store: str | None = None,
         shared_pool: str | None = None,
         anchor_id: str | None = None,
+        ha_address: str | None = None,
+        ha_conntrackd: Path | None = None,
+        ha_node: str | None = None,
     ) -> "AnchorConfig":
         try:
             ipaddress.IPv4Address(listen)
@@ -131,6 +137,10 @@ class AnchorConfig:
                 raise ConfigError(f"--redirect-to {text!r} is this anchor itself")
             redirects.append((host, port))
         own_pool = parse_pool(pool)
+        location = None if store is None else parse_store(store, state)
+        shared = _ha_address(ha_address, listen, location, ha_conntrackd)
+        if shared is not None:
+            listen = str(shared)
         if anchor_id is None:
             anchor_id = socket.gethostname()
         if not _ANCHOR_ID_RE.fullmatch(anchor_id):
@@ -163,10 +173,47 @@ class AnchorConfig:
             snmp=parse_snmp(snmp, snmp_community, snmp_v3_users, snmp_trap),
             max_terminals=max_terminals,
             redirect_to=tuple(redirects),
-            store=None if store is None else parse_store(store, state),
+            store=location,
             shared_pool=None if shared_pool is None else parse_shared_pool(shared_pool, own_pool),
             anchor_id=anchor_id,
+            ha_address=shared,
+            ha_conntrackd=ha_conntrackd,
+            ha_node=_name(ha_node, "--ha-node"),
         )
+
+
+def _name(text: str | None, option: str) -> str:
+    name = socket.gethostname() if text is None else text
+    if not _ANCHOR_ID_RE.fullmatch(name):
+        raise ConfigError(f"{option} {name!r}: 1 to 64 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _ha_address(
+    text: str | None,
+    listen: str,
+    store: StoreLocation | None,
+    conntrackd: Path | None,
+) -> ipaddress.IPv4Address | None:
+    """--ha-address, checked against what an HA pair's node needs."""
+    if text is None:
+        if conntrackd is not None:
+            raise ConfigError("--ha-conntrackd needs --ha-address")
+        return None
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ConfigError(f"--ha-address {text!r} is not an IPv4 address") from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise ConfigError(f"--ha-address {text}: a unicast address of the public interface")
+    if listen not in ("0.0.0.0", str(address)):
+        raise ConfigError(f"--listen {listen}: an HA node listens on its --ha-address {text}")
+    if store is None or not store.shared:
+        raise ConfigError(
+            "--ha-address needs --store postgresql://...: the pair's nodes share the "
+            "terminals' state through it"
+        )
+    return address
 
 
 def default_key_file(state: Path) -> Path:

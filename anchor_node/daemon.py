@@ -26,6 +26,8 @@ from sipmessage import Request, Response
 
 from anchor_node.config import AnchorConfig
 from anchor_node.datapath import AnchorDataPath, Origin
+from anchor_node.ha import HaReplica
+from anchor_node.ha_kernel import AddressWatch, SharedAddress, commit_conntrack
 from anchor_node.inplace import restart as restart_in_place
 from anchor_node.inplace import take_inherited
 from anchor_node.metrics import anchor_families
@@ -35,12 +37,13 @@ from anchor_node.startup import (
     install_nat,
     load_credentials,
     negotiate_offload,
+    open_ha,
     open_registrar,
     open_sockets,
     open_tun_device,
 )
 from anchor_node.status import counters_json, flows_json
-from anchor_node.store.api import Moved, MoveWatcher
+from anchor_node.store.api import Moved, MoveWatcher, StoreUnavailable
 from anchor_node.users import UserStore
 from ground.constants import Addr
 from ground.errors import SetupError, UpmtError, unwrap_errors
@@ -59,6 +62,7 @@ from upmt.tun import TunDevice
 
 log = logging.getLogger("upmt.anchor")
 HOUSEKEEPING_INTERVAL = 1.0
+HA_POLL_INTERVAL = 0.05  # how often an HA node looks whether it holds the shared address
 MAX_SIP_TRANSACTIONS = 16384
 
 
@@ -74,6 +78,7 @@ class AnchorNode:
         self.lock = threading.Lock()
         self.started = time.monotonic()
         self.snmp: SnmpAgent | None = None
+        self.ha: HaReplica | None = None
         self._offload: dict[str, str] = {}
         self.sip_counters = {"sip_malformed_signal": 0, "sip_rate_limited": 0, "sip_no_key": 0}
         # Per source address, on the SIP port and for SIP inside tunnels.
@@ -91,6 +96,7 @@ class AnchorNode:
                 cfg, stack, self.paft, users, static_key, fresh=inherited is None
             )
             watcher = self.registrar.store.watcher()
+            self.ha = open_ha(cfg, self.registrar)
             tun = open_tun_device(cfg, stack, inherited, self.registrar)
             self._offload = negotiate_offload(cfg, tun, sockets.tunnel)
             self._kept_fds = {
@@ -118,6 +124,10 @@ class AnchorNode:
                 nursery.start_soon(self._housekeeping)
                 if watcher is not None:
                     nursery.start_soon(self._follow_moves, watcher)
+                if self.ha is not None and cfg.ha_address is not None:
+                    address = AddressWatch(cfg.ha_address)
+                    stack.callback(address.close)
+                    nursery.start_soon(self._ha_watch, self.ha, address)
             log.info("anchor node stopping: removing TUN %s and nftables table", cfg.tun_name)
 
     def _start_datapath(
@@ -294,11 +304,22 @@ class AnchorNode:
 
     def _on_sip(self, request: Request, source: Addr) -> Response:
         with self.lock:
-            return self.registrar.on_plain_message(request, source, trio.current_time())
+            now = trio.current_time()
+            response = self.registrar.on_plain_message(request, source, now)
+            self._checkpoint(now)
+            return response
 
     def _on_tunnel_sip(self, request: Request, tunnel: Addr) -> Response | None:
         with self.lock:
-            return self.registrar.on_tunnel_message(request, tunnel, trio.current_time())
+            now = trio.current_time()
+            response = self.registrar.on_tunnel_message(request, tunnel, now)
+            self._checkpoint(now)
+            return response
+
+    def _checkpoint(self, now: float, *, due: bool = False) -> None:
+        """An HA node writes what the request changed before its answer leaves."""
+        if self.ha is not None:
+            self.ha.flush(now, due=due)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -311,6 +332,7 @@ class AnchorNode:
                     trio.current_time(), self._last_heard_trio(now), self.config.tunnel_idle_timeout
                 )
                 self.paft.expire_with(now, self.config.aging.timeout)
+                self._checkpoint(trio.current_time(), due=True)
 
     async def _follow_moves(self, watcher: MoveWatcher) -> None:
         """Run the store's watcher in a worker thread; each move it hears runs in trio."""
@@ -326,6 +348,64 @@ class AnchorNode:
     def _moved(self, moved: Moved) -> None:
         with self.lock:
             self.registrar.on_moved(moved.terminal_id, moved.anchor_id)
+            self._checkpoint(trio.current_time())
+
+    async def _ha_watch(self, ha: HaReplica, address: SharedAddress) -> None:
+        """Serve while this node holds the shared address; take over when it comes."""
+        while True:
+            held = address.held()
+            if held and not ha.active:
+                await self._take_over(ha)
+            elif not held and ha.active:
+                with self.lock:
+                    ha.step_down("the shared address left this node")
+                self.nat.set_gate(closed=True)
+            await trio.sleep(HA_POLL_INTERVAL)
+
+    async def _take_over(self, ha: HaReplica) -> None:
+        """The shared address came here: NAT entries, then terminals, then the gate opens.
+
+        Until the gate opens nothing addressed to the shared address gets in:
+        neither a segment of a connection whose NAT entry is not committed yet
+        (it would draw a RST) nor a frame of a terminal not loaded yet.
+        """
+        cfg = self.config
+        started = trio.current_time()
+        self.nat.set_gate(closed=True)
+        conntrack = "not configured"
+        if cfg.ha_conntrackd is not None:
+            problem = await commit_conntrack(cfg.ha_conntrackd)
+            conntrack = "committed" if problem is None else problem
+            if problem is not None:
+                log.error("HA: replicated NAT entries not committed: %s", problem)
+        with self.lock:
+            try:
+                restored = ha.take_over(trio.current_time(), time.monotonic())
+            except StoreUnavailable as exc:
+                log.error("HA: holding %s but cannot take over yet: %s", cfg.ha_address, exc)
+                return
+            flows = len(self.paft)
+        self.nat.set_gate(closed=False)
+        took = trio.current_time() - started
+        ha.last_takeover = {
+            "epoch": ha.epoch,
+            "terminals": restored,
+            "flows": flows,
+            "conntrack": conntrack,
+            "took_ms": round(took * 1000, 1),
+            "at": time.time(),
+        }
+        log.info(
+            "HA: took over %s as node %s (epoch %s): %d terminals, %d flows, NAT entries %s, "
+            "in %.0f ms",
+            cfg.ha_address,
+            cfg.ha_node,
+            ha.epoch,
+            restored,
+            flows,
+            conntrack,
+            took * 1000,
+        )
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.
@@ -356,6 +436,10 @@ class AnchorNode:
         )
         if self.snmp is not None:
             counters.update(self.snmp.counters.snapshot())
+        if self.ha is not None:
+            counters.update(
+                {name: getattr(self.ha.counters, name) for name in self.ha.counters.__slots__}
+            )
         return {
             "ok": True,
             "listen": self.config.listen,
@@ -373,4 +457,7 @@ class AnchorNode:
             "flows": flows,
             "datapath": {**self._offload, "udp_gso": self.datapath.udp_gso},
             "counters": counters,
+            "ha": None
+            if self.ha is None
+            else {"address": str(self.config.ha_address), **self.ha.status()},
         }

@@ -315,6 +315,7 @@ class Registrar:
         ]
         if self.encryption:
             self.sessions.install(terminal.terminal_id, terminal.vipa_packed, keys, now)
+        self.table.touched.add(terminal.terminal_id)
 
     def _in_use(self, terminal_id: str) -> bool:
         return terminal_id in self.terminals

@@ -32,8 +32,10 @@ from signalling.handshake import MAX_SLOTS, SessionKeys, encode_key, tunnel_keys
 from tunnel.crypto import Opener, Sealer
 
 __all__ = [
+    "HA_COUNTER_MARGIN",
     "PREVIOUS_GRACE",
     "REJECT_AFTER_TIME",
+    "RESTART_COUNTER_MARGIN",
     "Receiver",
     "TunnelSessions",
 ]
@@ -45,6 +47,14 @@ __all__ = [
 # frames still in flight.
 REJECT_AFTER_TIME: Final = 360.0
 PREVIOUS_GRACE: Final = 60.0
+# Where an imported key's sending counter starts beyond the one saved. A
+# restart in place saves as the data path stops: a few frames may still have
+# left. An HA checkpoint may be seconds old when the standby takes over; a
+# key lives at most REJECT_AFTER_TIME, in which no anchor sends 2^40 frames
+# (3·10^9 a second), so counters never meet, and 2^64 leaves room for 2^23
+# takeovers per key.
+RESTART_COUNTER_MARGIN: Final = 1024
+HA_COUNTER_MARGIN: Final = 1 << 40
 _MAX_ORIGINS: Final = 4096
 
 
@@ -256,7 +266,7 @@ class TunnelSessions:
                     if generation.superseded_at is None
                     else now - generation.superseded_at,
                     "slots": [
-                        [rx.slot, rx.sealer.next_counter(), rx.opener.window.top]
+                        [rx.slot, rx.sealer.sent(), rx.opener.window.top]
                         + (list(rx.endpoint) if rx.endpoint else [])
                         for rx in generation.receivers
                     ],
@@ -270,9 +280,21 @@ class TunnelSessions:
         return out
 
     def import_terminal(
-        self, terminal_id: str, vipa: bytes, saved: list[dict[str, Any]], now: float
+        self,
+        terminal_id: str,
+        vipa: bytes,
+        saved: list[dict[str, Any]],
+        now: float,
+        *,
+        counter_margin: int = RESTART_COUNTER_MARGIN,
     ) -> None:
-        """Restore what `export_terminal` wrote (its keys already decoded by the caller)."""
+        """Restore what `export_terminal` wrote (its keys already decoded by the caller).
+
+        Each sending counter starts `counter_margin` past the one saved: the
+        writer may have sent more under the key after it saved (a few frames
+        for a restart in place; for an HA takeover, everything since the
+        last checkpoint, see `HA_COUNTER_MARGIN`).
+        """
         for item in saved:
             keys: SessionKeys = item["keys"]
             self.install(terminal_id, vipa, keys, now - float(item["age"]))
@@ -284,10 +306,12 @@ class TunnelSessions:
                 rx = by_slot.get(int(slot))
                 if rx is None:
                     continue
-                # A safety margin: the old process may have sent a few more.
                 _up, down = tunnel_keys(keys, rx.slot)
                 rx.sealer = Sealer(
-                    down, rx.sealer.receiver, created=rx.sealer.created, start=int(counter) + 1024
+                    down,
+                    rx.sealer.receiver,
+                    created=rx.sealer.created,
+                    start=int(counter) + counter_margin,
                 )
                 if int(top) >= 0:
                     rx.opener.window.start_at(int(top))

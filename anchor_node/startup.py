@@ -22,6 +22,8 @@ from pathlib import Path
 import trio
 
 from anchor_node.config import AnchorConfig
+from anchor_node.ha import HaReplica
+from anchor_node.ha_state import StateSeal
 from anchor_node.inplace import sockets as inherited_sockets
 from anchor_node.pool import anchor_address
 from anchor_node.registrar import Registrar
@@ -46,6 +48,7 @@ __all__ = [
     "install_nat",
     "load_credentials",
     "negotiate_offload",
+    "open_ha",
     "open_registrar",
     "open_sockets",
     "open_tun_device",
@@ -119,7 +122,13 @@ def open_sockets(
 
 def _udp_socket(cfg: AnchorConfig, port: int, what: str) -> socket.socket:
     try:
-        return open_tunnel_socket(interface=None, mark=None, bind=(cfg.listen, port))
+        # An HA node binds the shared address before (or without) holding it.
+        return open_tunnel_socket(
+            interface=None,
+            mark=None,
+            bind=(cfg.listen, port),
+            freebind=cfg.ha_address is not None,
+        )
     except SetupError as exc:
         raise SetupError(f"{what} port: {exc}") from None
 
@@ -152,7 +161,8 @@ def open_registrar(
         anchor_id=cfg.anchor_id,
     )
     stack.callback(store.close)
-    if fresh:
+    # An HA node shares its anchor id with the other node, whose records they are.
+    if fresh and cfg.ha_address is None:
         try:
             store.clear_tunnels()
         except StoreUnavailable as exc:
@@ -230,7 +240,32 @@ def install_nat(cfg: AnchorConfig, stack: contextlib.ExitStack) -> NatSetup:
         record=cfg.state.with_name(cfg.state.name + ".kernel.json"),
         allow_prefixes=[str(p) for p in cfg.allow_prefixes],
         client_to_client=cfg.client_to_client,
+        shared_address=None if cfg.ha_address is None else str(cfg.ha_address),
     )
     stack.callback(nat.remove)
     nat.install()
     return nat
+
+
+def open_ha(cfg: AnchorConfig, registrar: Registrar) -> HaReplica | None:
+    """An HA pair's node: its replica of the terminals' state in the store (None: no pair)."""
+    if cfg.ha_address is None:
+        return None
+    from anchor_node.store.postgres import PostgresStore
+
+    store = registrar.store
+    if not isinstance(store, PostgresStore):  # AnchorConfig.build requires PostgreSQL
+        raise SetupError("--ha-address needs --store postgresql://...")
+    log.info(
+        "HA node %s of the pair sharing %s (anchor id %s): standby until it holds the address",
+        cfg.ha_node,
+        cfg.ha_address,
+        cfg.anchor_id,
+    )
+    return HaReplica(
+        store,
+        registrar.table,
+        StateSeal(registrar.static_key, cfg.anchor_id),
+        node=cfg.ha_node,
+        wall_clock=time.time,
+    )

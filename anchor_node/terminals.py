@@ -103,16 +103,34 @@ class TerminalTable:
         self.tunnel_vipa: dict[Addr, bytes] = {}
         self.default_tunnel: dict[bytes, Addr] = {}
         self.tunnel_owner: dict[Addr, Terminal] = {}
+        # Terminals whose association, keys or tunnels changed since the HA
+        # replica last wrote them (`anchor_node.ha`); whoever reads it clears it.
+        self.touched: set[str] = set()
 
     def add(self, terminal: Terminal) -> None:
         self.terminals[terminal.terminal_id] = terminal
         self.by_vipa[terminal.vipa_packed] = terminal
+        self.touched.add(terminal.terminal_id)
+
+    def forget_all(self) -> None:
+        """Every terminal, tunnel, key and flow goes from memory, and nothing is recorded
+        beyond it: an HA node that lost the shared address leaves the store to the other."""
+        for terminal_id, terminal in list(self.terminals.items()):
+            self.sessions.drop_terminal(terminal_id)
+            self.paft.remove_src(terminal.vipa_packed)
+        # In place: the data path holds these very dicts.
+        for table in (self.terminals, self.by_vipa, self.tunnel_owner):
+            table.clear()
+        self.tunnel_vipa.clear()
+        self.default_tunnel.clear()
+        self.touched.clear()
 
     def remove(self, terminal_id: str) -> None:
         """The terminal leaves: its tunnels, keys and flows go; its lease stays for it."""
         terminal = self.terminals.pop(terminal_id, None)
         if terminal is None:
             return
+        self.touched.add(terminal_id)
         for addr in list(terminal.tunnels):
             self.drop_tunnel(terminal, addr)
         self.by_vipa.pop(terminal.vipa_packed, None)
@@ -127,10 +145,12 @@ class TerminalTable:
 
     def tunnel_set_up(self, terminal: Terminal, record: TunnelRecord) -> None:
         """A tunnel of the terminal was set up (or again): record it beyond this process."""
+        self.touched.add(terminal.terminal_id)
         if self.tunnel_log is not None:
             self.tunnel_log.up(terminal.terminal_id, record)
 
     def drop_tunnel(self, terminal: Terminal, addr: Addr) -> None:
+        self.touched.add(terminal.terminal_id)
         record = terminal.tunnels.pop(addr, None)
         if record is not None and self.tunnel_log is not None:
             self.tunnel_log.down(terminal.terminal_id, record.tunnel_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ground.errors import SetupError
-from nat.ruleset import anchor_ruleset, delete_script
+from nat.ruleset import anchor_ruleset, delete_script, gate_script
 from upmt.keyfile import write_private
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -84,6 +84,8 @@ class NatSetup:
     record: Path
     allow_prefixes: list[str] = field(default_factory=list)
     client_to_client: bool = False
+    shared_address: str | None = None  # an HA pair's node: SNAT to it, and its gate
+    gate_closed: bool = True
     previous: dict[str, str] = field(default_factory=dict)
     installed: bool = False
 
@@ -96,7 +98,17 @@ class NatSetup:
             connected=networks,
             allowed=self.allow_prefixes,
             client_to_client=self.client_to_client,
+            shared_address=self.shared_address,
+            gate_closed=self.gate_closed,
         )
+
+    def set_gate(self, closed: bool) -> None:
+        """Close (or open) the shared address's gate (`nat.ruleset.anchor_ruleset`)."""
+        if self.shared_address is None:
+            return
+        if self.installed:
+            _nft(["-f", "-"], gate_script(self.shared_address, closed))
+        self.gate_closed = closed
 
     def refresh(self) -> None:
         """Re-read the interfaces and replace the table atomically (connections stay)."""

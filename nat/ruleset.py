@@ -64,8 +64,18 @@ def anchor_ruleset(
     connected: Sequence[str] = (),
     allowed: Sequence[str] = (),
     client_to_client: bool = False,
+    shared_address: str | None = None,
+    gate_closed: bool = True,
 ) -> str:
-    """The script that (re)creates the anchor's table for `pool` behind `tun_name`."""
+    """The script that (re)creates the anchor's table for `pool` behind `tun_name`.
+
+    `shared_address` (an HA pair's node): the pool leaves with that address
+    (``snat``), which the standby takes over with the NAT entries, instead of
+    the interface's own; and the gate (set `ha_gate`, see `gate_script`)
+    drops everything to it before conntrack sees it, while the node that just
+    got the address has not yet committed the replicated entries: a segment
+    of a connection it does not know yet would otherwise get a RST.
+    """
     try:
         network = ipaddress.IPv4Network(pool, strict=True)
     except ValueError as exc:
@@ -81,15 +91,26 @@ def anchor_ruleset(
         + _set("uplinks", uplink_names, "ifname")
     )
     between = "accept" if client_to_client else "counter drop"
+    nat = "masquerade"
+    gate = ""
+    if shared_address is not None:
+        address = _address(shared_address)
+        nat = f"snat to {address}"
+        sets += _set("ha_gate", [address] if gate_closed else [], "ipv4_addr")
+        gate = """    chain ha_gate {
+        type filter hook prerouting priority raw; policy accept;
+        ip daddr @ha_gate counter drop
+    }
+"""
     return f"""\
 table {TABLE_FAMILY} {TABLE_NAME}
 delete table {TABLE_FAMILY} {TABLE_NAME}
 table {TABLE_FAMILY} {TABLE_NAME} {{
 {sets}    chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip saddr {network} oifname != "{tun}" counter masquerade
+        ip saddr {network} oifname != "{tun}" counter {nat}
     }}
-    chain input {{
+{gate}    chain input {{
         type filter hook input priority filter; policy accept;
         iifname "{tun}" counter drop
     }}
@@ -114,6 +135,21 @@ table {TABLE_FAMILY} {TABLE_NAME} {{
     }}
 }}
 """
+
+
+def gate_script(shared_address: str, closed: bool) -> str:
+    """The script that closes (or opens) the gate of `anchor_ruleset`'s shared address."""
+    address = _address(shared_address)
+    if closed:
+        return f"add element {TABLE_FAMILY} {TABLE_NAME} ha_gate {{ {address} }}\n"
+    return f"flush set {TABLE_FAMILY} {TABLE_NAME} ha_gate\n"
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ConfigError(f"{text!r} is not an IPv4 address") from None
 
 
 def delete_script() -> str:

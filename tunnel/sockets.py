@@ -76,6 +76,7 @@ def open_tunnel_socket(
     rcvbuf: int | None = 4 << 20,
     sndbuf: int | None = 4 << 20,
     reuse_port: bool = False,
+    freebind: bool = False,
 ) -> socket.socket:
     """Open a non-blocking UDP socket for a tunnel (MH) or the anchor (AN).
 
@@ -83,7 +84,10 @@ def open_tunnel_socket(
     and every route lookup already see it). ``mark``: the ``SO_MARK`` that
     keeps the tunnel out of the TUN route. ``bind``: local address, by default
     the wildcard of ``family`` with an ephemeral port. ``rcvbuf``/``sndbuf``:
-    buffer sizes in bytes, None for the kernel default. Raises `SetupError`.
+    buffer sizes in bytes, None for the kernel default. ``freebind``: bind
+    an address this host does not hold (yet): an HA pair's shared address,
+    which keepalived moves here when this node becomes the master. Raises
+    `SetupError`.
     """
     if family not in (socket.AF_INET, socket.AF_INET6):
         raise ValueError(f"family must be AF_INET or AF_INET6, not {family!r}")
@@ -115,9 +119,16 @@ def open_tunnel_socket(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         except OSError as exc:
             raise _fail(sock, f"tunnel socket {where}: cannot set SO_REUSEPORT", exc) from exc
+    if freebind:
+        try:
+            sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+        except OSError as exc:
+            raise _fail(sock, f"tunnel socket {where}: cannot set IP_FREEBIND", exc) from exc
     _bind(sock, bind, where)
     return sock
 
+
+_IP_FREEBIND: Final = getattr(socket, "IP_FREEBIND", 15)
 
 # What a failed SO_BINDTODEVICE or bind means, by errno ({} is the interface or address).
 _DEVICE_ERRORS: Final = {

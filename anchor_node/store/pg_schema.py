@@ -19,12 +19,20 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["MIGRATIONS", "MOVES_CHANNEL", "SCHEMA_VERSION", "migrate", "schema_version"]
+__all__ = [
+    "LOCK_HA",
+    "MIGRATIONS",
+    "MOVES_CHANNEL",
+    "SCHEMA_VERSION",
+    "migrate",
+    "schema_version",
+]
 
 # Keys of the advisory locks the store takes (first argument of the two-key form).
 LOCK_MIGRATE = 75700
 LOCK_PREFIX = 75701  # per source prefix: its cap is counted and used in one go
 LOCK_TERMINAL = 75702  # per terminal id: one registration change at a time
+LOCK_HA = 75703  # per anchor id: one takeover at a time
 # Where a registration that takes a terminal from another anchor is announced.
 MOVES_CHANNEL = "upmt_moves"
 
@@ -62,6 +70,25 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (terminal_id, tunnel_id)
     );
     CREATE INDEX tunnels_anchor ON upmt.tunnels (anchor_id);
+    """,
+    # 2: the HA pair (anchor_node.ha). One epoch per anchor id, taken by the
+    # node that holds the shared address; the terminals' sealed state, written
+    # only under the current epoch (fencing).
+    """
+    CREATE TABLE upmt.ha_epochs (
+        anchor_id text PRIMARY KEY,
+        epoch bigint NOT NULL,
+        holder text NOT NULL,
+        taken_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE upmt.terminal_state (
+        anchor_id text NOT NULL,
+        terminal_id text NOT NULL,
+        epoch bigint NOT NULL,
+        sealed bytea NOT NULL,
+        written_at double precision NOT NULL,
+        PRIMARY KEY (anchor_id, terminal_id)
+    );
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -41,13 +41,14 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from anchor_node.pool import HostRange
+from anchor_node.store import pg_ha
 from anchor_node.store.api import (
     DEFAULT_PREFIX_CAP,
     KeyConflict,
@@ -60,6 +61,7 @@ from anchor_node.store.api import (
     TunnelInfo,
     nobody,
 )
+from anchor_node.store.ha_api import SavedState
 from anchor_node.store.pg_schema import (
     LOCK_PREFIX,
     LOCK_TERMINAL,
@@ -512,6 +514,27 @@ class PostgresStore:
     def clear_tunnels(self) -> None:
         with self._session() as conn:
             conn.execute("DELETE FROM upmt.tunnels WHERE anchor_id = %s", (self.anchor_id,))
+
+    # -- the HA pair (anchor_node.store.ha_api.HaStore) ---------------------------------------
+    def take_over(self, holder: str) -> int:
+        with self._session() as conn:
+            return pg_ha.take_over(conn, self.anchor_id, holder)
+
+    def current_epoch(self) -> tuple[int, str] | None:
+        with self._session() as conn:
+            return pg_ha.current_epoch(conn, self.anchor_id)
+
+    def save_states(self, epoch: int, states: Iterable[tuple[str, bytes]], now: float) -> None:
+        with self._session() as conn:
+            pg_ha.save_states(conn, self.anchor_id, epoch, states, now)
+
+    def drop_states(self, epoch: int, terminal_ids: Iterable[str]) -> None:
+        with self._session() as conn:
+            pg_ha.drop_states(conn, self.anchor_id, epoch, terminal_ids)
+
+    def load_states(self) -> list[SavedState]:
+        with self._session() as conn:
+            return pg_ha.load_states(conn, self.anchor_id)
 
     # -- notifications ------------------------------------------------------------------------
     def watcher(self) -> MoveWatcher:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from anchor_node.store.pg_schema import SCHEMA_VERSION
 from tests.unit.test_cli_errors import anchor_paths, assert_one_line_error, run
 
 
@@ -54,7 +55,7 @@ def test_run_refuses_an_unmigrated_store_and_migrate_fixes_it(
     assert "schema version 0" in last and "run 'anchor-node store migrate" in last
     assert "secret" not in outcome.stderr
     first = run("anchor_node", "store", "migrate", "--store", url)
-    assert first.code == 0 and "schema version 0 -> 1" in first.stdout
+    assert first.code == 0 and f"schema version 0 -> {SCHEMA_VERSION}" in first.stdout
     again = run("anchor_node", "store", "migrate", "--store", url)
     assert again.code == 0 and "up to date" in again.stdout
     assert "secret" not in first.stdout + first.stderr + again.stdout + again.stderr
@@ -63,7 +64,7 @@ def test_run_refuses_an_unmigrated_store_and_migrate_fixes_it(
 def test_migrate_a_sqlite_store(tmp_path: Path) -> None:
     path = tmp_path / "state" / "anchor.sqlite"
     outcome = run("anchor_node", "store", "migrate", "--store", f"sqlite://{path}")
-    assert outcome.code == 0 and "0 -> 1" in outcome.stdout
+    assert outcome.code == 0 and "0 -> 1" in outcome.stdout  # SQLite's own version
     assert path.stat().st_mode & 0o777 == 0o600
     outcome = run("anchor_node", "store", "migrate", "--state", str(path))
     assert outcome.code == 0 and "up to date" in outcome.stdout
