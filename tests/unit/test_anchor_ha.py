@@ -21,6 +21,7 @@ from anchor_node.store.location import parse_store
 from anchor_node.store.postgres import PostgresStore
 from anchor_node.store.sqlite import SqliteStore
 from ground.constants import Addr
+from ground.errors import MalformedError
 from paft.flow import PROTO_TCP
 from signalling.handshake import StaticKey, tunnel_keys
 from tests.unit.test_anchor_registrar import (
@@ -130,7 +131,7 @@ def test_the_standby_takes_over_keys_tunnels_flows_with_counters_moved_on(
     # The replay window starts where the active's stood.
     rx_b = receiver(b.reg, "alice", 0)
     assert rx_b.endpoint == T1
-    with pytest.raises(Exception, match="replay"):
+    with pytest.raises(MalformedError, match="replayed"):
         rx_b.opener.open_untrusted(old)
     assert rx_b.opener.open_untrusted(up_frame(b, "alice", 8))
     # The terminal's signed MESSAGEs verify at the new active.
