@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from anchor_node.ha_cli import ha
 from anchor_node.store.location import DEFAULT_STATE
 from anchor_node.store_cli import store
 from anchor_node.user_cli import user
@@ -289,6 +290,7 @@ add_status_command(
 add_mib_command(cli)
 cli.add_command(user)
 cli.add_command(store)
+cli.add_command(ha)
 
 
 def main() -> None:
