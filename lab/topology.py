@@ -8,6 +8,7 @@
  └──────┘             │ nat1 │            │      │              │ ch │
            198.18.2.0/24           192.0.2.4/30  h<i> ─ eth0: extra hosts on 192.0.2.8+4i/30
                                                  an2 ── eth0 [an2] 198.51.100.3 (anchors=2)
+                    (ha: an and an2 on bridge br0 of inet, sharing 198.51.100.10; ha0 between them)
                                                  db ─── eth0 [db] 192.0.2.254/30 (postgres)
                                                  dns ── eth0 [dns] 192.0.2.250/30 (dns)
 ```
@@ -46,6 +47,12 @@ from upmt.control import control_request
 
 AN_ADDR = "198.51.100.2"
 AN2_ADDR = "198.51.100.3"  # the second anchor's host, with `anchors=2`
+# With `ha`: the two anchors are an HA pair on one LAN (bridge `br0` in
+# `inet`), sharing `HA_ADDR` (keepalived moves it), and a link of their own,
+# `ha0`, carries conntrackd's replication.
+HA_ADDR = "198.51.100.10"
+HA_BRIDGE = "br0"
+HA_SYNC = {"an": "10.255.0.1", "an2": "10.255.0.2"}
 # With `postgres`: host `db`, the anchors' shared store, on a link of its own
 # from `inet` (so that it outlives either anchor's link).
 DB_ADDR = "192.0.2.254"
@@ -176,9 +183,13 @@ class Lab:
         anchors: int = 1,
         postgres: bool = False,
         dns: bool = False,
+        ha: bool = False,
     ) -> None:
         if anchors not in (1, 2):
             raise ValueError(f"anchors={anchors}: the lab has one anchor host or two")
+        if ha and (anchors != 2 or not postgres):
+            raise ValueError("ha=True: an HA pair needs anchors=2 and postgres=True")
+        self.ha = ha
         self.anchors = anchors
         self.workdir = workdir
         self.prefix = prefix or f"upmt{secrets.token_hex(3)}-"
@@ -271,9 +282,17 @@ class Lab:
         for role, addr, gw in (("an", AN_ADDR, "198.51.100.1"), ("ch", CH_ADDR, "203.0.113.1")):
             self._link(role, "eth0", "inet", role)
             self._addr(role, "eth0", addr, 24)
-            self._addr("inet", role, gw, 24)
+            if role == "an" and self.ha:
+                self.ip("inet", "link", "add", HA_BRIDGE, "type", "bridge")
+                self.ip("inet", "link", "set", HA_BRIDGE, "up")
+                self.ip("inet", "link", "set", role, "master", HA_BRIDGE)
+                self._addr("inet", HA_BRIDGE, gw, 24)
+            else:
+                self._addr("inet", role, gw, 24)
             self.ip(role, "route", "add", "default", "via", gw)
-        if self.anchors == 2:
+        if self.anchors == 2 and self.ha:
+            self._ha_pair_hosts()
+        elif self.anchors == 2:
             self._second_anchor_host()
         for i in range(self.extra_hosts):
             role = f"h{i}"
@@ -305,6 +324,17 @@ class Lab:
         for dev in ("an", "an2"):
             self.sysctl("inet", f"net.ipv4.conf.{dev}.proxy_arp", "1")
         self.ip("an2", "route", "add", "default", "via", "198.51.100.1")
+
+    def _ha_pair_hosts(self) -> None:
+        """`an2` beside `an` on the bridge (one LAN, as keepalived needs), and `ha0`
+        between them for conntrackd."""
+        self._link("an2", "eth0", "inet", "an2")
+        self._addr("an2", "eth0", AN2_ADDR, 24)
+        self.ip("inet", "link", "set", "an2", "master", HA_BRIDGE)
+        self.ip("an2", "route", "add", "default", "via", "198.51.100.1")
+        self._link("an", "ha0", "an2", "ha0")
+        for role, addr in HA_SYNC.items():
+            self._addr(role, "ha0", addr, 30)
 
     def _database_host(self) -> None:
         """`db`: a PostgreSQL server with database `DB_NAME`, listening on `DB_ADDR` only.
