@@ -23,8 +23,19 @@ Method
    last echo through anchor 1 to the first through anchor 2 (the echo server
    answers the address the datagram came from, anchor 2's NAT after the
    move). Also the time until the client's status names anchor 2, and
-   whether the VIPA stayed. The HA pair (one address, conntrackd) is not
-   measured here.
+   whether the VIPA stayed.
+3. Failover time of the HA pair (`Lab(ha=True)`, `lab.ha_pair`): the
+   client knows one anchor, the pair's shared address; the same echoes run,
+   with a rate-limited TCP download (curl, 2 MB/s) beside them; after
+   `--after` seconds the active node's host dies (its links down, its
+   anchor, keepalived and conntrackd killed). Reported: the longest echo
+   gap (the last echo through the dead node to the first through the
+   other), the takeover as the new active logs it (NAT entries committed,
+   terminals loaded from the store and installed), whether the download
+   finished byte-exact on its one connection. Runs with VRRP adverts every
+   0.2 s (the lab's setting) and 1 s (keepalived's default), and one with
+   `--ha-terminals` more terminals associated through the pair first (each
+   with its keys and a tunnel), for the cost of loading them.
 Results: benchmarks/results/anchors-*.json.
 """
 
@@ -44,8 +55,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import write_results
-from lab.scenario import start_shared_anchors, tunnels_up, wait_until
-from lab.topology import AN2_ADDR, AN_ADDR, CH_ADDR, UDP_ECHO_PORT, Lab, have_lab_privileges
+from lab.ha_pair import kill_host, start_ha_pair
+from lab.scenario import sha256, start_shared_anchors, tunnels_up, wait_until
+from lab.topology import (
+    AN2_ADDR,
+    AN_ADDR,
+    CH_ADDR,
+    HA_ADDR,
+    HTTP_PORT,
+    UDP_ECHO_PORT,
+    Lab,
+    have_lab_privileges,
+)
 
 LIMITS = (
     "--sip-rate", "20000", "--sip-transactions-per-source", "4096",
@@ -182,6 +203,55 @@ def failover(after: float, seconds: int) -> dict[str, Any]:
     }
 
 
+def ha_failover(after: float, seconds: int, advert: float, terminals: int) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="upmt-bench-"))
+    with Lab(workdir, anchors=2, postgres=True, ha=True) as lab:
+        blob = lab.start_servers(file_size=32 << 20)
+        pair = start_ha_pair(lab, *LIMITS, advert_interval=advert, pool="100.64.0.0/20")
+        if terminals:  # before the client, whose TUN would carry them to the anchor
+            argv = [lab.python(), "-m", "lab.apps.register_load", "--count", str(terminals)]
+            argv += ["--workers", "32", "--setup", "--anchor", HA_ADDR]
+            lab.exec("mh", *argv, timeout=600)
+        client = lab.start_client(anchor=HA_ADDR)
+        wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (pair.first.anchor, client))
+        time.sleep(6)  # a periodic checkpoint of every terminal
+        out = lab.workdir / "curl.bin"
+        url = f"http://{CH_ADDR}:{HTTP_PORT}/{blob.name}"
+        curl = lab.start(
+            "mh",
+            "curl",
+            ["curl", "-sS", "--fail", "--limit-rate", "2M", "-o", str(out), "-m", "120", url],
+        )
+        pinger = lab.start(
+            "mh", "pinger", [lab.python(), "-m", "benchmarks.anchors", "ping", str(seconds)]
+        )
+        time.sleep(after)
+        active = pair.first.anchor.status()
+        kill_host(lab, pair.first)
+        taken = wait_until(
+            lambda: pair.second.ha()["last_takeover"], 30, "the takeover", (pair.second.anchor,)
+        )
+        assert pinger.popen is not None and curl.popen is not None
+        pinger.popen.wait(seconds + 30)
+        lines = [line for line in pinger.log.read_text().splitlines() if line.startswith("{")]
+        echoes = json.loads(lines[-1])
+        code = curl.popen.wait(180)
+        counters = pair.second.anchor.status()["counters"]
+    return {
+        "advert_interval_s": advert,
+        "terminals": len(active["terminals"]),
+        "checkpoints_before": active["counters"]["ha_checkpoints"],
+        "echo_max_gap_ms": echoes["max_gap_ms"],
+        "echoes": echoes["echoes"],
+        "sent": echoes["sent"],
+        "takeover_ms": taken["took_ms"],
+        "restored": taken["terminals"],
+        "rejected": counters["ha_states_rejected"],
+        "conntrack": taken["conntrack"],
+        "download_byte_exact": code == 0 and sha256(out) == sha256(blob),
+    }
+
+
 def main() -> int:
     if sys.argv[1:2] == ["ping"]:
         ping(float(sys.argv[2]))
@@ -192,20 +262,29 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="failover runs")
     parser.add_argument("--after", type=float, default=3.0)
     parser.add_argument("--seconds", type=int, default=15, help="how long the echoes run")
+    parser.add_argument("--ha-runs", type=int, default=3, help="HA pair runs (0.2 s adverts)")
+    parser.add_argument("--ha-terminals", type=int, default=1000)
+    parser.add_argument("--only-ha", action="store_true", help="skip the rates and failovers")
     args = parser.parse_args()
     reason = have_lab_privileges()
     if reason:
         print(f"anchors benchmark: the lab {reason}", file=sys.stderr)
         return 1
-    results: dict[str, Any] = {"rates": [], "failover": []}
-    for store, anchors in CASES:
-        row = rates(store, anchors, args.terminals, args.workers)
+    results: dict[str, Any] = {"rates": [], "failover": [], "ha_failover": []}
+    if not args.only_ha:
+        for store, anchors in CASES:
+            row = rates(store, anchors, args.terminals, args.workers)
+            print(json.dumps(row))
+            results["rates"].append(row)
+        for _ in range(args.runs):
+            row = failover(args.after, args.seconds)
+            print(json.dumps(row))
+            results["failover"].append(row)
+    ha_cases = [(0.2, 0)] * args.ha_runs + [(1.0, 0), (0.2, args.ha_terminals)]
+    for advert, terminals in ha_cases:
+        row = ha_failover(args.after, args.seconds, advert, terminals)
         print(json.dumps(row))
-        results["rates"].append(row)
-    for _ in range(args.runs):
-        row = failover(args.after, args.seconds)
-        print(json.dumps(row))
-        results["failover"].append(row)
+        results["ha_failover"].append(row)
     print(f"results in {write_results('anchors', results)}")
     return 0
 

@@ -63,7 +63,7 @@ class HaPair:
 
 
 def _configure(
-    lab: Lab, role: str, name: str, peer: str, priority: int, advert: float
+    lab: Lab, role: str, name: str, peer: str, priority: int, advert: float, pool: str
 ) -> HaSettings:
     """`anchor-node ha config` on the host, as an operator runs it; the same settings."""
     from anchor_node.ha_config import HaSettings
@@ -96,7 +96,7 @@ def _configure(
         "--sync-peer",
         HA_SYNC[other],
         "--pool",
-        HA_POOL,
+        pool,
         "--dir",
         str(conf_dir),
         "--run-dir",
@@ -114,7 +114,7 @@ def _configure(
         sync_interface="ha0",
         sync_local=ipaddress.IPv4Address(HA_SYNC[role]),
         sync_peer=ipaddress.IPv4Address(HA_SYNC[other]),
-        pool=ipaddress.IPv4Network(HA_POOL),
+        pool=ipaddress.IPv4Network(pool),
         conf_dir=conf_dir,
         run_dir=run_dir,
         node_name=name,
@@ -122,7 +122,11 @@ def _configure(
 
 
 def start_ha_pair(
-    lab: Lab, *args: str, advert_interval: float = 0.2, timeout: float = 30.0
+    lab: Lab,
+    *args: str,
+    advert_interval: float = 0.2,
+    pool: str = HA_POOL,
+    timeout: float = 30.0,
 ) -> HaPair:
     """Both nodes up, `an` holding the shared address and active; `args` go to both anchors."""
     from anchor_node.ha_config import conntrackd_argv, keepalived_argv
@@ -133,7 +137,7 @@ def start_ha_pair(
     lab.exec("an", lab.python(), "-m", "anchor_node", "key", "--key", str(key))
     nodes = []
     for role, name, peer, priority in (("an", "an1", AN2_ADDR, 150), ("an2", "an2", AN_ADDR, 100)):
-        settings = _configure(lab, role, name, peer, priority, advert_interval)
+        settings = _configure(lab, role, name, peer, priority, advert_interval, pool)
         conf_dir = settings.conf_dir
         conntrackd = lab.start(role, f"conntrackd-{name}", conntrackd_argv(settings))
         anchor = lab.start_anchor(
@@ -148,7 +152,7 @@ def start_ha_pair(
             "--anchor-id",
             HA_ANCHOR_ID,
             "--pool",
-            HA_POOL,
+            pool,
             "--key",
             str(key),
             *args,
