@@ -212,8 +212,8 @@ def config(
     shared = _shared_address(address)
     check_interface("--interface", interface)
     peer_address = _address("--peer", peer)
-    sync_local_address = _address("--sync-local", sync_local) if sync_local else None
-    sync_peer_address = _address("--sync-peer", sync_peer) if sync_peer else None
+    sync_local_address = _address("--sync-local", sync_local) if sync_local is not None else None
+    sync_peer_address = _address("--sync-peer", sync_peer) if sync_peer is not None else None
     vipa_pool = _pool(pool)
     settings = HaSettings(
         address=shared,
