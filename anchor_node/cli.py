@@ -263,6 +263,18 @@ def format_status(st: dict[str, Any]) -> str:
         f"key {st.get('anchor_key', '?')}  tunnel encryption {st.get('encryption', '?')}",
         datapath_line(st.get("datapath", {})),
     ]
+    ha = st.get("ha")
+    if ha:
+        taken = ha.get("last_takeover") or {}
+        out.append(
+            f"HA node {ha['node']} of {ha['address']}: {ha['role']}"
+            + (f" (epoch {ha['epoch']})" if ha.get("epoch") else "")
+            + (
+                f", took over {taken['terminals']} terminals in {taken['took_ms']:.0f} ms"
+                if taken
+                else ""
+            )
+        )
     rows = []
     for t in st["terminals"]:
         tunnels = ", ".join(f"{x['tunnel_id']} ({x['interface']})" for x in t["tunnels"]) or "-"

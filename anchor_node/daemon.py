@@ -306,7 +306,11 @@ class AnchorNode:
         with self.lock:
             now = trio.current_time()
             response = self.registrar.on_plain_message(request, source, now)
-            self._checkpoint(now)
+            if not self._checkpoint(now) and request.method == "REGISTER" and response.code == 200:
+                # Its new keys are not in the store, so the other node would not know
+                # them after a takeover: the terminal must not use them (it keeps its
+                # keys in force and tries again after Retry-After).
+                return self.registrar.store_unavailable(request)
             return response
 
     def _on_tunnel_sip(self, request: Request, tunnel: Addr) -> Response | None:
@@ -316,10 +320,10 @@ class AnchorNode:
             self._checkpoint(now)
             return response
 
-    def _checkpoint(self, now: float, *, due: bool = False) -> None:
-        """An HA node writes what the request changed before its answer leaves."""
-        if self.ha is not None:
-            self.ha.flush(now, due=due)
+    def _checkpoint(self, now: float, *, due: bool = False) -> bool:
+        """An HA node writes what the request changed before its answer leaves; whether
+        the store has it (True without an HA pair)."""
+        return self.ha is None or self.ha.flush(now, due=due)
 
     async def _housekeeping(self) -> None:
         while True:

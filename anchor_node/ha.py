@@ -15,8 +15,11 @@ terminals' flows on both. The node that holds the address is active:
 
 When the address comes to the standby (the daemon watches for it), it takes
 a new epoch (fencing out the old active's writes), loads every record and
-installs it as a restart in place would, with the sending counters moved
-`HA_COUNTER_MARGIN` on and the clocks shifted by the record's age. A node
+installs it as a restart in place would, with the clocks shifted by the
+record's age and the sending counters moved `HA_COUNTER_MARGIN` on for each
+epoch since the record's: the counters of epoch e start at the record's
+plus (e - its epoch) margins, so each holder has a range of its own even
+when one of them took over and died before it wrote anything. A node
 that loses the address, or finds its epoch taken, forgets its terminals
 without writing anything: the store is the other node's.
 """
@@ -103,7 +106,10 @@ class HaReplica:
             try:
                 if then + float(record["expires_in"]) <= now:
                     continue  # its registration ran out meanwhile
-                import_terminal(self.table, record, then, counter_margin=HA_COUNTER_MARGIN)
+                # Each epoch since the record's has its own range of counters,
+                # used or not: a holder that never wrote still sent in its own.
+                margin = HA_COUNTER_MARGIN * max(1, epoch - row.epoch)
+                import_terminal(self.table, record, then, counter_margin=margin)
                 import_flows(self.table, list(record.get("flows", [])), mono)
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 self.counters.ha_states_rejected += 1
@@ -128,12 +134,16 @@ class HaReplica:
         self._written.clear()
 
     # -- checkpoints ---------------------------------------------------------------
-    def flush(self, now: float, *, due: bool = False) -> None:
+    def flush(self, now: float, *, due: bool = False) -> bool:
         """Write the touched terminals (with `due`, also those not written for
-        `checkpoint_interval`) and forget the departed ones, under our epoch."""
+        `checkpoint_interval`) and forget the departed ones, under our epoch.
+
+        False when the store did not take them (they are tried again at the
+        next flush) or another node holds the epoch now.
+        """
         if self.epoch is None:
             self.table.touched.clear()
-            return
+            return True
         ids = set(self.table.touched)
         if due:
             ids.update(
@@ -142,7 +152,7 @@ class HaReplica:
                 if now - self._written.get(tid, -1e18) >= self.checkpoint_interval
             )
         if not ids:
-            return
+            return True
         present = [tid for tid in ids if tid in self.table.terminals]
         gone = [tid for tid in ids if tid not in self.table.terminals]
         rows = [
@@ -161,18 +171,19 @@ class HaReplica:
             self.counters.ha_checkpoint_failures += 1
             self.table.touched.update(ids)  # tried again at the next one
             log.warning("HA: terminal state not written (%s): retrying", exc)
-            return
+            return False
         except Fenced as exc:
             self.counters.ha_fenced += 1
             log.error("HA: %s", exc)
             self.step_down("another node took over")
-            return
+            return False
         self.table.touched.difference_update(ids)
         for tid in present:
             self._written[tid] = now
         for tid in gone:
             self._written.pop(tid, None)
         self.counters.ha_checkpoints += len(rows)
+        return True
 
     def status(self) -> dict[str, Any]:
         return {

@@ -4,7 +4,7 @@
 assigned to one of this namespace's interfaces (keepalived adds it to the
 master, removes it from a backup). A bind test would not do: the anchor's
 own sockets bind the address with IP_FREEBIND, and a host may set
-`ip_nonlocal_bind`. `FakeAddress` stands in for tests.
+`ip_nonlocal_bind`.
 
 `commit_conntrack` runs conntrackd's primary steps (as its primary-backup.sh
 does on a transition to master): commit the external cache, the NAT
@@ -28,7 +28,6 @@ import trio
 __all__ = [
     "CONNTRACKD_PRIMARY_STEPS",
     "AddressWatch",
-    "FakeAddress",
     "SharedAddress",
     "commit_conntrack",
 ]
@@ -68,17 +67,6 @@ class AddressWatch:
             with contextlib.suppress(OSError):
                 self._ipr.close()
             self._ipr = None
-
-
-class FakeAddress:
-    def __init__(self, held: bool = False) -> None:
-        self.is_held = held
-
-    def held(self) -> bool:
-        return self.is_held
-
-    def close(self) -> None:
-        pass
 
 
 async def commit_conntrack(config: Path) -> str | None:

@@ -177,15 +177,19 @@ class Registrar:
         except StoreUnavailable:
             # Half a REGISTER done is harmless (a lease is sticky): the client comes back
             # after Retry-After and finds it.
-            self.counters.store_unavailable += 1
-            self.counters.rejected += 1
-            return build_response(
-                request,
-                503,
-                "Store Unavailable",
-                to_tag=new_tag(),
-                headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))],
-            )
+            return self.store_unavailable(request)
+
+    def store_unavailable(self, request: Request) -> Response:
+        """`503 Store Unavailable`, Retry-After: what a REGISTER gets while the store is down."""
+        self.counters.store_unavailable += 1
+        self.counters.rejected += 1
+        return build_response(
+            request,
+            503,
+            "Store Unavailable",
+            to_tag=new_tag(),
+            headers=[("Retry-After", str(OVERLOAD_RETRY_AFTER))],
+        )
 
     def _register(self, request: Request, source: Addr, now: float) -> Response:
         admitted = self.admission.admit(request, source, now)

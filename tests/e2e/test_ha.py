@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lab.ha_pair import HA_POOL, kill_host, start_ha_pair
+from lab.scenario import download as download_via
 from lab.scenario import sha256, tunnels_up, wait_until
 from lab.topology import HA_ADDR, Lab
 from tests.e2e.helpers import ch_seen_sources, curl_under_way, finished, start_download, udp_request
@@ -60,3 +61,35 @@ def test_a_download_through_the_active_anchor_survives_its_death_byte_exact(lab:
     assert udp_request(lab, "after", sport=2001) == ["after"]
     assert ch_seen_sources(lab)[-1].split(":")[0] == HA_ADDR
     print(f"takeover seen {took:.2f} s after the host died; {taken}")
+
+
+def test_a_switchover_and_back_moves_the_terminal_and_the_old_node_stands_down(lab: Lab) -> None:
+    """keepalived stopped on the active (maintenance): the other takes over at once; the
+    first stands down, writing nothing, and takes over again when the second stops."""
+    blob = lab.start_servers(file_size=1 << 20)
+    pair = start_ha_pair(lab)
+    client = lab.start_client(anchor=HA_ADDR)
+    wait_until(tunnels_up(client, 2), 30, "2 tunnels up", (pair.first.anchor, client))
+    first, second = pair.first, pair.second
+
+    first.keepalived.stop()  # it gives the address up (VRRP priority 0)
+    wait_until(lambda: second.ha()["role"] == "active", 10, "an2 active", (second.anchor,))
+    wait_until(lambda: first.ha()["role"] == "standby", 10, "an1 standby", (first.anchor,))
+    assert first.anchor.status()["terminals"] == []
+    assert second.ha()["epoch"] == 2
+    assert udp_request(lab, "on an2", sport=2002) == ["on an2"]
+    assert sha256(download_via(lab, blob)) == sha256(blob)
+
+    # an1 back as backup (no failback), then an2 leaves: an1 again, a third epoch.
+    first.keepalived = lab.start(first.role, "keepalived-an1-again", first.keepalived.argv)
+    time.sleep(1.0)
+    assert second.ha()["role"] == "active" and not first.holds_address(lab)
+    second.keepalived.stop()
+    wait_until(lambda: first.ha()["role"] == "active", 10, "an1 active again", (first.anchor,))
+    wait_until(lambda: second.ha()["role"] == "standby", 10, "an2 standby", (second.anchor,))
+    assert first.ha()["epoch"] == 3
+    assert [t["terminal_id"] for t in first.anchor.status()["terminals"]] == ["mh1"]
+    # At once: an1 sends under counters of epoch 3, which neither it (epoch 1) nor an2
+    # (epoch 2, which never wrote) used; a reused counter would be refused as a replay.
+    assert udp_request(lab, "on an1", sport=2003) == ["on an1"]
+    assert second.anchor.status()["counters"]["ha_step_downs"] == 1

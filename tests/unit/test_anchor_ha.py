@@ -180,10 +180,10 @@ def test_a_store_outage_keeps_the_changes_for_the_next_checkpoint(
     active_with_alice(a)
     store.available = False
     associate(a.reg, "bob", 11.0)
-    a.ha.flush(11.0)
+    assert a.ha.flush(11.0) is False  # the daemon answers this REGISTER 503 instead of 200
     assert a.ha.counters.ha_checkpoint_failures == 1 and "bob" in a.reg.table.touched
     store.available = True
-    a.ha.flush(12.0)
+    assert a.ha.flush(12.0) is True
     assert "bob" in store.states and not a.reg.table.touched
 
 
@@ -267,3 +267,22 @@ def test_the_sqlite_store_is_no_pair_store(tmp_path: Path) -> None:
         assert not hasattr(sqlite, "take_over")
     finally:
         sqlite.close()
+
+
+def test_each_epoch_sends_in_a_range_of_its_own_even_when_one_never_wrote(
+    pair: tuple[Node, Node], store: MemoryHaStore
+) -> None:
+    """an1 writes (epoch 1), an2 takes over and sends but never writes (epoch 2), an1 takes
+    over again (epoch 3): it must not reuse the counters an2 sent under (nonce reuse)."""
+    a, b = pair
+    active_with_alice(a)
+    saved = a.reg.sessions.senders[T1].sent()
+    b.ha.take_over(20.0, 20.0)
+    b_sender = b.reg.sessions.senders[T1]
+    for _ in range(3):
+        b_sender.seal(b"\x01down")
+    b_used = b_sender.sent()
+    assert b_used == saved + HA_COUNTER_MARGIN + 3
+    a.ha.take_over(21.0, 21.0)
+    assert store.epoch == (3, "a") and store.states["alice"].epoch == 1
+    assert a.reg.sessions.senders[T1].sent() == saved + 2 * HA_COUNTER_MARGIN > b_used

@@ -77,6 +77,14 @@ def client_paths(tmp_path: Path) -> list[str]:
         (["--tun-name", "x" * 20], ["--tun-name"]),
         (["--no-such-option"], ["--no-such-option"]),
         (["--offload", "fast"], ["--offload", "fast"]),
+        (["--ha-address", "198.51.100.10"], ["--ha-address", "postgresql"]),
+        (["--ha-address", "nonsense"], ["--ha-address", "nonsense"]),
+        (
+            ["--ha-address", "198.51.100.10", "--listen", "198.51.100.2"],
+            ["--listen", "--ha-address"],
+        ),
+        (["--ha-conntrackd", "/etc/upmt/ha/conntrackd.conf"], ["--ha-conntrackd"]),
+        (["--ha-node", "bad name"], ["--ha-node"]),
     ],
     ids=[
         "pool-not-a-prefix",
@@ -89,6 +97,11 @@ def client_paths(tmp_path: Path) -> list[str]:
         "tun-name-long",
         "unknown-option",
         "offload-setting",
+        "ha-without-postgresql",
+        "ha-address-nonsense",
+        "ha-listen-elsewhere",
+        "ha-conntrackd-alone",
+        "ha-node-name",
     ],
 )
 def test_anchor_run_bad_input(tmp_path: Path, args: list[str], fragments: list[str]) -> None:

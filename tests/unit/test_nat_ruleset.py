@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ground.errors import ConfigError
-from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script
+from nat.ruleset import TABLE_FAMILY, TABLE_NAME, anchor_ruleset, delete_script, gate_script
 
 
 def test_starts_with_idempotent_replace() -> None:
@@ -127,3 +127,23 @@ def test_longest_interface_name_accepted() -> None:
 def test_delete_script() -> None:
     """The delete script works whether the table exists or not."""
     assert delete_script() == "table ip upmt\ndelete table ip upmt\n"
+
+
+def test_an_ha_node_nats_the_pool_to_the_shared_address_behind_a_gate() -> None:
+    closed = anchor_ruleset("100.64.0.0/24", "upmt-an", shared_address="198.51.100.10")
+    assert 'oifname != "upmt-an" counter snat to 198.51.100.10' in closed
+    assert "masquerade" not in closed
+    assert "set ha_gate { type ipv4_addr; flags interval; elements = { 198.51.100.10 } }" in closed
+    # Before conntrack (raw priority): a packet dropped there makes no entry.
+    assert "type filter hook prerouting priority raw;" in closed
+    assert "ip daddr @ha_gate counter drop" in closed
+    opened = anchor_ruleset(
+        "100.64.0.0/24", "upmt-an", shared_address="198.51.100.10", gate_closed=False
+    )
+    assert "set ha_gate { type ipv4_addr; flags interval; }" in opened
+    assert gate_script("198.51.100.10", True) == (
+        "add element ip upmt ha_gate { 198.51.100.10 }\n"
+    )
+    assert gate_script("198.51.100.10", False) == "flush set ip upmt ha_gate\n"
+    with pytest.raises(ConfigError):
+        anchor_ruleset("100.64.0.0/24", "upmt-an", shared_address="198.51.100.10; flush ruleset")
