@@ -141,9 +141,7 @@ def test_an_ha_node_nats_the_pool_to_the_shared_address_behind_a_gate() -> None:
         "100.64.0.0/24", "upmt-an", shared_address="198.51.100.10", gate_closed=False
     )
     assert "set ha_gate { type ipv4_addr; flags interval; }" in opened
-    assert gate_script("198.51.100.10", True) == (
-        "add element ip upmt ha_gate { 198.51.100.10 }\n"
-    )
+    assert gate_script("198.51.100.10", True) == ("add element ip upmt ha_gate { 198.51.100.10 }\n")
     assert gate_script("198.51.100.10", False) == "flush set ip upmt ha_gate\n"
     with pytest.raises(ConfigError):
         anchor_ruleset("100.64.0.0/24", "upmt-an", shared_address="198.51.100.10; flush ruleset")
