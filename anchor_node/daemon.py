@@ -63,6 +63,7 @@ from upmt.tun import TunDevice
 log = logging.getLogger("upmt.anchor")
 HOUSEKEEPING_INTERVAL = 1.0
 HA_POLL_INTERVAL = 0.05  # how often an HA node looks whether it holds the shared address
+HA_RETRY_INTERVAL = 1.0  # after a takeover the store did not let happen
 MAX_SIP_TRANSACTIONS = 16384
 
 
@@ -359,14 +360,15 @@ class AnchorNode:
         while True:
             held = address.held()
             if held and not ha.active:
-                await self._take_over(ha)
+                if not await self._take_over(ha):
+                    await trio.sleep(HA_RETRY_INTERVAL)
             elif not held and ha.active:
                 with self.lock:
                     ha.step_down("the shared address left this node")
                 self.nat.set_gate(closed=True)
             await trio.sleep(HA_POLL_INTERVAL)
 
-    async def _take_over(self, ha: HaReplica) -> None:
+    async def _take_over(self, ha: HaReplica) -> bool:
         """The shared address came here: NAT entries, then terminals, then the gate opens.
 
         Until the gate opens nothing addressed to the shared address gets in:
@@ -386,8 +388,14 @@ class AnchorNode:
             try:
                 restored = ha.take_over(trio.current_time(), time.monotonic())
             except StoreUnavailable as exc:
-                log.error("HA: holding %s but cannot take over yet: %s", cfg.ha_address, exc)
-                return
+                log.error(
+                    "HA: holding %s but cannot take over yet (%s): the gate stays closed, "
+                    "trying again in %.0f s",
+                    cfg.ha_address,
+                    exc,
+                    HA_RETRY_INTERVAL,
+                )
+                return False
             flows = len(self.paft)
         self.nat.set_gate(closed=False)
         took = trio.current_time() - started
@@ -410,6 +418,7 @@ class AnchorNode:
             conntrack,
             took * 1000,
         )
+        return True
 
     def _last_heard_trio(self, now: float) -> dict[Addr, float]:
         # The data path stamps time.monotonic(); the registrar runs on trio's clock.
