@@ -14,7 +14,6 @@ import dataclasses
 import ipaddress
 import os
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
@@ -41,6 +40,7 @@ from anchor_node.ha_config import (
 )
 from ground.errors import ConfigError
 from tests.unit.test_cli_errors import assert_one_line_error, run
+from tests.unit.tool_kit import need
 
 V4 = ipaddress.IPv4Address
 
@@ -82,15 +82,6 @@ def blocks(text: str) -> dict[tuple[str, ...], list[str]]:
             out[tuple(path)].append(line)
     assert not path, f"unclosed block {path} in:\n{text}"
     return out
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is missing in CI (./run installs it)")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 def in_scratch_namespace(setup: list[str], argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import random
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +27,7 @@ from ground.errors import ConfigError, SetupError
 from paft.flow import PROTO_UDP, FiveTuple
 from paft.packets import pack_address
 from tests.unit.system_kit import SystemLab, udp
+from tests.unit.tool_kit import need
 from upmt import snmp_mib as m
 from upmt.snmp_agent import SnmpAgent, start_snmp
 from upmt.snmp_config import SnmpSettings, parse_snmp
@@ -40,15 +40,6 @@ CH = "192.0.2.80"
 COMMUNITY = "unit-community"
 USER = ("ops", "auth-passphrase", "priv-passphrase")
 NUMERIC = ("-m", "", "-On", "-Oe", "-t", "1", "-r", "0")
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{tool} is missing in CI (./run installs it)")
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 # -- the module ------------------------------------------------------------------
