@@ -115,7 +115,7 @@ def test_without_the_token_everything_is_refused(served: tuple[WebGui, Fake], pa
     for suffix, headers in [
         ("", {}),
         ("?token=", {}),
-        ("?token=" + gui.token[:-1] + "x", {}),
+        ("?token=" + gui.token[:-1] + ("y" if gui.token.endswith("x") else "x"), {}),
         ("", {TOKEN_HEADER: "wrong"}),
         ("?token=%ff%fe", {}),  # not even UTF-8
     ]:
