@@ -12,3 +12,7 @@ TUN_OVERHEAD: Final = 29
 
 # The Content-Type of UPMT's JSON bodies in SIP MESSAGEs.
 JSON_TYPE: Final = "application/json"
+
+# The client's pseudo-tunnel of a bypass flow (policy `action = "bypass"`):
+# "!bypass:IF", the flow leaves straight out of access interface IF.
+BYPASS_PREFIX: Final = "!bypass:"

@@ -49,6 +49,7 @@ from upmt.snmp_agent import SnmpAgent, start_snmp
 from upmt.tun import TunDevice, adopt_tun, open_tun
 from upmt_client import commands
 from upmt_client.anchors import AnchorSet
+from upmt_client.bypass import BypassIO, BypassTable
 from upmt_client.classifier import Classifier
 from upmt_client.config import ClientConfig
 from upmt_client.datapath import ClientDataPath
@@ -76,7 +77,7 @@ from upmt_client.policy import Policy, builtin_policy, load_policy
 from upmt_client.resolver import MIN_TTL, DnsError, MarkedResolver, lookup_anchors
 from upmt_client.routing import FWMARK, TABLE, PolicyRouting
 from upmt_client.snmp import client_notifications, client_variables
-from upmt_client.steering import BLOCKED
+from upmt_client.steering import BLOCKED, bypass_tunnel
 from upmt_client.trust import AnchorTrust, load_terminal_key
 from upmt_client.web import WebGui, start_web, web_url_answer
 
@@ -96,6 +97,7 @@ class ClientDaemon:
         self.started = time.monotonic()
         self.snmp: SnmpAgent | None = None
         self.tun: TunDevice | None = None
+        self.bypass = BypassTable(())
         self.datapath: ClientDataPath | None = None
         self.control_queue: ControlQueue[str] | None = None
         self._timer_changed = trio.Event()
@@ -184,6 +186,7 @@ class ClientDaemon:
             else:
                 if routing.cleanup_leftovers():
                     log.info("removed routing left by an earlier run")
+                BypassTable.remove_leftover()
                 control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
@@ -237,6 +240,9 @@ class ClientDaemon:
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
                     routing.install(self.tun.ifindex, vipa, self.interface_order)
+                self.bypass = BypassTable(self.interface_order)
+                stack.callback(self.bypass.remove)
+                self.bypass.install(vipa)
                 self._start_datapath(stack, vipa)
                 host.start_tunnels(trio.current_time())
                 self._pump()
@@ -278,6 +284,10 @@ class ClientDaemon:
             encrypted=cfg.encryption,
         )
         self.decider.resolve = self.datapath.resolve
+        for ifname in self.interface_order:  # `action = "bypass"`: straight out of it
+            io = BypassIO(ifname, FWMARK)
+            stack.callback(io.close)
+            self.datapath.attach_bypass(bypass_tunnel(ifname), io)
         self.host.traffic = self.datapath.forwarder.tunnels
         self.io.datapath = self.datapath
         stack.callback(self.datapath.stop)
@@ -376,6 +386,7 @@ class ClientDaemon:
             ipr.addr("replace", index=self.tun.ifindex, address=new, prefixlen=32)
             ipr.addr("del", index=self.tun.ifindex, address=old, prefixlen=32)
             ipr.route("replace", dst="0.0.0.0/0", oif=self.tun.ifindex, prefsrc=new, table=TABLE)
+        self.bypass.install(new)
 
     # -- interfaces (netlink) ----------------------------------------------------
     async def _watch_links(self) -> None:

@@ -27,6 +27,7 @@ from tunnel.forwarding import TunIO
 from upmt.engine import Engine
 from upmt.tun_io import OffloadTunIO, PlainTunIO
 from upmt.udp_io import OffloadUdpIO, PlainUdpIO
+from upmt_client.bypass import BypassIO
 from upmt_client.forwarder import ClientCounters, ClientForwarder, FlowChoice
 
 __all__ = ["ClientDataPath", "FlowChoice"]
@@ -99,6 +100,11 @@ class ClientDataPath:
         io = OffloadUdpIO(sock, views=self.encrypted) if self.offload else PlainUdpIO(sock)
         self.sockets[ifname] = io
         self.engine.add_channel(ifname, io)
+
+    def attach_bypass(self, name: str, io: BypassIO) -> None:
+        """Carry the bypass flows of one interface (`name` is its pseudo-tunnel) on `io`."""
+        self.forwarder.attach(name, None)
+        self.engine.add_channel(name, io)
 
     def detach(self, ifname: str) -> None:
         self.forwarder.detach(ifname)

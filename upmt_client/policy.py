@@ -22,6 +22,10 @@ The file format (TOML)::
     [apps.telnet]
     action = "block"                 # flows are dropped
 
+    [apps.apt]
+    action = "bypass"                # no tunnel: straight out of an interface
+    interfaces = ["if0"]             # optional: the first live one of these
+
     [apps."fire*"]                   # globs need quoting in TOML
     interfaces = ["if1"]
 
@@ -50,7 +54,14 @@ Its keys:
 
 ``[apps.NAME]`` keys:
 
-- ``action``: ``"tunnel"`` (the default) or ``"block"`` (flows are dropped).
+- ``action``: ``"tunnel"`` (the default), ``"block"`` (flows are dropped)
+  or ``"bypass"``: the application's new flows leave directly on the first
+  live interface of ``interfaces`` (default: the default's list) with that
+  interface's own address, as if UPMT were not there, and stay there: no
+  tunnel, no anchor, no mobility (a flow whose interface goes dies with it).
+  For traffic that needs none (updates, local services), it spares the
+  anchor and the tunnel's overhead. ``interfaces`` is the only other key
+  allowed with it.
 - ``interfaces``: as above; absent means the default's list.
 - ``movable``: as above, default true. It is not inherited from
   ``[default]``: each table says what it means on its own.
@@ -133,6 +144,7 @@ class Action(Enum):
 
     TUNNEL = "tunnel"
     BLOCK = "block"
+    BYPASS = "bypass"
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,6 +443,14 @@ class _Parser:
                 if key in table:
                     raise self.error([*path, key], 'not allowed with action = "block"')
             return AppPolicy(name, (), action=Action.BLOCK)
+        if action is Action.BYPASS:
+            for key in sorted(_APP_KEYS - {"action", "interfaces"}):
+                if key in table:
+                    raise self.error([*path, key], 'not allowed with action = "bypass"')
+            interfaces = default.interfaces
+            if "interfaces" in table:
+                interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
+            return AppPolicy(name, interfaces, False, Action.BYPASS)
         interfaces = default.interfaces
         if "interfaces" in table:
             interfaces = self.interfaces([*path, "interfaces"], table["interfaces"])
@@ -468,12 +488,15 @@ class _Parser:
 
     def action(self, path: list[str], value: object) -> Action:
         if not isinstance(value, str):
-            raise self.error(path, f'must be "tunnel" or "block", not {_toml_type(value)}')
+            raise self.error(
+                path, f'must be "tunnel", "block" or "bypass", not {_toml_type(value)}'
+            )
         try:
             return Action(value)
         except ValueError:
             raise self.error(
-                path, f'{_quote(value)} is not an action (expected "tunnel" or "block")'
+                path,
+                f'{_quote(value)} is not an action (expected "tunnel", "block" or "bypass")',
             ) from None
 
 

@@ -35,11 +35,25 @@ current one for new flows while the control plane builds the next.
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from ground.constants import BYPASS_PREFIX
 from upmt_client.policy import Action, AppPolicy, Policy, matches
 
 BLOCKED = "!blocked"  # a pseudo-tunnel: the data path drops the flow's packets
 HELD = "!held"  # a pseudo-tunnel for flows parked by a cap: dropped, counted as no tunnel
 PARKED = (BLOCKED, HELD)
+# `action = "bypass"`: pseudo-tunnels "!bypass:IF" (BYPASS_PREFIX), the data
+# path sends the flow's packets straight out of interface IF (`upmt_client.bypass`).
+
+
+def bypass_tunnel(interface: str) -> str:
+    return BYPASS_PREFIX + interface
+
+
+def bypass_interface(tunnel: str | None) -> str | None:
+    """The interface of a bypass pseudo-tunnel; None for anything else."""
+    if tunnel is None or not tunnel.startswith(BYPASS_PREFIX):
+        return None
+    return tunnel[len(BYPASS_PREFIX) :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +115,7 @@ class SteeringView:
 
     def twin(self, pol: AppPolicy, interface: str | None) -> str | None:
         """A redundant application's second interface beside `interface`, if one is usable."""
-        if not pol.redundant or interface is None or interface in PARKED:
+        if not pol.redundant or interface is None or interface[0] == "!":
             return None
         return next((i for i in pol.interfaces if i != interface and self.usable(pol, i)), None)
 
@@ -115,6 +129,9 @@ class SteeringView:
     def _place(self, pol: AppPolicy, name: str | None, exe_name: str | None) -> Decision:
         if pol.action is Action.BLOCK:
             return Decision(BLOCKED, pol.key, False)
+        if pol.action is Action.BYPASS:  # no mobility: pins, caps and auto do not apply
+            out = next((i for i in pol.interfaces if self.live(i)), None)
+            return Decision(None if out is None else bypass_tunnel(out), pol.key, False)
         pin = self.pinned(name, exe_name)
         if pin is not None and self.usable(pol, pin):
             return Decision(pin, pol.key, pol.movable)
@@ -205,6 +222,8 @@ class Steering:
         """Where an existing flow should be now, if not where it is."""
         view = self.view
         pol = view.policy_for(name, exe_name)
+        if pol.action is Action.BYPASS or bypass_interface(current) is not None:
+            return None  # a flow never enters or leaves a bypass: its address would change
         if not movable:
             return self._immovable(pol, current)
         if pol.action is Action.BLOCK:

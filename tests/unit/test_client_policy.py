@@ -237,6 +237,11 @@ def test_matches(pattern: str, name: str | None, exe: str | None, expected: bool
         ("[apps.curl]\ninterface = ['if0']\n", "apps.curl.interface"),
         ("[apps.telnet]\naction = 'block'\ninterfaces = ['if0']\n", "apps.telnet.interfaces"),
         ("[apps.telnet]\naction = 'block'\nmovable = false\n", "apps.telnet.movable"),
+        ("[apps.apt]\naction = 'bypass'\nmovable = true\n", "apps.apt.movable"),
+        ("[apps.apt]\naction = 'bypass'\nauto = true\n", "apps.apt.auto"),
+        ("[apps.apt]\naction = 'bypass'\nredundant = true\n", "apps.apt.redundant"),
+        ("[apps.apt]\naction = 'bypass'\ninterfaces = []\n", "apps.apt.interfaces"),
+        ("[default]\naction = 'bypass'\n", "default.action"),
         ('[apps."fire*"]\ninterfaces = []\n', 'apps."fire*".interfaces'),
         ('[apps.""]\n', 'apps.""'),
         ('[apps."a\\nb"]\nfoo = 1\n', 'apps."a\\nb".foo'),
@@ -428,7 +433,7 @@ def test_fuzz_random_documents(document: dict[str, object]) -> None:
                     st.sampled_from(["if0", "if1", "wlan0", "eth/0"]), max_size=3
                 ),
                 "movable": st.booleans(),
-                "action": st.sampled_from(["tunnel", "block"]),
+                "action": st.sampled_from(["tunnel", "block", "bypass"]),
             },
         ),
         max_size=5,
@@ -449,3 +454,15 @@ def test_redundant_is_a_boolean() -> None:
     assert not policy.for_app("other", None).redundant
     with pytest.raises(ConfigError, match="redundant"):
         parse('[apps.voip]\nredundant = "yes"\n')
+
+
+def test_bypass_takes_its_interfaces_or_the_default_ones_and_never_moves() -> None:
+    policy = parse(
+        '[default]\ninterfaces = ["if1", "if0"]\n'
+        '[apps.apt]\naction = "bypass"\n'
+        '[apps.backup]\naction = "bypass"\ninterfaces = ["if0"]\n'
+    )
+    apt, backup = policy.for_app("apt", None), policy.for_app("backup", None)
+    assert apt.action is Action.BYPASS and apt.interfaces == ("if1", "if0")
+    assert backup.interfaces == ("if0",) and not backup.movable
+    assert backup.to_json()["action"] == "bypass"

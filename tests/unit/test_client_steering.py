@@ -1,7 +1,7 @@
 """Steering: where new flows go and when existing flows move (pure, fake clock)."""
 
 from upmt_client.policy import parse_policy
-from upmt_client.steering import BLOCKED, Move, Steering
+from upmt_client.steering import BLOCKED, Move, Steering, bypass_interface, bypass_tunnel
 
 POLICY = """
 [default]
@@ -13,6 +13,9 @@ interfaces = ["if0"]
 movable = false
 [apps.telnet]
 action = "block"
+[apps.apt]
+action = "bypass"
+interfaces = ["if1", "if0"]
 """
 
 
@@ -97,3 +100,19 @@ def test_a_redundant_app_gets_the_next_usable_interface_as_its_twin() -> None:
     assert s.view.decide("voip", None).twin == "if2"
     s.set_down("if2", "link down")
     assert s.view.decide("voip", None).twin is None  # one interface left: alone on it
+
+
+def test_a_bypass_app_leaves_on_its_first_live_interface_and_stays_there() -> None:
+    s = steering()
+    assert s.view.decide("apt", None).tunnel == bypass_tunnel("if1") == "!bypass:if1"
+    assert s.view.decide("apt", None).movable is False
+    assert bypass_interface("!bypass:if1") == "if1" and bypass_interface("if1") is None
+    s.pin_app("apt", "if1")  # pins do not apply: the bypass has no mobility
+    s.set_down("if1", "link down")
+    assert s.view.decide("apt", None).tunnel == "!bypass:if0"
+    # No mobility: a bypass flow stays on its interface, dead or not, and a
+    # tunnelled flow of an app the policy now bypasses stays in its tunnel.
+    assert s.target("k", "!bypass:if1", "apt", None, False, 2.0) is None
+    assert s.target("k", "if1", "apt", None, True, 2.0) is None
+    s.set_down("if0", "link down")
+    assert s.view.decide("apt", None).tunnel is None

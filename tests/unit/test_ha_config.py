@@ -40,7 +40,7 @@ from anchor_node.ha_config import (
 )
 from ground.errors import ConfigError
 from tests.unit.test_cli_errors import assert_one_line_error, run
-from tests.unit.tool_kit import need
+from tests.unit.tool_kit import in_scratch_namespace, need
 
 V4 = ipaddress.IPv4Address
 
@@ -82,27 +82,6 @@ def blocks(text: str) -> dict[tuple[str, ...], list[str]]:
             out[tuple(path)].append(line)
     assert not path, f"unclosed block {path} in:\n{text}"
     return out
-
-
-def in_scratch_namespace(setup: list[str], argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run `argv` in a network namespace of its own after `setup` (ip commands) there.
-
-    The namespace lives as long as the process: nothing to remove, nothing
-    of the caller's network touched. Without root, in a user namespace.
-    """
-    need("unshare")
-    need("ip")
-    prefix = ["unshare", "--net"]
-    if os.geteuid() != 0:
-        prefix = ["unshare", "--user", "--map-root-user", "--net"]
-    script = " && ".join([*setup, f"exec {shlex.join(argv)}"])
-    probe = subprocess.run([*prefix, "true"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        reason = f"no network namespace here ({probe.stderr.strip()})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=30)
 
 
 # -- the files ------------------------------------------------------------------
