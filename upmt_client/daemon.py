@@ -468,6 +468,8 @@ class ClientDaemon:
         if self.datapath is not None:
             counters.update(self.datapath.counters.snapshot())
             counters["held_flows"] = self.datapath.held_flows
+            counters["bypass_sent"] = sum(io.sent for io in self.datapath.bypasses.values())
+            counters["bypass_dropped"] = sum(io.dropped for io in self.datapath.bypasses.values())
         counters["control_queue_dropped"] = self.control_queue.dropped if self.control_queue else 0
         if self.snmp is not None:
             counters.update(self.snmp.counters.snapshot())

@@ -66,6 +66,7 @@ class ClientDataPath:
         tun: TunIO = OffloadTunIO(tun_fd, mtu) if offload else PlainTunIO(tun_fd)
         self.engine = Engine("upmt-client-data", tun, self.forwarder, tick_interval=TICK)
         self.sockets: dict[str, PlainUdpIO | OffloadUdpIO] = {}
+        self.bypasses: dict[str, BypassIO] = {}
         self._resolved: queue.SimpleQueue[tuple[FiveTuple, FlowChoice]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.engine.watch(self._wake_r, self.drain_resolved)
@@ -104,6 +105,7 @@ class ClientDataPath:
     def attach_bypass(self, name: str, io: BypassIO) -> None:
         """Carry the bypass flows of one interface (`name` is its pseudo-tunnel) on `io`."""
         self.forwarder.attach(name, None)
+        self.bypasses[name] = io
         self.engine.add_channel(name, io)
 
     def detach(self, ifname: str) -> None:
