@@ -73,7 +73,7 @@ from upmt_client.inplace import restart as restart_in_place
 from upmt_client.interfaces import check_interfaces, default_route_interfaces, usable
 from upmt_client.metrics import client_families
 from upmt_client.netmon import NetlinkMonitor, link_updates
-from upmt_client.policy import Policy, builtin_policy, load_policy
+from upmt_client.policy import Action, Policy, builtin_policy, load_policy
 from upmt_client.resolver import MIN_TTL, DnsError, MarkedResolver, lookup_anchors
 from upmt_client.routing import FWMARK, TABLE, PolicyRouting
 from upmt_client.snmp import client_notifications, client_variables
@@ -242,7 +242,7 @@ class ClientDaemon:
                     routing.install(self.tun.ifindex, vipa, self.interface_order)
                 self.bypass = BypassTable(self.interface_order)
                 stack.callback(self.bypass.remove)
-                self.bypass.install(vipa)
+                self._sync_bypass(host.policy, vipa)
                 self._start_datapath(stack, vipa)
                 host.start_tunnels(trio.current_time())
                 self._pump()
@@ -305,6 +305,14 @@ class ClientDaemon:
             f" without {'; '.join(refusals)}" if refusals and tun.vnet_hdr else "",
         )
 
+    def _sync_bypass(self, policy: Policy, vipa: str | None) -> None:
+        """The bypass table, once a policy bypasses some application (not before: it makes
+        conntrack follow every packet of the access interfaces). It stays until the
+        client stops: flows bypassed earlier keep their NAT."""
+        bypassing = any(app.action is Action.BYPASS for app in policy.apps)
+        if vipa and bypassing and not self.bypass.installed:
+            self.bypass.install(vipa)
+
     def _load_policy(self) -> Policy:
         if self.config.policy is None:
             return builtin_policy(self.interface_order)
@@ -329,6 +337,7 @@ class ClientDaemon:
 
     def reload_policy(self) -> Policy:
         policy = self._load_policy()  # raises before anything changes
+        self._sync_bypass(policy, self.host.registration.vipa)
         self.host.set_policy(policy, trio.current_time())
         self._pump()
         log.info("policy reloaded from %s (%d applications)", policy.source, len(policy.apps))
@@ -386,7 +395,8 @@ class ClientDaemon:
             ipr.addr("replace", index=self.tun.ifindex, address=new, prefixlen=32)
             ipr.addr("del", index=self.tun.ifindex, address=old, prefixlen=32)
             ipr.route("replace", dst="0.0.0.0/0", oif=self.tun.ifindex, prefsrc=new, table=TABLE)
-        self.bypass.install(new)
+        if self.bypass.installed:
+            self.bypass.install(new)
 
     # -- interfaces (netlink) ----------------------------------------------------
     async def _watch_links(self) -> None:

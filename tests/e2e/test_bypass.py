@@ -63,7 +63,7 @@ def test_bypass_apps_leave_with_their_interfaces_address_and_the_rest_stays_tunn
     curl = [f for f in status["flows"] if f["app"] == "curl"]
     assert curl and {f["interface"] for f in curl} == {"!bypass:if1"}
     assert sum(f["bytes_up"] for f in curl) > 0
-    assert status["counters"]["bypass_sent"] > 100 and status["counters"]["bypass_dropped"] == 0
+    assert status["counters"]["bypass_sent"] > 10 and status["counters"]["bypass_dropped"] == 0
     table = lab.exec("mh", "nft", "list", "table", "ip", "upmt_client").stdout
     assert f"ip saddr {status['vipa']} counter packets" in table
     # The client's exit takes its table away.

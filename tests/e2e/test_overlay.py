@@ -33,6 +33,9 @@ def test_http_download_and_udp_echo_through_the_anchor(lab: Lab) -> None:
     # That tunnel is the one the MH's NAT in front of if0 (the first usable) made.
     assert an_flow["tunnel_id"].startswith("192.0.2.2:")
     assert an_flow["bytes"] > 0
+    # No application bypasses the tunnels: the client installed no nftables table
+    # (conntrack stays out of the MH's way).
+    assert lab.exec("mh", "nft", "list", "tables").stdout == ""
 
 
 def test_anchor_installs_the_nat_rules_the_kernel_lists(lab: Lab) -> None:
