@@ -29,6 +29,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from ground.constants import Addr
@@ -38,6 +39,7 @@ from tunnel.crypto import Sealer
 from tunnel.forwarding import Outbound
 from tunnel.frames import FrameType
 from tunnel.offload import Segments, checksum_partial_fill
+from upmt.keyfile import write_private
 
 __all__ = [
     "BYPASS_ZONE",
@@ -112,13 +114,23 @@ def _nft(script: str) -> None:
 
 class BypassTable:
     """The client's nftables table: installed with the VIPA, replaced when it changes,
-    removed at exit (and, left by a crash, at the next start: the script replaces it)."""
+    removed at exit, and, left by a crash, at the next start.
 
-    def __init__(self, access: Sequence[str]) -> None:
+    `record` (a file in the run directory) exists while the table may: nft
+    is not run at all by a client that never installs it (touching nftables
+    in a namespace costs the data path there, measured: a third of the
+    encrypted offload path's throughput after an empty table was merely
+    created and deleted).
+    """
+
+    def __init__(self, access: Sequence[str], record: Path | None = None) -> None:
         self.access = list(access)
+        self.record = record
         self.installed = False
 
     def install(self, vipa: str) -> None:
+        if self.record is not None:
+            write_private(self.record, vipa.encode())
         _nft(bypass_ruleset(vipa, self.access))
         self.installed = True
 
@@ -127,12 +139,21 @@ class BypassTable:
             with contextlib.suppress(SetupError):
                 _nft(delete_script())
             self.installed = False
+        self._forget()
 
-    @staticmethod
-    def remove_leftover() -> None:
-        """A table an earlier run left (it crashed): gone, if there is one."""
+    def remove_leftover(self) -> bool:
+        """The table an earlier run left (it crashed) goes; whether there was one."""
+        if self.record is None or not self.record.exists():
+            return False
         with contextlib.suppress(SetupError):
             _nft(delete_script())
+        self._forget()
+        return True
+
+    def _forget(self) -> None:
+        if self.record is not None:
+            with contextlib.suppress(OSError):
+                self.record.unlink()
 
 
 def datagrams_of(item: Outbound) -> list[bytes]:

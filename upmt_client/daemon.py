@@ -97,7 +97,7 @@ class ClientDaemon:
         self.started = time.monotonic()
         self.snmp: SnmpAgent | None = None
         self.tun: TunDevice | None = None
-        self.bypass = BypassTable(())
+        self.bypass = BypassTable((), config.run_dir / "bypass.json")
         self.datapath: ClientDataPath | None = None
         self.control_queue: ControlQueue[str] | None = None
         self._timer_changed = trio.Event()
@@ -116,6 +116,7 @@ class ClientDaemon:
             raise SetupError("no --interface given and no interface has a default route")
         check_interfaces(names)
         self.interface_order = names
+        self.bypass.access = list(names)
         anchors = AnchorSet(cfg.anchor_addrs, srv)
         self.trust = trust = AnchorTrust(
             cfg.state_dir, format_hostport(anchors.current), cfg.anchor_key
@@ -186,7 +187,8 @@ class ClientDaemon:
             else:
                 if routing.cleanup_leftovers():
                     log.info("removed routing left by an earlier run")
-                BypassTable.remove_leftover()
+                if self.bypass.remove_leftover():
+                    log.info("removed the bypass table left by an earlier run")
                 control_sock = bind_control_socket(cfg.control)
             stack.callback(self._unlink_control)
             stack.callback(control_sock.close)
@@ -240,7 +242,6 @@ class ClientDaemon:
                     stack.callback(self.tun.close)
                     stack.callback(routing.remove)
                     routing.install(self.tun.ifindex, vipa, self.interface_order)
-                self.bypass = BypassTable(self.interface_order)
                 stack.callback(self.bypass.remove)
                 self._sync_bypass(host.policy, vipa)
                 self._start_datapath(stack, vipa)

@@ -4,6 +4,7 @@ and the forwarder routing a bypass flow there even when tunnels are encrypted.""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,13 @@ from paft.packets import build_ipv4, build_tcp, build_udp
 from paft.table import Paft
 from tests.unit.tool_kit import in_scratch_namespace, need
 from tunnel.offload import Segments
-from upmt_client.bypass import BYPASS_ZONE, bypass_ruleset, datagrams_of, delete_script
+from upmt_client.bypass import (
+    BYPASS_ZONE,
+    BypassTable,
+    bypass_ruleset,
+    datagrams_of,
+    delete_script,
+)
 from upmt_client.forwarder import ClientForwarder, FlowChoice
 from upmt_client.steering import bypass_tunnel
 
@@ -108,3 +115,25 @@ def test_an_encrypted_forwarder_routes_a_bypass_flow_to_its_channel() -> None:
     entry = forwarder.paft.entries[flow_of_packet_untrusted(packet)]
     assert entry.tunnel == name and entry.app == "apt" and not entry.movable
     assert entry.bytes_up == len(packet)
+
+
+def test_nft_runs_only_for_a_table_that_is_or_may_be_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import upmt_client.bypass as bypass
+
+    scripts: list[str] = []
+    monkeypatch.setattr(bypass, "_nft", scripts.append)
+    record = tmp_path / "bypass.json"
+    table = BypassTable(["if0"], record)
+    assert table.remove_leftover() is False and scripts == []  # a clean start: no nft
+    table.remove()
+    assert scripts == []
+    table.install(VIPA)
+    assert record.exists() and scripts == [bypass_ruleset(VIPA, ["if0"])]
+    # A crash: the next run finds the record and removes the table.
+    again = BypassTable(["if0"], record)
+    assert again.remove_leftover() is True
+    assert scripts[-1] == delete_script() and not record.exists()
+    table.remove()
+    assert scripts[-1] == delete_script() and not table.installed
