@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ground.constants import BYPASS_PREFIX
 from ground.errors import ConfigError
 from paft.flow import FiveTuple
 from signalling.handshake import encode_key
@@ -80,12 +81,20 @@ def _select(host: MobileHost, request: JSON, target: str) -> tuple[list[Any], st
         key = host.book.by_id.get(flow_id) if isinstance(flow_id, int) else None
         if key is None or key not in host.paft:
             raise ConfigError(f"no flow with id {flow_id!r} (see upmt-client flows)")
+        entry = host.paft.entries[key]
+        if entry.tunnel.startswith(BYPASS_PREFIX):
+            raise ConfigError(f"flow {flow_id} bypasses the tunnels: it stays on {entry.tunnel}")
         host.steering.pin_flow(key, target)
-        return [(key, host.paft.entries[key])], f"flow {flow_id}"
+        return [(key, entry)], f"flow {flow_id}"
     if isinstance(app_pattern, str) and app_pattern:
-        host.steering.pin_app(app_pattern, target)
         selected = [(k, e) for k, e in pairs if matches(app_pattern, *host.book.names(k, e))]
-        return selected, app_pattern
+        # A bypassed flow keeps its interface: in a tunnel, its peer would see
+        # another address.
+        tunnelled = [(k, e) for k, e in selected if not e.tunnel.startswith(BYPASS_PREFIX)]
+        if selected and not tunnelled:
+            raise ConfigError(f"{app_pattern} bypasses the tunnels: its flows stay where they are")
+        host.steering.pin_app(app_pattern, target)
+        return tunnelled, app_pattern
     raise ConfigError("name an application or give --flow ID")
 
 

@@ -49,6 +49,24 @@ def test_bypass_apps_leave_with_their_interfaces_address_and_the_rest_stays_tunn
     assert [(f["interface"], f["sport"], f["movable"]) for f in mine] == [
         ("!bypass:if0", 2100, False)
     ]
+    # A handover would put it in a tunnel, where the CH would see another address.
+    refused = lab.exec(
+        "mh",
+        lab.python(),
+        "-m",
+        "upmt_client",
+        "handover",
+        "bypassed",
+        "--to",
+        "if1",
+        "--control",
+        str(client.control),
+        check=False,
+    )
+    assert refused.returncode != 0 and "bypasses the tunnels" in refused.stderr, refused
+    assert [f["interface"] for f in client_cli(lab, client, "flows") if f["app"] == "bypassed"] == [
+        "!bypass:if0"
+    ]
 
     # curl, bypassed on if1: TCP (the TUN's super-packets cut and completed on the
     # way out) byte-exact, across nat1 only, and the anchor never sees it.

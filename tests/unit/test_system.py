@@ -478,3 +478,25 @@ def test_a_bad_handover_command_is_a_config_error(tmp_path: Path, missing: str) 
     del request[missing]
     with pytest.raises(ConfigError):
         handover(lab.host, request, lab.now, lambda _answer: None)
+
+
+def test_a_handover_never_takes_a_bypassed_flow_into_a_tunnel(tmp_path: Path) -> None:
+    lab = SystemLab(tmp_path)
+    lab.start()
+    vipa = lab.host.registration.vipa
+    assert vipa is not None
+    bypassed = FiveTuple(PROTO_UDP, pack_address(vipa), 40000, pack_address(CH), 53)
+    tunnelled = FiveTuple(PROTO_UDP, pack_address(vipa), 40001, pack_address(CH), 53)
+    lab.learn(bypassed, "!bypass:if0", app="apt")
+    lab.learn(tunnelled, "if0", app="apt")  # from before a policy reload made it bypass
+    answers: list[dict[str, object]] = []
+    handover(lab.host, {"app": "apt", "to": "if1"}, lab.now, answers.append)
+    assert lab.paft.entries[bypassed].tunnel == "!bypass:if0"
+    assert lab.paft.entries[tunnelled].tunnel == "if1"
+    lab.paft.remove(tunnelled)
+    with pytest.raises(ConfigError, match="bypasses the tunnels"):
+        handover(lab.host, {"app": "apt", "to": "if1"}, lab.now, answers.append)
+    flow_id = lab.host.book.id_of(bypassed)
+    with pytest.raises(ConfigError, match="bypasses the tunnels"):
+        handover(lab.host, {"flow": flow_id, "to": "if1"}, lab.now, answers.append)
+    assert lab.paft.entries[bypassed].tunnel == "!bypass:if0"
