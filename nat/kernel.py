@@ -52,7 +52,9 @@ def uplinks_and_networks(tun_name: str) -> tuple[list[str], list[str]]:
     return sorted(uplinks - {tun_name}), sorted(networks)
 
 
-def _nft(args: list[str], script: str | None = None) -> str:
+def run_nft(args: list[str], script: str | None = None, *, what: str = "the ruleset") -> str:
+    """Run `nft ARGS` (with `script` on its standard input); its output, or SetupError
+    naming `what` it refused. Shared by the anchor's table and the client's."""
     nft = shutil.which("nft")
     if nft is None:
         raise SetupError("nft not found: install the nftables package")
@@ -60,11 +62,11 @@ def _nft(args: list[str], script: str | None = None) -> str:
         proc = subprocess.run(
             [nft, *args], input=script, capture_output=True, text=True, timeout=30, check=False
         )
-    except OSError as exc:
+    except (OSError, subprocess.TimeoutExpired) as exc:
         raise SetupError(f"cannot run nft: {exc}") from None
     if proc.returncode != 0:
         first = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
-        raise SetupError(f"nft refused the ruleset: {first}")
+        raise SetupError(f"nft refused {what}: {first}")
     return proc.stdout
 
 
@@ -104,16 +106,16 @@ class NatSetup:
 
     def set_gate(self, closed: bool) -> None:
         """Close (or open) the shared address's gate (`nat.ruleset.anchor_ruleset`)."""
-        if self.shared_address is None:
+        if self.shared_address is None or (self.installed and closed == self.gate_closed):
             return
         if self.installed:
-            _nft(["-f", "-"], gate_script(self.shared_address, closed))
+            run_nft(["-f", "-"], gate_script(self.shared_address, closed))
         self.gate_closed = closed
 
     def refresh(self) -> None:
         """Re-read the interfaces and replace the table atomically (connections stay)."""
         if self.installed:
-            _nft(["-f", "-"], self.ruleset())
+            run_nft(["-f", "-"], self.ruleset())
 
     def install(self) -> None:
         """Forwarding on, table `upmt` replaced atomically, liberal TCP tracking."""
@@ -127,7 +129,7 @@ class NatSetup:
             self._restore()
             raise SetupError(f"cannot enable IPv4 forwarding: {exc.strerror}") from None
         try:
-            _nft(["-f", "-"], script)
+            run_nft(["-f", "-"], script)
         except SetupError:
             self._restore()
             raise
@@ -140,7 +142,7 @@ class NatSetup:
         """Delete the table and restore the sysctls; safe to call twice."""
         if self.installed:
             with contextlib.suppress(SetupError):
-                _nft(["-f", "-"], delete_script())
+                run_nft(["-f", "-"], delete_script())
             self.installed = False
         self._restore()
 

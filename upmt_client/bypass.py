@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -35,6 +33,7 @@ from typing import Final
 from ground.constants import Addr
 from ground.errors import ConfigError, MalformedError, SetupError
 from ground.names import is_ifname
+from nat.kernel import run_nft
 from tunnel.crypto import Sealer
 from tunnel.forwarding import Outbound
 from tunnel.frames import FrameType
@@ -98,18 +97,7 @@ def delete_script() -> str:
 
 
 def _nft(script: str) -> None:
-    nft = shutil.which("nft")
-    if nft is None:
-        raise SetupError("nft not found: install the nftables package")
-    try:
-        done = subprocess.run(
-            [nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SetupError(f"cannot run nft: {exc}") from None
-    if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[0]
-        raise SetupError(f"nft refused the bypass table: {first}")
+    run_nft(["-f", "-"], script, what="the bypass table")
 
 
 class BypassTable:
