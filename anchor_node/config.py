@@ -141,12 +141,7 @@ class AnchorConfig:
         shared = _ha_address(ha_address, listen, location, ha_conntrackd)
         if shared is not None:
             listen = str(shared)
-        if anchor_id is None:
-            anchor_id = socket.gethostname()
-        if not _ANCHOR_ID_RE.fullmatch(anchor_id):
-            raise ConfigError(
-                f"--anchor-id {anchor_id!r}: 1 to 64 letters, digits, '.', '_' or '-'"
-            )
+        anchor_id = _name(anchor_id, "--anchor-id")
         return cls(
             listen=listen,
             sip_port=sip_port,
