@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ground.errors import UpmtError
 from lab.scenario import wait_until
 from lab.topology import AN2_ADDR, AN_ADDR, HA_ADDR, HA_SYNC, Daemon, Lab
 
@@ -57,7 +58,7 @@ class HaPair:
             try:
                 if node.anchor.running() and node.ha()["role"] == "active":
                     return node
-            except Exception:
+            except UpmtError:  # its control socket is gone with it
                 continue
         return None
 
