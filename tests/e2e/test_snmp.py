@@ -72,7 +72,18 @@ def test_walks_gets_and_traps_of_both_daemons(lab: Lab) -> None:
     anchor, client = start_overlay(lab, client_args=agent_args(), anchor_args=agent_args())
     cbr, ready = start_cbr(lab, pps=100, count=600, size=200)
     wait_file(ready)
-    time.sleep(1.5)  # the snapshot is at most a second old
+    # 100 packets of the stream received (the MIB's figure below), then the
+    # agents' snapshot, at most a second old, is sure to hold them.
+    wait_until(
+        lambda: (
+            sum(f["bytes_down"] for f in client.status()["flows"] if f["app"] == "cbr-recv")
+            >= 100 * 200
+        ),
+        10,
+        "100 packets of the stream",
+        (client,),
+    )
+    time.sleep(1.1)
 
     # The anchor: its terminal by VIPA, with both tunnels; v2c walk and v3 get agree.
     vipa = client.status()["vipa"]
